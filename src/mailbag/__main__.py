@@ -1,0 +1,5 @@
+"""Allow ``python -m mailbag``."""
+
+from mailbag.cli.main import run
+
+run()
