@@ -1,0 +1,1 @@
+"""Mail storage: an interface (``base``) and interchangeable backends."""
