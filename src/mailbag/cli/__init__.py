@@ -1,0 +1,1 @@
+"""Command-line interface: the composition root that wires config, backends and servers."""

@@ -1,0 +1,252 @@
+"""Configuration: a TOML file read into frozen dataclasses, validated up front.
+
+Every key has a default, so an empty file is a valid (loopback-only) config,
+and every error names the key or path at fault: an administrator should never
+have to read a traceback to fix a typo.  Relative paths are resolved against
+the directory of the config file, so a config written by ``mailbag init`` works
+wherever it is started from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mailbag.errors import ConfigError
+
+CONFIG_ENV = "MAILBAG_CONFIG"
+DEFAULT_GREETING = "mailbag POP3 server ready."
+DEFAULT_CONFIG_NAME = "mailbag.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """One ``host:port`` to listen on; ``tls`` means implicit TLS (POP3S, RFC 8314)."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits; each guards against one way of exhausting the server."""
+
+    #: RFC 1939 section 3: the autologout timer is at least 10 minutes.
+    idle_timeout: float = 600.0
+    #: Before login a client has far less reason to idle (guessing, slowloris).
+    login_timeout: float = 60.0
+    max_connections: int = 5000
+    max_connections_per_ip: int = 50
+    #: RFC 2449 section 4: 255 octets per command line, CRLF included.
+    max_command_line: int = 255
+    max_sasl_line: int = 16384
+    max_errors: int = 10
+    max_auth_failures: int = 3
+    #: Grace period for open sessions on SIGTERM/SIGINT.
+    shutdown_grace: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Where users come from and how logins are defended."""
+
+    users_file: Path = Path("users")
+    #: Login as ``name`` or ``name@default_domain`` reaches the same account.
+    default_domain: str = ""
+    #: Networks where USER/PASS and AUTH PLAIN are allowed without TLS
+    #: (like Dovecot's ``disable_plaintext_auth``; loopback by default).
+    plaintext_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    #: Seconds before a failed login is answered (same for unknown users).
+    failure_delay: float = 2.0
+    #: Upper bound of the growing delay for repeated failures from one address/account.
+    max_failure_delay: float = 15.0
+    #: How long failure counters remember an address or account.
+    failure_window: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """Certificate and key for STLS and the implicit-TLS listener."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    #: Offer STLS on plain listeners (requires cert and key).
+    stls: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    """Which backend stores mail, and where."""
+
+    backend: str = "maildir"
+    #: Maildir location; ``{user}``, ``{local}`` and ``{domain}`` are substituted.
+    maildir: str = "mail/{user}/Maildir"
+    #: Largest message accepted for delivery, in octets (0 = unlimited).
+    max_message_size: int = 50 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration."""
+
+    path: Path | None = None
+    hostname: str = ""
+    greeting: str = DEFAULT_GREETING
+    listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 1110),)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    limits: Limits = field(default_factory=Limits)
+    log_level: str = "info"
+    log_format: str = "text"
+
+
+def parse_listen(value: str, *, tls: bool = False, key: str = "listen") -> ListenAddress:
+    """Parse ``host:port`` or ``[v6]:port``."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:1110)")
+    return ListenAddress(host, int(port), tls)
+
+
+def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
+    section = data.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return section
+
+
+def _build(cls: type, section: dict[str, Any], prefix: str, base: Path) -> Any:
+    """Fill a settings dataclass from a TOML table, checking names and types."""
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    defaults = cls()
+    for key, value in section.items():
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key}: unknown setting")
+        default = getattr(defaults, key)
+        name = f"{prefix}.{key}"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}: expected true or false")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"{name}: expected a number of seconds >= 0")
+            value = float(value)
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}: expected a whole number >= 0")
+        elif isinstance(default, Path) or (default is None and key in ("cert", "key")):
+            if not isinstance(value, str):
+                raise ConfigError(f"{name}: expected a path")
+            value = (base / value).resolve() if value else None
+        elif isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name}: expected a list of strings")
+            try:
+                value = tuple(ipaddress.ip_network(v, strict=False) for v in value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string")
+        values[key] = value
+    for key in known:
+        default = getattr(defaults, key)
+        if key not in values and isinstance(default, Path) and not default.is_absolute():
+            values[key] = (base / default).resolve()
+    return cls(**values)
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Read and validate a config file (``None``: ``$MAILBAG_CONFIG`` or ``./mailbag.toml``)."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: config file not found (create one with `mailbag init`)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return config_from_dict(data, path=path.resolve())
+
+
+def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Config:
+    """Build a ``Config`` from parsed TOML (also used by tests and the demo)."""
+    base = path.parent if path is not None else Path.cwd()
+    known_top = {"server", "tls", "storage", "auth", "limits", "log"}
+    for key in data:
+        if key not in known_top:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known_top))})")
+    server = _section(data, "server")
+    allowed_server = {"hostname", "greeting", "listen", "listen_tls"}
+    for key in server:
+        if key not in allowed_server:
+            raise ConfigError(f"server.{key}: unknown setting")
+    listen: list[ListenAddress] = []
+    for key, tls in (("listen", False), ("listen_tls", True)):
+        values = server.get(key, ["127.0.0.1:1110"] if key == "listen" else [])
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ConfigError(f"server.{key}: expected a list of \"host:port\" strings")
+        listen += [parse_listen(v, tls=tls, key=f"server.{key}") for v in values]
+    for key in ("hostname", "greeting"):
+        if key in server and not isinstance(server[key], str):
+            raise ConfigError(f"server.{key}: expected a string")
+    log = _section(data, "log")
+    level = log.get("level", "info")
+    fmt = log.get("format", "text")
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log.level: expected debug, info, warning or error")
+    if fmt not in ("text", "json"):
+        raise ConfigError("log.format: expected text or json")
+    for key in log:
+        if key not in ("level", "format"):
+            raise ConfigError(f"log.{key}: unknown setting")
+    tls_settings: TlsSettings = _build(TlsSettings, _section(data, "tls"), "tls", base)
+    storage: StorageSettings = _build(StorageSettings, _section(data, "storage"), "storage", base)
+    if "{user}" not in storage.maildir and "{local}" not in storage.maildir:
+        raise ConfigError("storage.maildir: must contain {user} (or {local})")
+    maildir = storage.maildir
+    if not os.path.isabs(maildir):
+        maildir = str(base / maildir)
+    storage = StorageSettings(storage.backend, maildir, storage.max_message_size)
+    auth: AuthSettings = _build(AuthSettings, _section(data, "auth"), "auth", base)
+    limits: Limits = _build(Limits, _section(data, "limits"), "limits", base)
+    if limits.max_command_line < 64:
+        raise ConfigError("limits.max_command_line: must be at least 64")
+    if any(a.tls for a in listen) and (tls_settings.cert is None or tls_settings.key is None):
+        raise ConfigError("server.listen_tls: needs tls.cert and tls.key")
+    return Config(
+        path=path,
+        hostname=server.get("hostname", ""),
+        greeting=server.get("greeting", DEFAULT_GREETING),
+        listen=tuple(listen),
+        tls=tls_settings,
+        storage=storage,
+        auth=auth,
+        limits=limits,
+        log_level=level,
+        log_format=fmt,
+    )
