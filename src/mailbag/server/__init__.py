@@ -1,0 +1,1 @@
+"""Network layer: listeners, TLS, connection limits, signals."""

@@ -1,0 +1,135 @@
+"""An asyncio ``Protocol`` that implements the session's ``Stream`` interface.
+
+A plain ``asyncio.Protocol`` rather than ``StreamReader``/``StreamWriter``:
+it costs less memory per idle connection, and it gives us a public way to see
+and discard bytes received before a STLS upgrade (``take_buffered``), which
+``StreamReader`` keeps in a private buffer.  Reading is paused when too much
+unread input piles up, so a client that floods us cannot grow memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import cast
+
+#: Unread input above which we stop reading from the socket.
+READ_HIGH_WATER = 64 * 1024
+
+
+class ConnectionStream(asyncio.Protocol):
+    """One accepted connection; ``on_connect`` receives the stream to start a session."""
+
+    def __init__(self, on_connect: Callable[[ConnectionStream], None]) -> None:
+        self._on_connect = on_connect
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._reading_paused = False
+        self._closed = False
+        self._peer: tuple[str, int] = ("?", 0)
+        self._secure = False
+
+    # -------------------------------------------------- asyncio.Protocol side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self._peer = (str(peer[0]), int(peer[1]))
+        self._secure = transport.get_extra_info("sslcontext") is not None
+        self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) > READ_HIGH_WATER and self._transport and not self._reading_paused:
+            self._transport.pause_reading()
+            self._reading_paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._closed = True
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(ConnectionResetError("connection lost"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -------------------------------------------------------- Stream side
+
+    @property
+    def peer(self) -> tuple[str, int]:
+        return self._peer
+
+    @property
+    def secure(self) -> bool:
+        return self._secure
+
+    async def read(self) -> bytes:
+        while not self._buffer and not self._eof:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self._reading_paused and self._transport is not None and not self._closed:
+            self._transport.resume_reading()
+            self._reading_paused = False
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        if self._closed:
+            raise ConnectionResetError("connection lost")
+        if not self._write_paused:
+            return
+        self._drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+
+    def take_buffered(self) -> bytes:
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        assert self._transport is not None
+        loop = asyncio.get_running_loop()
+        new_transport = await loop.start_tls(
+            self._transport, self, context, server_side=True, ssl_handshake_timeout=30.0
+        )
+        if new_transport is None:
+            raise ConnectionResetError("TLS handshake failed")
+        self._transport = cast(asyncio.Transport, new_transport)
+        self._secure = True
+
+    def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()

@@ -1,0 +1,162 @@
+"""Listeners: accept connections, enforce connection limits, run sessions, shut down cleanly.
+
+Shutdown order matters for "nothing is ever lost": stop accepting, give open
+sessions a grace period to finish on their own, then cancel the rest.  A
+cancelled session never reaches ``Commit``, so its DELE marks are dropped and
+every message stays on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mailbag.config import ListenAddress
+from mailbag.errors import ConfigError
+from mailbag.logs import log_event
+from mailbag.server.connection import ConnectionStream
+from mailbag.server.tls import TlsContext
+from mailbag.session.authenticate import Authenticator
+from mailbag.session.pop3 import Pop3Session, SessionSettings
+from mailbag.storage.base import Store
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Caps on concurrent connections, in total and per client address."""
+
+    total: int = 5000
+    per_address: int = 50
+
+
+class Pop3Server:
+    """All POP3 listeners of one process and the sessions they run."""
+
+    def __init__(
+        self,
+        *,
+        listen: Sequence[ListenAddress],
+        settings: SessionSettings,
+        authenticator: Authenticator,
+        store: Store,
+        tls: TlsContext | None = None,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
+        self.listen = tuple(listen)
+        self.settings = settings
+        self.authenticator = authenticator
+        self.store = store
+        self.tls = tls
+        self.limits = limits or ConnectionLimits()
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._per_address: Counter[str] = Counter()
+        self._counter = itertools.count(1)
+        self._hostname = settings.hostname or socket.gethostname() or "localhost"
+        self.refused = 0
+
+    @property
+    def addresses(self) -> list[tuple[str, int, bool]]:
+        """Bound (host, port, implicit_tls) triples; useful when a port was 0."""
+        result = []
+        for server, address in zip(self._servers, self.listen, strict=True):
+            for sock in server.sockets:
+                name = sock.getsockname()
+                result.append((str(name[0]), int(name[1]), address.tls))
+        return result
+
+    @property
+    def active_sessions(self) -> int:
+        """Sessions currently running."""
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        """Bind every listener; a port in use is one clear ConfigError."""
+        loop = asyncio.get_running_loop()
+        for address in self.listen:
+            ssl_context = None
+            if address.tls:
+                if self.tls is None:
+                    raise ConfigError(f"server.listen_tls {address}: no TLS certificate configured")
+                ssl_context = self.tls.context
+            try:
+                server = await loop.create_server(
+                    lambda: ConnectionStream(self._accepted),
+                    address.host,
+                    address.port,
+                    ssl=ssl_context,
+                    ssl_handshake_timeout=30.0 if ssl_context else None,
+                    reuse_address=True,
+                    backlog=1024,
+                )
+            except OSError as exc:
+                await self.close_listeners()
+                reason = exc.strerror or str(exc)
+                if exc.errno == errno.EADDRINUSE:
+                    reason = "address already in use"
+                elif exc.errno == errno.EACCES:
+                    reason = "permission denied (ports below 1024 need root)"
+                raise ConfigError(f"cannot listen on {address}: {reason}") from None
+            self._servers.append(server)
+            log_event("listening", address=str(address), tls="implicit" if address.tls else "no")
+
+    def _accepted(self, stream: ConnectionStream) -> None:
+        address = stream.peer[0]
+        if len(self._tasks) >= self.limits.total or (
+            self._per_address[address] >= self.limits.per_address
+        ):
+            self.refused += 1
+            log_event("refused", logging.WARNING, peer=f"{address}:{stream.peer[1]}",
+                      reason="too many connections")
+            stream.write(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
+            stream.close()
+            return
+        number = next(self._counter)
+        session = Pop3Session(
+            stream,
+            settings=self.settings,
+            authenticator=self.authenticator,
+            store=self.store,
+            session_id=f"{number:x}{secrets.token_hex(2)}",
+            timestamp=f"<{os.getpid()}.{number}.{int(time.time())}@{self._hostname}>",
+            tls_context=lambda: self.tls.context if self.tls is not None else None,
+        )
+        self._per_address[address] += 1
+        task = asyncio.get_running_loop().create_task(session.run())
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._per_address[address] -= 1
+            if self._per_address[address] <= 0:
+                del self._per_address[address]
+
+        task.add_done_callback(done)
+
+    async def close_listeners(self) -> None:
+        """Stop accepting new connections."""
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, wait up to ``grace`` seconds, then cancel remaining sessions."""
+        for server in self._servers:
+            server.close()
+        if self._tasks:
+            log_event("shutdown", sessions=len(self._tasks), grace=grace)
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        log_event("stopped")

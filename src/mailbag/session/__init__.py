@@ -1,0 +1,1 @@
+"""Async application logic: drives the sans-IO protocol with real auth and storage."""

@@ -1,0 +1,318 @@
+"""One POP3 session: the short async loop around the sans-IO ``Pop3Connection``.
+
+It reads bytes, feeds the state machine, writes replies, and performs the I/O
+the machine asks for: checking credentials, opening and locking the maildrop,
+streaming messages, and removing messages at QUIT.  The rules that make mail
+safe live here and in the core, nowhere else:
+
+* the maildrop is locked from login to the end of the session;
+* deletions are applied only when the core emits ``Commit`` (QUIT from
+  TRANSACTION); a timeout, a dropped connection, a shutdown or any error ends
+  the session without touching storage;
+* storage failures become ``[SYS/TEMP]``/``[IN-USE]`` replies, internal
+  exceptions never reach the client (DESIGN.md rule 9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from mailbag.errors import MaildropLocked, MessageGone, StorageError
+from mailbag.logs import log_event
+from mailbag.protocol.capabilities import Pop3Policy
+from mailbag.protocol.events import (
+    ApopLogin,
+    Close,
+    Commit,
+    Login,
+    NeedData,
+    Reply,
+    SaslAbort,
+    SaslContinue,
+    SaslStart,
+    SendMessage,
+    StartTls,
+)
+from mailbag.protocol.lines import MessageEncoder
+from mailbag.protocol.pop3 import Pop3Connection, State, err
+from mailbag.session.authenticate import Authenticator, AuthResult
+from mailbag.session.stream import Stream
+from mailbag.storage.base import Maildrop, Store
+
+#: Flush queued output once it grows past this, while streaming a message.
+WRITE_HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """Per-server settings a session needs (derived from the config)."""
+
+    policy: Pop3Policy
+    greeting: str = "mailbag POP3 server ready."
+    hostname: str = "localhost"
+    login_timeout: float = 60.0
+    idle_timeout: float = 600.0
+    #: Decides whether plaintext auth is allowed for a peer on an unencrypted stream.
+    plaintext_allowed: Callable[[str], bool] = field(default=lambda _addr: True)
+
+
+@dataclass(slots=True)
+class SessionStats:
+    """Counters for the logout log line."""
+
+    retrieved: int = 0
+    octets_sent: int = 0
+    deleted: int = 0
+
+
+class Pop3Session:
+    """Serve one client from greeting to close."""
+
+    def __init__(
+        self,
+        stream: Stream,
+        *,
+        settings: SessionSettings,
+        authenticator: Authenticator,
+        store: Store,
+        session_id: str,
+        timestamp: str,
+        tls_context: Callable[[], ssl.SSLContext | None] = lambda: None,
+    ) -> None:
+        self.stream = stream
+        self.settings = settings
+        self.authenticator = authenticator
+        self.store = store
+        self.session_id = session_id
+        self.tls_context = tls_context
+        self.address, port = stream.peer[0], stream.peer[1]
+        self.peer = f"{self.address}:{port}"
+        policy = settings.policy
+        if policy.stls and tls_context() is None:
+            policy = _without_stls(policy)
+        self.conn = Pop3Connection(
+            policy,
+            timestamp=timestamp,
+            greeting=settings.greeting,
+            secure=stream.secure,
+            plaintext_allowed=stream.secure or settings.plaintext_allowed(self.address),
+        )
+        self.maildrop: Maildrop | None = None
+        self.stats = SessionStats()
+        self._out = bytearray()
+        self._started = time.monotonic()
+        self._deadline = self._started + settings.login_timeout
+        self.outcome = "disconnected"
+
+    def _log(self, event: str, level: int = logging.INFO, **fields: object) -> None:
+        log_event(event, level, session=self.session_id, peer=self.peer, **fields)
+
+    async def _flush(self) -> None:
+        if self._out:
+            self.stream.write(bytes(self._out))
+            self._out.clear()
+        await self.stream.drain()
+
+    async def run(self) -> None:
+        """Run the session; never raises for client behaviour or storage trouble."""
+        self._log("connect", tls="yes" if self.stream.secure else "no")
+        try:
+            await self._loop()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.outcome = "connection lost"
+        except asyncio.CancelledError:
+            self.outcome = "shutdown"
+            raise
+        except Exception as exc:  # last line of defence: log it, never show it
+            self.outcome = "internal error"
+            self._log("error", logging.ERROR, error=repr(exc))
+            logging.getLogger("mailbag").debug("session crash", exc_info=True)
+        finally:
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        if self.maildrop is not None:
+            try:
+                await self.maildrop.close()
+            except StorageError as exc:
+                self._log("error", logging.WARNING, error=str(exc))
+            self.maildrop = None
+        self.stream.close()
+        self._log(
+            "logout",
+            user=self.conn.user,
+            outcome=self.outcome,
+            retrieved=self.stats.retrieved,
+            deleted=self.stats.deleted,
+            octets=self.stats.octets_sent,
+            seconds=round(time.monotonic() - self._started, 3),
+        )
+
+    async def _read_more(self) -> bool:
+        """Wait for client bytes until the current deadline; False on timeout."""
+        await self._flush()
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            data = await asyncio.wait_for(self.stream.read(), remaining)
+        except TimeoutError:
+            return False
+        self.conn.receive_data(data)
+        return True
+
+    def _command_seen(self) -> None:
+        """A command was processed: after login, the idle timer restarts.
+
+        Before login the deadline is absolute, so a client dribbling one byte
+        a minute cannot hold a connection open (slowloris).
+        """
+        if self.conn.state is State.TRANSACTION:
+            self._deadline = time.monotonic() + self.settings.idle_timeout
+
+    async def _loop(self) -> None:
+        conn = self.conn
+        self._out += conn.greeting()
+        while True:
+            event = conn.next_event()
+            if isinstance(event, NeedData):
+                if not await self._read_more():
+                    self._out += err("Autologout; idle for too long.")
+                    await self._flush()
+                    self.outcome = "timeout"
+                    return
+                continue
+            self._command_seen()
+            if isinstance(event, Reply):
+                self._out += event.data
+            elif isinstance(event, Login | ApopLogin):
+                await self._flush()
+                await self._login(event)
+            elif isinstance(event, SendMessage):
+                await self._send_message(event)
+            elif isinstance(event, Commit):
+                await self._commit(event)
+            elif isinstance(event, StartTls):
+                await self._start_tls()
+            elif isinstance(event, SaslStart | SaslContinue):
+                # No driver-side SASL mechanisms are configured in this build.
+                self._out += conn.login_failed("Unsupported authentication mechanism.")
+            elif isinstance(event, SaslAbort):
+                pass
+            elif isinstance(event, Close):
+                await self._flush()
+                if self.outcome == "disconnected" or event.reason != "client closed the connection":
+                    self.outcome = event.reason
+                return
+
+    async def _login(self, event: Login | ApopLogin) -> None:
+        if isinstance(event, ApopLogin):
+            mechanism = "APOP"
+            result = await self.authenticator.check_apop(
+                event.user, event.timestamp, event.digest, self.address
+            )
+        else:
+            mechanism = event.mechanism
+            result = await self.authenticator.check_password(
+                event.user, event.password, self.address
+            )
+        await self._finish_login(result, event.user, mechanism)
+
+    async def _finish_login(self, result: AuthResult, login: str, mechanism: str) -> None:
+        if result.user is None:
+            self._log("login-failed", user=login, mechanism=mechanism, reason=result.reason)
+            self._out += self.conn.login_failed()
+            return
+        try:
+            maildrop = await self.store.open_maildrop(result.user)
+        except MaildropLocked:
+            self._log("login-failed", user=result.user, mechanism=mechanism, reason="in use")
+            self._out += self.conn.login_failed(
+                "[IN-USE] Mailbox is locked by another POP3 session."
+            )
+            return
+        except StorageError as exc:
+            self._log("storage-error", logging.ERROR, user=result.user, error=str(exc))
+            self._out += self.conn.login_failed("[SYS/TEMP] Mailbox unavailable, try again later.")
+            return
+        self.maildrop = maildrop
+        messages = maildrop.messages
+        self._out += self.conn.login_succeeded(result.user, messages)
+        self._log("login", user=result.user, mechanism=mechanism, messages=len(messages))
+
+    async def _send_message(self, request: SendMessage) -> None:
+        assert self.maildrop is not None
+        chunks = self.maildrop.read(request.uid).__aiter__()
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = b""
+        except (MessageGone, StorageError) as exc:
+            self._log("storage-error", logging.ERROR, user=self.conn.user, error=str(exc))
+            self._out += self.conn.message_failed(
+                f"[SYS/TEMP] Message {request.msn} cannot be read right now."
+            )
+            return
+        self._out += self.conn.message_started()
+        encoder = MessageEncoder(request.body_lines)
+        self._out += encoder.feed(first)
+        sent = len(first)
+        try:
+            while not encoder.done:
+                if len(self._out) >= WRITE_HIGH_WATER:
+                    await self._flush()
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                sent += len(chunk)
+                self._out += encoder.feed(chunk)
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        self._out += encoder.finish()
+        self.stats.octets_sent += sent
+        if request.body_lines is None:
+            self.stats.retrieved += 1
+
+    async def _commit(self, event: Commit) -> None:
+        removed = failed = 0
+        if event.uids:
+            assert self.maildrop is not None
+            try:
+                result = await self.maildrop.delete(event.uids)
+            except StorageError as exc:
+                self._log("storage-error", logging.ERROR, user=self.conn.user, error=str(exc))
+                failed = len(event.uids)
+            else:
+                removed, failed = result.deleted, len(result.failed)
+        self.stats.deleted = removed
+        self._out += self.conn.commit_finished(removed, failed)
+        self.outcome = "quit" if not failed else "quit, some deletions failed"
+
+    async def _start_tls(self) -> None:
+        context = self.tls_context()
+        # Take what the client pipelined after STLS *before* sending +OK: anything
+        # that arrives after +OK is the TLS handshake.
+        leftover = self.conn.take_unprocessed() + self.stream.take_buffered()
+        await self._flush()
+        if leftover:
+            # RFC 2595 section 4 / CVE-2011-0411 class: plaintext pipelined after
+            # STLS must never be executed inside the TLS session.
+            self._log("stls-injection", logging.WARNING, discarded=len(leftover))
+        if context is None:  # cannot happen: STLS is not offered without a context
+            raise ConnectionError("STLS without TLS context")
+        await self.stream.start_tls(context)
+        self.conn.tls_started()
+        self.conn.plaintext_allowed = True
+        self._log("tls", version="started")
+
+
+def _without_stls(policy: Pop3Policy) -> Pop3Policy:
+    return replace(policy, stls=False)
