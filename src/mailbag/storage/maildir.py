@@ -1,0 +1,551 @@
+"""Maildir storage: one Maildir (``new/``, ``cur/``, ``tmp/``) per user.
+
+Interoperability is the point of Maildir, so this backend reads what Postfix
+``local``, procmail and Dovecot write (any unique name, with or without
+Dovecot's ``,S=``/``,W=`` size fields, ``:2,FLAGS`` in ``cur/``) and leaves
+the Maildir as they expect it: messages are never renamed, deliveries follow
+the spec's tmp -> new protocol, and our own bookkeeping lives in three files
+in the Maildir root that other programs ignore:
+
+``mailbag.lock``
+    ``flock``-ed for the life of a POP3 session.  A kernel lock, so a crash
+    can never leave it stale; the file's mtime doubles as "last tmp cleanup".
+``mailbag.index``
+    A cache of arrival order, file names and wire sizes (see
+    ``maildir_index``).  Losing it costs time, never correctness.
+``mailbag-uidl`` (optional, written by an administrator or migration tool)
+    ``unique-name uidl`` lines: UIDLs that must be kept from a previous
+    server.  Durable data, so deliberately *not* part of the cache index.
+
+Threading: every call that touches the filesystem more than trivially
+(opening a maildrop = lock + scan + index write, delivering = write + two
+fsyncs, deleting, reading chunks) runs in ``asyncio.to_thread`` so a slow
+or cold disk stalls one session, not the whole event loop.  Only pure
+computations (path templates, name parsing) run inline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import io
+import logging
+import os
+import string
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from types import TracebackType
+
+from mailbag.errors import (
+    ConfigError,
+    InvalidUsername,
+    MaildropLocked,
+    MessageGone,
+    StorageError,
+)
+from mailbag.storage.base import DeleteResult, MessageInfo, Usage
+from mailbag.storage.maildir_index import (
+    Entry,
+    IndexData,
+    locate,
+    read_index,
+    scan,
+    write_index,
+)
+from mailbag.storage.maildir_names import (
+    NameGenerator,
+    derive_uidl,
+    is_valid_uidl,
+    split_user,
+    unique_name,
+)
+from mailbag.wireform import wire_size
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "mailbag.lock"
+INDEX_FILE = "mailbag.index"
+UIDL_OVERRIDE_FILE = "mailbag-uidl"
+
+#: The Maildir spec: "delete a file in tmp/ that has not been accessed in 36 hours".
+TMP_MAX_AGE = 36 * 3600.0
+#: Opening a maildrop looks at ``tmp/`` at most this often (seconds).
+CLEANUP_INTERVAL = 3600.0
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+_TEMPLATE_FIELDS = frozenset({"user", "local", "domain"})
+
+
+@contextlib.contextmanager
+def storage_errors(action: str, path: str) -> Iterator[None]:
+    """Turn any OSError into a StorageError naming the action and the path.
+
+    The session maps StorageError to ``-ERR [SYS/TEMP]``; a raw OSError would
+    be an internal error.  The message is for the administrator's log.
+    """
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename if isinstance(exc.filename, str) else path
+        raise StorageError(f"cannot {action}: {where}: {exc.strerror or exc}") from exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``; ``os.write`` may write less than asked."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(path: str) -> None:
+    """fsync a directory so a link/rename/unlink in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MaildirStore:
+    """Maildirs at ``root_template`` (``{user}``, ``{local}``, ``{domain}``).
+
+    ``root`` is the directory no maildrop may escape; by default the
+    directory part of the template before its first field
+    (``/var/mail/{domain}/{local}`` -> ``/var/mail``).  ``trust_mtimes``
+    enables the "directories unchanged, skip listing" shortcut; switch it off
+    on filesystems with unreliable mtimes (NFS with skewed clocks).
+    ``fsync=False`` is for benchmarks only.
+    """
+
+    def __init__(
+        self,
+        root_template: str,
+        *,
+        root: str | None = None,
+        hostname: str | None = None,
+        trust_mtimes: bool = True,
+        fsync: bool = True,
+        tmp_max_age: float = TMP_MAX_AGE,
+        cleanup_interval: float = CLEANUP_INTERVAL,
+    ) -> None:
+        prefix = self._check_template(root_template)
+        self._template = root_template
+        if root is None:
+            root = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
+        self._root = os.path.normpath(os.path.abspath(root or os.curdir))
+        self._names = NameGenerator(hostname)
+        self._trust_mtimes = trust_mtimes
+        self._fsync = fsync
+        self._tmp_max_age = tmp_max_age
+        self._cleanup_interval = cleanup_interval
+
+    @staticmethod
+    def _check_template(template: str) -> str:
+        """Validate the template's fields; return the literal text before the first."""
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise ConfigError(f"maildir template {template!r}: {exc}") from exc
+        fields = {name for _, name, _, _ in parsed if name is not None}
+        if not fields:
+            raise ConfigError(f"maildir template {template!r} has no {{user}} field")
+        if unknown := fields - _TEMPLATE_FIELDS:
+            raise ConfigError(f"maildir template {template!r}: unknown fields {sorted(unknown)}")
+        return parsed[0][0] if parsed[0][1] is not None else ""
+
+    # -- paths ---------------------------------------------------------------
+
+    def maildir_path(self, user: str) -> str:
+        """The Maildir of ``user``; raises InvalidUsername for anything suspicious.
+
+        User names were validated by the auth layer already; this is the
+        last line of defence, because here a name becomes a path.
+        """
+        local, domain = split_user(user)
+        path = self._template.format(user=user, local=local, domain=domain)
+        path = os.path.normpath(os.path.abspath(path))
+        if not path.startswith(self._root.rstrip(os.sep) + os.sep):
+            raise InvalidUsername(f"maildir of {user!r} would escape {self._root}")
+        return path
+
+    @staticmethod
+    def _ensure_dirs(path: str) -> None:
+        """Create the Maildir and its three subdirectories (0700) if missing."""
+        try:
+            os.mkdir(path, DIR_MODE)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, DIR_MODE)
+        for sub in ("tmp", "new", "cur"):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(path, sub), DIR_MODE)
+
+    # -- Store interface -----------------------------------------------------
+
+    async def open_maildrop(self, user: str) -> MaildirMaildrop:
+        """Lock and snapshot ``user``'s Maildir (in a worker thread: it scans)."""
+        path = self.maildir_path(user)
+        return await asyncio.to_thread(self._open_sync, user, path)
+
+    def _open_sync(self, user: str, path: str) -> MaildirMaildrop:
+        with storage_errors("open maildrop", path):
+            self._ensure_dirs(path)
+            lock = _acquire_lock(path, user)
+        try:
+            self._maybe_cleanup(path, lock)
+            with storage_errors("open maildrop", path):
+                overrides = read_uidl_overrides(path)
+                index_path = os.path.join(path, INDEX_FILE)
+                result = scan(path, read_index(index_path), trust_mtimes=self._trust_mtimes)
+            if result.needs_write:
+                try:
+                    write_index(index_path, result.index, fsync=self._fsync)
+                except OSError as exc:
+                    log.warning("cannot write maildir index %s: %s", index_path, exc)
+        except BaseException:
+            lock.close()
+            raise
+        return MaildirMaildrop(path, lock, result.entries, overrides, fsync=self._fsync)
+
+    async def deliver(self, user: str, message: bytes) -> str:
+        """Deliver atomically: tmp/ + fsync, link into new/, fsync new/.
+
+        A reader never sees a partial file because a file appears in
+        ``new/`` only by a link of a complete, fsynced file; a crash leaves
+        at most a leftover in ``tmp/``, which ``cleanup_tmp`` removes.
+        """
+        path = self.maildir_path(user)
+        return await asyncio.to_thread(self._deliver_sync, path, bytes(message))
+
+    def _deliver_sync(self, path: str, message: bytes) -> str:
+        with storage_errors("deliver to", path):
+            self._ensure_dirs(path)
+            name = self._names.make(len(message), wire_size([message]))
+            tmp = os.path.join(path, "tmp", name)
+            new = os.path.join(path, "new", name)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            try:
+                try:
+                    _write_all(fd, message)
+                    if self._fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    os.link(tmp, new)
+                except OSError as exc:
+                    # Filesystems without hard links: rename is atomic too.
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                        raise
+                    os.rename(tmp, new)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if self._fsync:
+                _fsync_dir(os.path.join(path, "new"))
+        return derive_uidl(unique_name(name))
+
+    async def usage(self, user: str) -> Usage:
+        """Messages and wire octets now stored, without taking the lock.
+
+        Uses the index and file names; reads only messages that neither
+        carries a size for.  Never writes the index (only the lock holder
+        may), and never creates the Maildir.
+        """
+        path = self.maildir_path(user)
+        return await asyncio.to_thread(self._usage_sync, path)
+
+    def _usage_sync(self, path: str) -> Usage:
+        if not os.path.isdir(os.path.join(path, "cur")):
+            return Usage(0, 0)
+        with storage_errors("measure maildrop", path):
+            result = scan(
+                path, read_index(os.path.join(path, INDEX_FILE)), trust_mtimes=self._trust_mtimes
+            )
+        return Usage(len(result.entries), sum(e.size for e in result.entries))
+
+    # -- maintenance ---------------------------------------------------------
+
+    async def cleanup_tmp(self, user: str, max_age: float | None = None) -> int:
+        """Remove ``tmp/`` files untouched for ``max_age`` seconds; return how many.
+
+        Safe without the lock: a delivery in progress touches its file far
+        more recently than 36 hours ago.
+        """
+        path = self.maildir_path(user)
+        age = self._tmp_max_age if max_age is None else max_age
+        return await asyncio.to_thread(_cleanup_tmp, path, age)
+
+    def _maybe_cleanup(self, path: str, lock: io.FileIO) -> None:
+        """Run ``cleanup_tmp`` if the last run (lock file mtime) is old enough.
+
+        One ``fstat`` per open in the common case, so it is cheap enough to
+        run inline in the open.
+        """
+        fd = lock.fileno()
+        try:
+            if time.time() - os.fstat(fd).st_mtime < self._cleanup_interval:
+                return
+            _cleanup_tmp(path, self._tmp_max_age)
+            os.utime(fd)
+        except (OSError, StorageError) as exc:
+            # Housekeeping must never stand between a user and their mail.
+            log.warning("tmp cleanup in %s failed: %s", path, exc)
+
+
+def _acquire_lock(path: str, user: str) -> io.FileIO:
+    """Take the exclusive, non-blocking flock on the maildrop's lock file.
+
+    Held in a FileIO so that a forgotten Maildrop still releases the lock
+    when it is garbage-collected.  A new lock file gets mtime 0 so the first
+    open also runs the tmp cleanup.
+    """
+    lock_path = os.path.join(path, LOCK_FILE)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        created = True
+    except FileExistsError:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        created = False
+    lock = io.FileIO(fd, "r+", closefd=True)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if created:
+            os.utime(fd, ns=(0, 0))
+    except BlockingIOError:
+        lock.close()
+        raise MaildropLocked(f"maildrop of {user!r} is in use") from None
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def _cleanup_tmp(path: str, max_age: float) -> int:
+    tmp = os.path.join(path, "tmp")
+    cutoff = time.time() - max_age
+    removed = 0
+    with storage_errors("clean up", tmp):
+        try:
+            it = os.scandir(tmp)
+        except FileNotFoundError:
+            return 0
+        with it:
+            for de in it:
+                try:
+                    if de.is_dir(follow_symlinks=False):
+                        continue
+                    st = de.stat(follow_symlinks=False)
+                    if max(st.st_atime, st.st_mtime) < cutoff:
+                        os.unlink(de.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    log.warning("cannot remove stale %s: %s", de.path, exc.strerror)
+    return removed
+
+
+def read_uidl_overrides(path: str) -> dict[str, str]:
+    """Read ``mailbag-uidl``: ``unique-name uidl`` per line, ``#`` comments.
+
+    This is the hook for migrating from another server (e.g. Dovecot's
+    ``dovecot-uidlist``) without making every client download all mail again.
+    A missing file means no overrides; an unreadable one is an error, since
+    silently ignoring it would change UIDLs.
+    """
+    try:
+        with open(
+            os.path.join(path, UIDL_OVERRIDE_FILE), encoding="utf-8", errors="surrogateescape"
+        ) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return {}
+    overrides: dict[str, str] = {}
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) != 2 or not is_valid_uidl(fields[1]):
+            log.warning("%s/%s:%d: ignoring malformed line", path, UIDL_OVERRIDE_FILE, lineno)
+            continue
+        overrides[unique_name(fields[0])] = fields[1]
+    return overrides
+
+
+class MaildirMaildrop:
+    """A locked Maildir with the message list fixed at open."""
+
+    def __init__(
+        self,
+        path: str,
+        lock: io.FileIO,
+        entries: list[Entry],
+        overrides: dict[str, str],
+        *,
+        fsync: bool = True,
+    ) -> None:
+        self._path = path
+        self._lock: io.FileIO | None = lock
+        self._fsync = fsync
+        self._entries = entries
+        self._by_uid: dict[str, Entry] = {}
+        self._deleted: set[str] = set()
+        infos: list[MessageInfo] = []
+        for entry in entries:
+            uid = overrides.get(entry.key, entry.uid) if overrides else entry.uid
+            if uid in self._by_uid:
+                log.warning("%s: duplicate UIDL %s for %s; using derived", path, uid, entry.key)
+                uid = entry.uid
+            self._by_uid[uid] = entry
+            infos.append(MessageInfo(uid, entry.size))
+        self._messages = tuple(infos)
+
+    @property
+    def path(self) -> str:
+        """The Maildir directory (for logs and administration tools)."""
+        return self._path
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        """The snapshot taken at open, in arrival order."""
+        return self._messages
+
+    def _entry(self, uid: str) -> Entry:
+        if self._lock is None:
+            raise StorageError(f"maildrop {self._path} is closed")
+        entry = self._by_uid.get(uid)
+        if entry is None or uid in self._deleted:
+            raise MessageGone(f"no message {uid} in {self._path}")
+        return entry
+
+    async def read(self, uid: str, *, chunk_size: int = 65536) -> AsyncIterator[bytes]:
+        """Stream the file as stored, ``chunk_size`` octets per chunk.
+
+        Each ``os.read`` runs in a worker thread: a cold disk can take
+        milliseconds per read, and the event loop serves other sessions.
+        """
+        self._entry(uid)
+        fd = await asyncio.to_thread(self._open_message, uid)
+        try:
+            while True:
+                with storage_errors("read message", self._path):
+                    chunk = await asyncio.to_thread(os.read, fd, chunk_size)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            os.close(fd)
+
+    def _open_message(self, uid: str) -> int:
+        """Open the message file, following it if another program renamed it."""
+        entry = self._entry(uid)
+        with storage_errors("open message", self._path):
+            try:
+                return os.open(self._file(entry), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                where = locate(self._path, entry.key)
+                if where is None:
+                    raise MessageGone(f"message {uid} vanished from {self._path}") from None
+                entry = entry._replace(subdir=where[0], filename=where[1])
+                self._by_uid[uid] = entry
+                try:
+                    return os.open(self._file(entry), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise MessageGone(f"message {uid} vanished from {self._path}") from None
+
+    def _file(self, entry: Entry) -> str:
+        return os.path.join(self._path, entry.subdir, entry.filename)
+
+    async def delete(self, uids: Sequence[str]) -> DeleteResult:
+        """Unlink the messages, fsync, update the index (in a worker thread)."""
+        if self._lock is None:
+            raise StorageError(f"maildrop {self._path} is closed")
+        return await asyncio.to_thread(self._delete_sync, list(uids))
+
+    def _delete_sync(self, uids: list[str]) -> DeleteResult:
+        deleted = 0
+        failed: list[str] = []
+        touched: set[str] = set()
+        for uid in uids:
+            entry = self._by_uid.get(uid)
+            if entry is None:
+                failed.append(uid)
+                continue
+            if uid in self._deleted:
+                deleted += 1
+                continue
+            try:
+                touched.add(self._unlink(entry))
+            except OSError as exc:
+                log.warning("cannot delete %s: %s", self._file(entry), exc.strerror)
+                failed.append(uid)
+                continue
+            self._deleted.add(uid)
+            deleted += 1
+        touched.discard("")
+        for subdir in touched:
+            try:
+                if self._fsync:
+                    _fsync_dir(os.path.join(self._path, subdir))
+            except OSError as exc:
+                log.warning("cannot fsync %s/%s: %s", self._path, subdir, exc.strerror)
+        self._save_index()
+        return DeleteResult(deleted, tuple(failed))
+
+    def _unlink(self, entry: Entry) -> str:
+        """Unlink one message; return its subdir, or "" if it was already gone."""
+        try:
+            os.unlink(self._file(entry))
+            return entry.subdir
+        except FileNotFoundError:
+            where = locate(self._path, entry.key)
+            if where is None:
+                return ""
+            try:
+                os.unlink(os.path.join(self._path, *where))
+            except FileNotFoundError:
+                return ""
+            return where[0]
+
+    def _save_index(self) -> None:
+        """Record the remaining messages, with mtimes that force the next listing.
+
+        We cannot record the directories' current mtimes: a delivery may
+        have happened since our snapshot, and recording "now" would hide it.
+        """
+        gone = {self._by_uid[uid].key for uid in self._deleted}
+        remaining = [e for e in self._entries if e.key not in gone]
+        index = IndexData(remaining, -1, -1, 0)
+        try:
+            write_index(os.path.join(self._path, INDEX_FILE), index, fsync=self._fsync)
+        except OSError as exc:
+            log.warning("cannot write maildir index in %s: %s", self._path, exc.strerror)
+
+    async def close(self) -> None:
+        """Release the lock (closing the descriptor drops the flock)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    async def __aenter__(self) -> MaildirMaildrop:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,328 @@
+"""The per-maildrop cache index and the scan that keeps it honest.
+
+Why an index at all: a POP3 session needs every message's wire size at
+open (STAT, LIST).  Names with ``,W=`` carry it, but mail delivered by
+Postfix ``local`` or procmail does not, and reading 100,000 files on every
+login is not an option.  The index remembers, per message, the arrival
+position, the unique name, where the file was last seen and its wire size.
+
+The index is only a cache.  Everything in it can be recomputed from the
+Maildir itself (UIDLs are derived from names, sizes from ``,W=`` or from
+the bytes), so a missing, truncated or garbled index costs one slow open,
+never a wrong UIDL.  Durable facts that cannot be recomputed (UIDLs
+imported from another server) live elsewhere (``maildir.UIDL_OVERRIDE_FILE``).
+
+File format (UTF-8 text with ``surrogateescape`` for odd file names)::
+
+    mailbag-index 1<TAB>new-mtime-ns<TAB>cur-mtime-ns<TAB>scan-start-ns
+    uidl<TAB>new|cur<TAB>wire-size<TAB>file-name        (one per message,
+    ...                                                   in arrival order)
+    end<TAB>count<TAB>crc32-of-everything-above
+
+The trailer detects truncation and accidental corruption; anything that
+fails to parse is treated as "no index".  Writers replace the file
+atomically (temporary file, fsync, rename), so a crash leaves either the
+old index or the new one.
+
+All functions here block; callers run them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from mailbag.storage.maildir_names import (
+    arrival_key,
+    derive_uidl,
+    unique_name,
+    wire_size_from_name,
+)
+from mailbag.wireform import wire_size
+
+log = logging.getLogger(__name__)
+
+INDEX_MAGIC = "mailbag-index 1"
+
+#: How long before the scan a directory must have last changed for its mtime
+#: to prove "nothing changed since".  Covers coarse timestamps (FAT: 2 s,
+#: ext4/xfs: one kernel tick) and small clock differences; on NFS with badly
+#: skewed clocks, switch the shortcut off (``MaildirStore(trust_mtimes=False)``).
+MTIME_MARGIN_NS = 2_000_000_000
+
+#: Chunk size for reading a message to measure it.
+SIZE_READ_CHUNK = 256 * 1024
+
+SUBDIRS = ("new", "cur")
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {v[1]: k for k, v in _ESCAPES.items()}
+_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
+_UNESCAPE_RE = re.compile(r"\\(.)", re.DOTALL)
+
+
+class Entry(NamedTuple):
+    """One message as the index knows it.  ``uid`` is the derived UIDL."""
+
+    uid: str
+    key: str
+    subdir: str
+    filename: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class IndexData:
+    """A parsed index: its entries and the directory state it was taken from."""
+
+    entries: list[Entry]
+    new_mtime_ns: int
+    cur_mtime_ns: int
+    scanned_ns: int
+
+    def trustworthy(self, new_mtime_ns: int, cur_mtime_ns: int) -> bool:
+        """True when the directories provably did not change since the scan.
+
+        Any create, rename or unlink in ``new/`` or ``cur/`` updates that
+        directory's mtime.  Equal mtimes prove nothing changed *provided*
+        the last change happened well before the scan began; otherwise a
+        change in the same timestamp tick as the scan would be invisible.
+        """
+        return (
+            new_mtime_ns == self.new_mtime_ns
+            and cur_mtime_ns == self.cur_mtime_ns
+            and max(new_mtime_ns, cur_mtime_ns) + MTIME_MARGIN_NS < self.scanned_ns
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    """What ``scan`` found, and whether the index file should be rewritten."""
+
+    entries: list[Entry]
+    index: IndexData
+    needs_write: bool
+    listed: bool
+
+
+def _escape(name: str) -> str:
+    if _NEEDS_ESCAPE.search(name) is None:
+        return name
+    return _NEEDS_ESCAPE.sub(lambda m: _ESCAPES[m.group(0)], name)
+
+
+def _unescape(field: str) -> str:
+    if "\\" not in field:
+        return field
+    return _UNESCAPE_RE.sub(lambda m: _UNESCAPES.get(m.group(1), m.group(1)), field)
+
+
+def read_index(path: str) -> IndexData | None:
+    """Parse the index at ``path``; None if it is missing or invalid in any way."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read maildir index %s: %s", path, exc.strerror)
+        return None
+    try:
+        return _parse_index(data)
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+        log.warning("ignoring invalid maildir index %s: %s", path, exc)
+        return None
+
+
+def _parse_index(data: bytes) -> IndexData:
+    if not data.endswith(b"\n"):
+        raise ValueError("truncated")
+    trailer_start = data.rfind(b"\n", 0, len(data) - 1) + 1
+    tag, count_s, crc_s = data[trailer_start:-1].decode("ascii").split("\t")
+    if tag != "end" or int(crc_s, 16) != zlib.crc32(data[:trailer_start]):
+        raise ValueError("bad trailer or checksum")
+    lines = data[:trailer_start].decode("utf-8", "surrogateescape").split("\n")
+    lines.pop()  # the empty string after the last newline
+    magic, new_s, cur_s, scanned_s = lines[0].split("\t")
+    if magic != INDEX_MAGIC or len(lines) - 1 != int(count_s):
+        raise ValueError("bad header or count")
+    entries: list[Entry] = []
+    append = entries.append
+    for line in lines[1:]:
+        uid, subdir, size_s, filename = line.split("\t")
+        if subdir not in SUBDIRS:
+            raise ValueError(f"bad subdir {subdir!r}")
+        filename = _unescape(filename)
+        append(Entry(uid, unique_name(filename), subdir, filename, int(size_s)))
+    return IndexData(entries, int(new_s), int(cur_s), int(scanned_s))
+
+
+def format_index(index: IndexData) -> bytes:
+    """Serialise ``index`` (header, one line per entry, checksummed trailer)."""
+    parts = [f"{INDEX_MAGIC}\t{index.new_mtime_ns}\t{index.cur_mtime_ns}\t{index.scanned_ns}"]
+    parts.extend(f"{e.uid}\t{e.subdir}\t{e.size}\t{_escape(e.filename)}" for e in index.entries)
+    parts.append("")
+    body = "\n".join(parts).encode("utf-8", "surrogateescape")
+    return body + f"end\t{len(index.entries)}\t{zlib.crc32(body):08x}\n".encode("ascii")
+
+
+def write_index(path: str, index: IndexData, *, fsync: bool = True) -> None:
+    """Atomically replace the index at ``path`` (tmp + fsync + rename).
+
+    Raises OSError; callers decide whether a failed cache write matters
+    (it never should fail a POP3 login).
+    """
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(format_index(index))
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def measure(path: str) -> int:
+    """Wire size of the file at ``path``, streamed in large chunks."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return wire_size(_chunks(fd))
+    finally:
+        os.close(fd)
+
+
+def _chunks(fd: int) -> Iterator[bytes]:
+    while chunk := os.read(fd, SIZE_READ_CHUNK):
+        yield chunk
+
+
+def list_dir(maildir: str, subdir: str) -> Iterator[str]:
+    """File names of messages in ``maildir/subdir``: regular files, no dotfiles.
+
+    The Maildir spec reserves names starting with ``.`` (editors and tools
+    leave such files); directories are never messages.
+    """
+    with os.scandir(os.path.join(maildir, subdir)) as it:
+        for de in it:
+            name = de.name
+            if name[0] != "." and de.is_file():
+                yield name
+
+
+def locate(maildir: str, key: str) -> tuple[str, str] | None:
+    """Find the current (subdir, file name) of the message with unique name ``key``.
+
+    Used when a file vanished from where we last saw it: another program
+    may have moved it from ``new/`` to ``cur/`` or changed its flags.
+    ``new/`` is searched first because files only ever move new -> cur.
+    """
+    prefix = key + ":"
+    for subdir in SUBDIRS:
+        try:
+            for name in list_dir(maildir, subdir):
+                if name == key or name.startswith(prefix):
+                    return subdir, name
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def scan(maildir: str, previous: IndexData | None, *, trust_mtimes: bool = True) -> ScanResult:
+    """Work out the current message list, reading as little as possible.
+
+    1. If ``previous`` is trustworthy by directory mtimes: use it as is
+       (two ``stat`` calls, no listing).
+    2. Otherwise list ``new/`` then ``cur/`` (in that order: a file moved
+       new -> cur during the listing is then seen at least once, and a
+       duplicate is resolved in favour of ``cur/``), keep index order for
+       known names and append unknown ones by (leading timestamp, name).
+    3. Sizes come from ``,W=``, else from the index, else from reading the
+       file once.
+
+    The recorded mtimes are taken *before* listing, so anything that
+    changes afterwards makes the next open list again.
+    """
+    started = time.time_ns()
+    new_mtime = os.stat(os.path.join(maildir, "new")).st_mtime_ns
+    cur_mtime = os.stat(os.path.join(maildir, "cur")).st_mtime_ns
+    if trust_mtimes and previous is not None and previous.trustworthy(new_mtime, cur_mtime):
+        return ScanResult(previous.entries, previous, needs_write=False, listed=False)
+
+    seen: dict[str, tuple[str, str]] = {}
+    for subdir in SUBDIRS:
+        for name in list_dir(maildir, subdir):
+            sep = name.find(":")
+            seen[name if sep < 0 else name[:sep]] = (subdir, name)
+
+    entries: list[Entry] = []
+    changed = previous is None
+    if previous is not None:
+        for entry in previous.entries:
+            where = seen.pop(entry.key, None)
+            if where is None:
+                changed = True
+                continue
+            if where[0] != entry.subdir or where[1] != entry.filename:
+                entry = entry._replace(subdir=where[0], filename=where[1])
+                changed = True
+            entries.append(entry)
+    if seen:
+        changed = True
+        for key in sorted(seen, key=arrival_key):
+            subdir, name = seen[key]
+            found = _new_entry(maildir, key, subdir, name)
+            if found is not None:
+                entries.append(found)
+
+    index = IndexData(entries, new_mtime, cur_mtime, started)
+    # Rewrite when the content changed, or when the new header would let the
+    # next open skip listing and the old one would not.
+    now_trusted = trust_mtimes and index.trustworthy(new_mtime, cur_mtime)
+    needs_write = changed or (
+        now_trusted and (previous is None or not previous.trustworthy(new_mtime, cur_mtime))
+    )
+    return ScanResult(entries, index, needs_write=needs_write, listed=True)
+
+
+def _new_entry(maildir: str, key: str, subdir: str, name: str) -> Entry | None:
+    """Build the entry for a name the index does not know; None if it vanished."""
+    size = wire_size_from_name(key)
+    if size is None:
+        for _attempt in range(2):
+            try:
+                size = measure(os.path.join(maildir, subdir, name))
+                break
+            except FileNotFoundError:
+                where = locate(maildir, key)
+                if where is None:
+                    return None
+                subdir, name = where
+            except OSError as exc:
+                # One unreadable file must not lock its owner out of POP3;
+                # it stays on disk for an administrator to look at.
+                log.warning("skipping unreadable message %s/%s: %s", subdir, name, exc)
+                return None
+        else:
+            return None
+    return Entry(derive_uidl(key), key, subdir, name, size)

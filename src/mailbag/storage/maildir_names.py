@@ -1,0 +1,143 @@
+"""Maildir file names: unique names, size fields, UIDLs and new names.
+
+A Maildir message file is named ``UNIQUE[:2,FLAGS]``.  The part before the
+colon (``mailbox.Maildir`` calls it the *key*) is chosen once by the delivery
+agent and never changes afterwards: a mail reader that sets flags or moves the
+file from ``new/`` to ``cur/`` keeps it.  Everything stable about a message,
+its UIDL above all, is therefore derived from the key and never from the
+flags (the Twisted mistake DESIGN.md warns about).
+
+Dovecot extends the key with ``,S=<octets>`` (stored size) and
+``,W=<octets>`` (size with CRLF line endings, which is exactly our wire
+size); we read both when present and write both on delivery, so that a
+maildrop written by us can be opened by Dovecot without reading every file
+and vice versa.
+
+Nothing here touches the filesystem except ``NameGenerator`` asking for the
+time, the pid and random bytes; this keeps the rules testable on strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import os
+import re
+import socket
+import threading
+import time
+
+from mailbag.errors import InvalidUsername
+
+#: Separates the unique name from the info (``2,FLAGS``) part (Maildir spec).
+INFO_SEP = ":"
+
+#: Length of a derived UIDL: 24 base32 characters = 120 bits of SHA-256.
+#: Compact, only ``[a-z2-7]`` (no dots, which some Outlook versions mishandle)
+#: and far below the 70-character limit of RFC 1939 section 7.
+UIDL_LENGTH = 24
+
+_UIDL_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")
+_LEADING_TIME_RE = re.compile(r"(\d+)")
+_SIZE_FIELD_RE = re.compile(r",([SW])=(\d+)")
+
+
+def unique_name(filename: str) -> str:
+    """Return the key of a Maildir file name: everything before the first ``:``."""
+    sep = filename.find(INFO_SEP)
+    return filename if sep < 0 else filename[:sep]
+
+
+def derive_uidl(key: str) -> str:
+    """Derive the UIDL of the message whose unique name is ``key``.
+
+    A hash (rather than the name itself) because names can be long, may
+    contain bytes outside 0x21-0x7E (non-ASCII hostnames, escaped ``\\057``)
+    and some contain dots.  ``os.fsencode`` gives back the exact on-disk
+    bytes, so undecodable names hash consistently too.
+    """
+    digest = hashlib.sha256(os.fsencode(key)).digest()
+    return base64.b32encode(digest).decode("ascii")[:UIDL_LENGTH].lower()
+
+
+def is_valid_uidl(uidl: str) -> bool:
+    """True for 1-70 characters in 0x21-0x7E (RFC 1939 section 7)."""
+    return _UIDL_RE.match(uidl) is not None
+
+
+def wire_size_from_name(key: str) -> int | None:
+    """Return the ``,W=`` value of a unique name, or None when it has none.
+
+    Only fields after the first comma count, so a bare number in the
+    hostname part can never be mistaken for a size.
+    """
+    comma = key.find(",")
+    if comma < 0:
+        return None
+    for field, value in _SIZE_FIELD_RE.findall(key, comma):
+        if field == "W":
+            return int(value)
+    return None
+
+
+def arrival_key(key: str) -> tuple[int, str]:
+    """Sort key for messages the index has not seen yet: (leading seconds, name).
+
+    Every common delivery agent starts the name with the delivery time in
+    seconds (``1234567890.V801I1234M5678.host``, ``1234567890.M123P45...``).
+    Names without one sort first, by name, which is at least deterministic.
+    """
+    match = _LEADING_TIME_RE.match(key)
+    return (int(match.group(1)) if match else 0, key)
+
+
+def split_user(user: str) -> tuple[str, str]:
+    """Split ``local@domain`` (at the last ``@``); ``(user, "")`` without one.
+
+    Refuses names that could never be a safe path component: empty, ``.``,
+    ``..``, containing ``/``, NUL or control characters.  The auth layer
+    validates names already; storage checks again because this is where a
+    name becomes a path.
+    """
+    if not user or any(ord(c) < 0x20 or c in "/\x7f" for c in user):
+        raise InvalidUsername(f"user name not usable as a path: {user!r}")
+    local, at, domain = user.rpartition("@")
+    if not at:
+        local, domain = user, ""
+    if not local or {user, local, domain} & {".", ".."}:
+        raise InvalidUsername(f"user name not usable as a path: {user!r}")
+    return local, domain
+
+
+def sanitize_hostname(hostname: str) -> str:
+    """Escape ``/`` and ``:`` as the Maildir spec says (``\\057``, ``\\072``).
+
+    ``,`` is escaped too (``\\054``, as Dovecot does) so that a hostname can
+    never be confused with a ``,S=``/``,W=`` size field.
+    """
+    return hostname.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054") or "localhost"
+
+
+class NameGenerator:
+    """Makes unique names ``{sec}.M{usec}P{pid}Q{n}R{hex}.{host},S={len},W={wire}``.
+
+    Uniqueness comes from several independent parts: time, pid, a per-process
+    counter (two deliveries in the same microsecond) and 64 random bits (pid
+    reuse across a reboot, several hosts sharing one NFS Maildir).  The
+    counter is guarded by a lock because deliveries run in worker threads.
+    """
+
+    def __init__(self, hostname: str | None = None) -> None:
+        self._host = sanitize_hostname(hostname if hostname is not None else socket.gethostname())
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def make(self, size: int, wire: int) -> str:
+        """Return a fresh unique name for a message of ``size`` stored octets."""
+        with self._lock:
+            n = next(self._counter)
+        now = time.time_ns()
+        sec, usec = divmod(now // 1000, 1_000_000)
+        rand = os.urandom(8).hex()
+        return f"{sec}.M{usec}P{os.getpid()}Q{n}R{rand}.{self._host},S={size},W={wire}"
