@@ -1,0 +1,29 @@
+# mailbag: the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,fast]'
+	touch $@
+
+## run: a demo server on 127.0.0.1:1110 (user demo, password demo); try `telnet 127.0.0.1 1110`
+run: $(VENV)/.installed
+	$(VENV)/bin/mailbag demo
+
+## test: lint and the whole test suite
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests
+	$(PY) -m pytest
+
+## lint: ruff and mypy --strict
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

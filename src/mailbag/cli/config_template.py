@@ -1,0 +1,103 @@
+"""The self-documenting ``mailbag.toml`` that ``mailbag init`` writes.
+
+Every key appears with its default value and a sentence on what it does, so
+an administrator can tune the server by reading one file.  A test loads this
+template and checks that every key in it is accepted and equals the default
+(a documented key that the code ignores would be a lie).
+"""
+
+from __future__ import annotations
+
+TEMPLATE = """\
+# mailbag configuration (TOML). Every setting is shown with its default.
+# Relative paths are relative to the directory of this file.
+# Check it with:  mailbag serve -c {config_name}   (errors name the key at fault)
+
+[server]
+# Name used in the greeting's APOP timestamp (<pid.n.clock@hostname>).
+# Empty means the machine's host name.
+hostname = "{hostname}"
+# Text of the +OK greeting.
+greeting = "mailbag POP3 server ready."
+# Plain POP3 listeners (STLS is offered on them when [tls] has a certificate).
+# The standard port is 110; ports below 1024 need root.
+listen = [{listen}]
+# Implicit-TLS listeners (POP3S, RFC 8314), standard port 995.
+listen_tls = [{listen_tls}]
+
+[tls]
+# Certificate chain and private key (PEM). `mailbag init` made a self-signed
+# pair; replace it with a real one (e.g. from Let's Encrypt) for production.
+cert = "tls/cert.pem"
+key = "tls/key.pem"
+# Offer STLS (RFC 2595) on the plain listeners.
+stls = true
+
+[storage]
+# Storage backend. "maildir": one Maildir per user on local disk.
+backend = "maildir"
+# Where each user's Maildir lives. {{user}} is the account name;
+# {{local}} and {{domain}} are its parts for name@domain accounts.
+maildir = "mail/{{user}}/Maildir"
+# Largest message accepted for delivery, in octets (0 = no limit).
+max_message_size = 52428800
+
+[auth]
+# Users file: "name:{{SCHEME}}hash" per line, compatible with Dovecot's passwd-file.
+# Manage it with `mailbag user add|passwd|del|list`.
+users_file = "users"
+# Logins "name" and "name@default_domain" reach the same account ("" = off).
+default_domain = ""
+# Networks where USER/PASS and AUTH PLAIN are allowed without TLS
+# (like Dovecot's disable_plaintext_auth = yes, with loopback trusted).
+plaintext_networks = ["127.0.0.0/8", "::1/128"]
+# Seconds before a failed login is answered (unknown users look the same).
+failure_delay = 2.0
+# Repeated failures from one address or for one account make later attempts
+# wait longer, doubling up to this many seconds. Nobody is ever locked out.
+max_failure_delay = 15.0
+# Seconds after which failure counters are forgotten.
+failure_window = 900.0
+
+[limits]
+# Autologout after this many idle seconds once logged in (RFC 1939: >= 600).
+idle_timeout = 600.0
+# Seconds a client has to log in, counted from connect.
+login_timeout = 60.0
+# Concurrent connections in total, and from one client address.
+max_connections = 5000
+max_connections_per_ip = 50
+# Longest command line in octets, CRLF included (RFC 2449: 255).
+max_command_line = 255
+# Longest SASL continuation line (OAuth-sized tokens need more than 255).
+max_sasl_line = 16384
+# Close the connection after this many errors in a row.
+max_errors = 10
+# Close the connection after this many failed logins.
+max_auth_failures = 3
+# On SIGTERM/SIGINT, seconds open sessions get to finish before they are cut
+# (a cut session never applies its deletions).
+shutdown_grace = 10.0
+
+[log]
+# debug, info, warning or error.
+level = "info"
+# "text" for people, "json" for log shippers (one object per line).
+format = "text"
+"""
+
+
+def render(
+    *,
+    hostname: str = "",
+    listen: tuple[str, ...] = ("0.0.0.0:110",),
+    listen_tls: tuple[str, ...] = ("0.0.0.0:995",),
+    config_name: str = "mailbag.toml",
+) -> str:
+    """Fill the template."""
+    return TEMPLATE.format(
+        hostname=hostname,
+        listen=", ".join(f'"{a}"' for a in listen),
+        listen_tls=", ".join(f'"{a}"' for a in listen_tls),
+        config_name=config_name,
+    )

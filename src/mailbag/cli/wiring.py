@@ -1,0 +1,128 @@
+"""The composition root: the one place that turns a ``Config`` into concrete objects.
+
+Only here are backends named (DESIGN.md): the Maildir store, the users file,
+the throttle, the TLS context.  Everything else receives interfaces.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailbag.auth.users import UsersFile
+from mailbag.config import Config
+from mailbag.errors import ConfigError
+from mailbag.protocol.capabilities import Pop3Policy
+from mailbag.server.listeners import ConnectionLimits, Pop3Server
+from mailbag.server.tls import TlsContext
+from mailbag.session.authenticate import Authenticator
+from mailbag.session.pop3 import SessionSettings
+from mailbag.session.throttle import FailureThrottle
+from mailbag.storage.maildir import MaildirStore
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything a running server needs, built from one config."""
+
+    config: Config
+    users: UsersFile
+    store: MaildirStore
+    tls: TlsContext | None
+
+
+def mail_root(config: Config) -> Path:
+    """The fixed directory part of the maildir template (must exist or be creatable)."""
+    template = config.storage.maildir
+    prefix = template.split("{", 1)[0]
+    return Path(prefix if prefix.endswith(os.sep) else os.path.dirname(prefix))
+
+
+def check_mail_root(config: Config) -> None:
+    """Fail early, naming the path, if mail cannot be stored."""
+    root = mail_root(config)
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"storage.maildir: cannot create {root}: {exc.strerror}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"storage.maildir: {root} is not writable")
+
+
+def build_store(config: Config) -> MaildirStore:
+    """The storage backend named in the config."""
+    if config.storage.backend != "maildir":
+        raise ConfigError(
+            f"storage.backend: unknown backend {config.storage.backend!r} (known: maildir)"
+        )
+    return MaildirStore(config.storage.maildir, root=str(mail_root(config)))
+
+
+def build_users(config: Config) -> UsersFile:
+    """The users file, with the default domain for ``name`` == ``name@domain`` logins."""
+    path = config.auth.users_file
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"auth.users_file: {path} is not a file")
+    return UsersFile(path, default_domain=config.auth.default_domain or None)
+
+
+def build_runtime(config: Config) -> Runtime:
+    """Validate paths and build the long-lived objects."""
+    check_mail_root(config)
+    tls = None
+    if config.tls.cert is not None and config.tls.key is not None:
+        tls = TlsContext(config.tls.cert, config.tls.key)
+    return Runtime(config=config, users=build_users(config), store=build_store(config), tls=tls)
+
+
+def plaintext_checker(config: Config) -> Callable[[str], bool]:
+    """A predicate: may this peer address authenticate with plaintext on a clear channel?"""
+    networks = config.auth.plaintext_networks
+
+    def allowed(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in networks)
+
+    return allowed
+
+
+def build_server(runtime: Runtime) -> Pop3Server:
+    """A ready-to-start POP3 server for this runtime."""
+    config = runtime.config
+    limits = config.limits
+    policy = Pop3Policy(
+        max_command_line=limits.max_command_line,
+        max_sasl_line=limits.max_sasl_line,
+        max_errors=limits.max_errors,
+        max_auth_failures=limits.max_auth_failures,
+        stls=config.tls.stls and runtime.tls is not None,
+    )
+    settings = SessionSettings(
+        policy=policy,
+        greeting=config.greeting,
+        hostname=config.hostname,
+        login_timeout=limits.login_timeout,
+        idle_timeout=limits.idle_timeout,
+        plaintext_allowed=plaintext_checker(config),
+    )
+    throttle = FailureThrottle(
+        base=config.auth.failure_delay,
+        cap=config.auth.max_failure_delay,
+        window=config.auth.failure_window,
+    )
+    return Pop3Server(
+        listen=config.listen,
+        settings=settings,
+        authenticator=Authenticator(runtime.users, throttle),
+        store=runtime.store,
+        tls=runtime.tls,
+        limits=ConnectionLimits(limits.max_connections, limits.max_connections_per_ip),
+    )
