@@ -1,0 +1,93 @@
+"""Maildir name rules, on strings only: keys, size fields, UIDLs, new names."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mailbag.errors import InvalidUsername
+from mailbag.storage.maildir_names import (
+    NameGenerator,
+    arrival_key,
+    derive_uidl,
+    is_valid_uidl,
+    sanitize_hostname,
+    split_user,
+    unique_name,
+    wire_size_from_name,
+)
+
+DOVECOT_KEY = "1700000000.M123P45.mx,S=123,W=130"
+
+
+def test_unique_name_strips_info_part() -> None:
+    assert unique_name(DOVECOT_KEY + ":2,S") == DOVECOT_KEY
+    assert unique_name(DOVECOT_KEY + ":2,") == DOVECOT_KEY
+    assert unique_name("1234567890.V801I1234M5678.host") == "1234567890.V801I1234M5678.host"
+
+
+def test_uidl_is_24_lowercase_base32_chars_of_sha256() -> None:
+    uid = derive_uidl(DOVECOT_KEY)
+    assert re.fullmatch(r"[a-z2-7]{24}", uid)
+    assert uid == derive_uidl(DOVECOT_KEY)
+    assert uid != derive_uidl(DOVECOT_KEY + "x")
+    assert is_valid_uidl(uid)
+
+
+def test_uidl_of_undecodable_name_is_valid() -> None:
+    key = b"1700000000.M1P2.h\xff\xfe".decode("utf-8", "surrogateescape")
+    assert is_valid_uidl(derive_uidl(key))
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 71, "tab\t", "é"])
+def test_invalid_uidls_are_rejected(bad: str) -> None:
+    assert not is_valid_uidl(bad)
+
+
+def test_wire_size_comes_from_w_field_only() -> None:
+    assert wire_size_from_name(DOVECOT_KEY) == 130
+    assert wire_size_from_name("1700000000.M1P2.host,S=50") is None
+    assert wire_size_from_name("1234567890.V801I1234M5678.host") is None
+    assert wire_size_from_name("1700000000.M1P2.host,W=7,S=5") == 7
+
+
+def test_arrival_key_sorts_by_leading_timestamp_then_name() -> None:
+    names = ["900000000.b", "1000000000.a", "no-timestamp", "900000000.a"]
+    assert sorted(names, key=arrival_key) == [
+        "no-timestamp",
+        "900000000.a",
+        "900000000.b",
+        "1000000000.a",
+    ]
+
+
+def test_hostname_sanitized_as_maildir_spec_says() -> None:
+    assert sanitize_hostname("a/b:c,d") == "a\\057b\\072c\\054d"
+    assert sanitize_hostname("") == "localhost"
+
+
+def test_generated_names_have_documented_shape_and_are_unique() -> None:
+    gen = NameGenerator("mx/1:2")
+    names = {gen.make(10, 12) for _ in range(1000)}
+    assert len(names) == 1000
+    for name in names:
+        assert re.fullmatch(
+            r"\d+\.M\d{1,6}P\d+Q\d+R[0-9a-f]{16}\.mx\\0571\\0722,S=10,W=12", name
+        ), name
+        assert ":" not in name and "/" not in name
+        assert wire_size_from_name(name) == 12
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [("bob", ("bob", "")), ("bob@example.com", ("bob", "example.com")), ("a@b@c", ("a@b", "c"))],
+)
+def test_split_user(user: str, expected: tuple[str, str]) -> None:
+    assert split_user(user) == expected
+
+
+@pytest.mark.parametrize("user", ["", ".", "..", "a/b", "@example.com", "x@..", "del\x7f"])
+def test_split_user_refuses_unsafe(user: str) -> None:
+    with pytest.raises(InvalidUsername):
+        split_user(user)
