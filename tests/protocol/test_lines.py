@@ -153,3 +153,9 @@ def test_reader_never_buffers_beyond_limit(data: bytes, cuts: list[int]) -> None
             if isinstance(item, Line):
                 assert b"\n" not in item.data
         assert reader.buffered <= 64 + len(piece)
+
+
+def test_reader_strips_telnet_cr_nul_before_line_end() -> None:
+    reader = LineReader(100)
+    reader.feed(b"user demo\r\x00\r\n")
+    assert reader.next_line() == Line(b"user demo")

@@ -67,7 +67,9 @@ def run_passwd(args: argparse.Namespace) -> int:
     """Handle ``user passwd``."""
     users = build_users(config_from_args(args))
     password = read_new_password(from_stdin=args.password_stdin)
-    users.set_password(args.name, password, apop_secret=password if args.apop else None)
+    users.set_password(args.name, password)
+    if args.apop:
+        users.set_apop_secret(args.name, password)
     print(f"Changed password of {args.name}")
     return 0
 

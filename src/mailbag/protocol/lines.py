@@ -143,8 +143,9 @@ class LineReader:
             return LineTooLong(self.limit)
         raw = bytes(self._buffer[:newline])
         del self._buffer[: newline + 1]
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
+        # CR before LF ends the line; telnet sends a lone CR as "CR NUL" (RFC 854),
+        # so a client piping "\r\n" through telnet produces "CR NUL CR LF".
+        raw = raw.rstrip(b"\r\0")
         return Line(apply_erase(raw))
 
 

@@ -1,0 +1,154 @@
+"""Shared fixtures: a real mailbag server process on loopback.
+
+``mailbag_server`` starts ``python -m mailbag serve`` in a fresh home (config,
+users file, Maildirs, self-signed certificate), on free ports of 127.0.0.1,
+with user ``demo`` / password ``demo`` and cheap Argon2 parameters so tests
+stay fast.  It yields a ``MailbagServer`` handle that can add users, deliver
+messages (through the real ``mailbag deliver`` code path) and stop or kill
+the process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mailbag.auth.schemes import Argon2Params
+from mailbag.auth.users import UsersFile
+from mailbag.cli.init_cmd import init_home
+
+#: Cheap but real Argon2id, so hundreds of logins in the suite take seconds, not minutes.
+TEST_ARGON2 = Argon2Params(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (good enough on a test machine)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"mailbag exited early ({proc.returncode}): {err}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"mailbag did not listen on {host}:{port}")
+
+
+@dataclass
+class MailbagServer:
+    """Handle on a running server process."""
+
+    home: Path
+    config: Path
+    host: str
+    port: int
+    tls_port: int
+    user: str = "demo"
+    password: str = "demo"
+    proc: subprocess.Popen[bytes] | None = None
+    extra_config: str = ""
+    log_path: Path = field(default_factory=Path)
+
+    @property
+    def cert(self) -> Path:
+        return self.home / "tls" / "cert.pem"
+
+    def add_user(self, name: str, password: str, *, apop: bool = False) -> None:
+        users = UsersFile(self.home / "users", argon2_params=TEST_ARGON2)
+        users.add(name, password, apop_secret=password if apop else None)
+
+    def maildir(self, user: str | None = None) -> Path:
+        return self.home / "mail" / (user or self.user) / "Maildir"
+
+    def deliver(self, message: bytes, user: str | None = None) -> None:
+        """Deliver through the real `mailbag deliver` command."""
+        result = subprocess.run(
+            [sys.executable, "-m", "mailbag", "deliver", "-c", str(self.config), user or self.user],
+            input=message,
+            capture_output=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mailbag", "serve", "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        log.close()
+        wait_for_port(self.host, self.port, self.proc)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc = None
+        return code
+
+
+def make_home(tmp: Path, extra_config: str = "") -> MailbagServer:
+    port, tls_port = free_port(), free_port()
+    config = init_home(
+        tmp,
+        hostname="localhost",
+        listen=(f"127.0.0.1:{port}",),
+        listen_tls=(f"127.0.0.1:{tls_port}",),
+    )
+    text = config.read_text()
+    text = text.replace("failure_delay = 2.0", "failure_delay = 0.2")
+    text = text.replace("max_failure_delay = 15.0", "max_failure_delay = 0.5")
+    config.write_text(text + "\n" + extra_config)
+    server = MailbagServer(
+        home=tmp, config=config, host="127.0.0.1", port=port, tls_port=tls_port,
+        extra_config=extra_config, log_path=tmp / "server.log",
+    )
+    server.add_user("demo", "demo", apop=True)
+    return server
+
+
+@pytest.fixture
+def mailbag_home(tmp_path: Path) -> MailbagServer:
+    """A configured home whose server is not started yet."""
+    return make_home(tmp_path / "home")
+
+
+@pytest.fixture
+def mailbag_server(mailbag_home: MailbagServer) -> Iterator[MailbagServer]:
+    """A running mailbag server (user demo/demo) on loopback."""
+    mailbag_home.start()
+    try:
+        yield mailbag_home
+    finally:
+        mailbag_home.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("NO_COLOR", "1")
