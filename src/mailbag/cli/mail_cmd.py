@@ -1,0 +1,299 @@
+"""``mailbag mail``: a terminal client for any POP3 server.
+
+Sub-commands: list, read, save, delete, fetch, shell.  The account is a URL
+(``-a pop3://user@host``, or ``$MAILBAG_ACCOUNT``); the password comes from
+``$MAILBAG_PASSWORD``, ``~/.netrc`` or a prompt -- never from the command
+line.  Message numbers are the server's for the current session (RFC 1939
+"msn"); ``list`` shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mailbag.client.account import ACCOUNT_ENV, PASSWORD_ENV, Account, parse_url, resolve_password
+from mailbag.client.connection import open_session
+from mailbag.client.fetch import default_state_path, fetch, open_store
+from mailbag.client.localstore import Journal, MboxStore
+from mailbag.client.pop3 import POP3Client
+from mailbag.client.render import parse_file, render, safe_filename
+from mailbag.client.shell import Shell
+from mailbag.client.table import dump_json, list_rows, make_console, print_list, print_message
+from mailbag.errors import ConfigError
+
+#: RETR spools to memory up to this size, then to a temporary file.
+SPOOL_IN_MEMORY = 8 * 1024 * 1024
+
+EPILOG = f"""\
+account: -a pop3://USER@HOST[:PORT] (STLS when offered) or pop3s://USER@HOST (TLS),
+         or set ${ACCOUNT_ENV}.  Password: ${PASSWORD_ENV}, ~/.netrc, or a prompt.
+examples:
+  mailbag mail -a pop3s://me%40example.com@pop.example.com list
+  mailbag mail read 3            mailbag mail save 3 --to ~/Downloads
+  mailbag mail fetch --to ~/Maildir/ --delete
+  mailbag mail shell
+"""
+
+
+def _msn(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a message number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("message numbers start at 1")
+    return value
+
+
+def _common(defaults: bool) -> argparse.ArgumentParser:
+    """Connection options, accepted before or after the sub-command.
+
+    The copy attached to each sub-command uses SUPPRESS defaults so that an
+    option given before the sub-command is not overwritten by a default.
+    """
+    d: Any = (lambda v: v) if defaults else (lambda _v: argparse.SUPPRESS)
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument("-a", "--account", metavar="URL", default=d(None),
+                   help=f"pop3://user@host[:port] or pop3s://... (default: ${ACCOUNT_ENV})")
+    g.add_argument("--ca", metavar="FILE", default=d(None),
+                   help="trust this CA certificate (self-signed servers)")
+    g.add_argument("--insecure", action="store_true", default=d(False),
+                   help="do not verify the server certificate (testing only)")
+    g.add_argument("--require-tls", action="store_true", default=d(False),
+                   help="refuse to log in without TLS")
+    g.add_argument("--timeout", type=float, metavar="SEC", default=d(60.0),
+                   help="network timeout in seconds (default 60)")
+    return p
+
+
+def _account(args: argparse.Namespace) -> Account:
+    url = args.account or os.environ.get(ACCOUNT_ENV)
+    if not url:
+        raise ConfigError(f"no account: use -a pop3://USER@HOST or set ${ACCOUNT_ENV}")
+    return parse_url(url)
+
+
+def _session(args: argparse.Namespace) -> POP3Client:
+    account = resolve_password(_account(args))
+    return open_session(account, ca=args.ca, insecure=args.insecure,
+                        require_tls=args.require_tls, timeout=args.timeout)
+
+
+def _retr_spool(client: POP3Client, msn: int) -> tempfile.SpooledTemporaryFile[bytes]:
+    # Returned open: the caller closes it with `with`.
+    spool: tempfile.SpooledTemporaryFile[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+        SPOOL_IN_MEMORY)
+    client.retr(msn, spool.write)
+    spool.seek(0)
+    return spool
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Table (or JSON) of the mailbox from LIST, UIDL and TOP n 0."""
+    client = _session(args)
+    try:
+        total = client.stat()
+        rows = list_rows(client, args.last)
+    finally:
+        client.quit()
+    if args.json:
+        dump_json({"count": total[0], "octets": total[1],
+                   "messages": [r.to_json() for r in rows]}, sys.stdout)
+    else:
+        print_list(rows, make_console(), total)
+    return 0
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    """Show one message decoded, as JSON, or byte-exact with --raw."""
+    client = _session(args)
+    try:
+        with _retr_spool(client, args.msn) as spool:
+            if args.raw:
+                sys.stdout.flush()
+                shutil.copyfileobj(spool, sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+                return 0
+            msg = render(parse_file(spool))
+    finally:
+        client.quit()
+    if args.json:
+        data = msg.to_json()
+        data["msn"] = args.msn
+        dump_json(data, sys.stdout)
+    else:
+        print_message(msg, make_console(), args.msn)
+    return 0
+
+
+def _unique_path(directory: Path, name: str) -> Path:
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        stem, dot, ext = name, "", ""
+    candidate, n = directory / name, 1
+    while candidate.exists() or candidate.is_symlink():
+        candidate = directory / f"{stem} ({n}){dot}{ext}"
+        n += 1
+    return candidate
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    """Write attachments under --to with sanitised, non-clobbering names."""
+    client = _session(args)
+    try:
+        with _retr_spool(client, args.msn) as spool:
+            msg = render(parse_file(spool))
+    finally:
+        client.quit()
+    target = Path(args.to).expanduser()
+    target.mkdir(parents=True, exist_ok=True)
+    chosen = [a for a in msg.attachments if not args.part or a.index in args.part]
+    if not chosen:
+        print(f"message {args.msn} has no attachments", file=sys.stderr)
+        return 1
+    for att in chosen:
+        path = _unique_path(target, safe_filename(att.filename, f"attachment-{att.index}"))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(path, flags, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(att.payload())
+        print(path)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Mark the named messages, confirm, then QUIT (commit) or RSET (undo)."""
+    client = _session(args)
+    try:
+        rows = {r.msn: r for r in list_rows(client)}
+        missing = [n for n in args.msns if n not in rows]
+        if missing:
+            raise ConfigError(f"no message {', '.join(map(str, missing))} on the server")
+        console = make_console()
+        for msn in args.msns:
+            client.dele(msn)
+            row = rows[msn]
+            console.print(f"marked {msn}: {row.sender_name or row.sender_addr} - {row.subject}",
+                          markup=False)
+        if not args.yes:
+            if not sys.stdin.isatty():
+                client.rset()
+                raise ConfigError("refusing to delete without a terminal to confirm; use --yes")
+            answer = input(f"Delete {len(args.msns)} message(s) on the server? [y/N] ")
+            if answer.strip().lower() not in {"y", "yes"}:
+                client.rset()
+                console.print("undeleted (RSET); nothing was deleted")
+                return 1
+    except BaseException:
+        client.close()  # no QUIT: the server discards every DELE mark
+        raise
+    client.quit()
+    print(f"deleted {len(args.msns)} message(s)")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Download new messages into a Maildir or mbox, tracking UIDLs."""
+    account = resolve_password(_account(args))
+    store = open_store(args.to, args.format)
+    journal = Journal(Path(args.state) if args.state else default_state_path(store, account.label))
+    try:
+        client = open_session(account, ca=args.ca, insecure=args.insecure,
+                              require_tls=args.require_tls, timeout=args.timeout)
+        try:
+            summary = fetch(client, store, journal, delete=args.delete, limit=args.limit,
+                            progress=not args.quiet and sys.stderr.isatty())
+        except BaseException:
+            client.close()
+            raise
+    finally:
+        journal.close()
+        if isinstance(store, MboxStore):
+            store.close()
+    if args.json:
+        dump_json({"fetched": summary.fetched, "octets": summary.octets,
+                   "skipped": summary.skipped, "deleted": summary.deleted,
+                   "seconds": round(summary.seconds, 3), "locations": summary.locations},
+                  sys.stdout)
+    elif not args.quiet:
+        print(summary.line())
+    return 0
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    """Interactive POP3 session with the protocol shown."""
+    account = _account(args)
+    if not args.no_login:
+        account = resolve_password(account)
+    shell = Shell(account, make_console(), ca=args.ca, insecure=args.insecure,
+                  login=not args.no_login)
+    return shell.run()
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``mail`` and its sub-commands to the top-level parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    mail = subparsers.add_parser(
+        "mail", parents=[_common(True)], formatter_class=fmt, epilog=EPILOG,
+        help="terminal mail client for any POP3 server (list, read, fetch...)",
+        description="Read and fetch mail from any POP3 server; Chinese and MIME mail decoded.",
+    )
+    mail.set_defaults(handler=lambda _args: _usage(mail))
+    sub = mail.add_subparsers(dest="mail_command", metavar="ACTION")
+    common = _common(False)
+
+    def add(name: str, help_text: str, handler: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text,
+                           formatter_class=fmt, epilog=EPILOG)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("list", "list messages: number, date, sender, subject, size, attachments", cmd_list)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-n", "--last", type=int, metavar="N", help="only the last N messages")
+
+    p = add("read", "show one message decoded (best text part, attachments listed)", cmd_read)
+    p.add_argument("msn", type=_msn, metavar="N", help="message number from `list`")
+    p.add_argument("--raw", action="store_true", help="print the exact bytes the server sent")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("save", "save a message's attachments to a directory (safe names)", cmd_save)
+    p.add_argument("msn", type=_msn, metavar="N", help="message number from `list`")
+    p.add_argument("--to", default=".", metavar="DIR", help="target directory (default .)")
+    p.add_argument("--part", type=int, action="append", metavar="K",
+                   help="only attachment K (as numbered by `read`); repeatable")
+
+    p = add("delete", "delete messages on the server (asks first; nothing else is touched)",
+            cmd_delete)
+    p.add_argument("msns", type=_msn, nargs="+", metavar="N", help="message numbers")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    p = add("fetch", "download new messages into a Maildir or mbox (UIDL state, resumable)",
+            cmd_fetch)
+    p.add_argument("--to", required=True, metavar="PATH",
+                   help="Maildir directory or mbox file")
+    p.add_argument("--format", choices=("auto", "maildir", "mbox"), default="auto",
+                   help="auto: existing directory or trailing / = Maildir, else mbox")
+    p.add_argument("--delete", action="store_true",
+                   help="delete from the server after the local copy is on disk")
+    p.add_argument("--state", metavar="FILE", help="UIDL state file (default: beside PATH)")
+    p.add_argument("--limit", type=int, metavar="N", help="fetch at most N messages")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--json", action="store_true", help="summary as JSON")
+
+    p = add("shell", "interactive POP3 session: raw protocol shown, messages decoded",
+            cmd_shell)
+    p.add_argument("--no-login", action="store_true",
+                   help="do not log in; type USER and PASS yourself")

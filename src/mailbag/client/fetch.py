@@ -1,0 +1,163 @@
+"""``fetch``: copy new server messages into a local Maildir or mbox, once each.
+
+This is fetchmail's ``--uidl --keep`` (or getmail's ``read_all = false``):
+the UIDL of every message safely stored is kept in a journal next to the
+destination, so each run downloads only what is new, and "leave on server"
+is the default.  ``--delete`` removes a message from the server only after
+its local copy is fsynced and journalled, and the deletion itself happens at
+QUIT (RFC 1939 UPDATE state) -- an interrupted run leaves the server
+untouched and the next run resumes (see :mod:`mailbag.client.localstore`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from mailbag.client.localstore import Journal, MaildirStore, MboxStore
+from mailbag.client.pop3 import POP3Client
+from mailbag.errors import ConfigError
+
+
+class Store(Protocol):
+    """What fetch needs from a destination (Maildir or mbox)."""
+
+    kind: str
+
+    def settle(self, journal: Journal) -> None: ...
+
+    def store(self, uid: str, produce: _Producer, journal: Journal) -> str: ...
+
+
+class _Producer(Protocol):
+    def __call__(self, sink: _Sink, /) -> int: ...
+
+
+class _Sink(Protocol):
+    def __call__(self, chunk: bytes, /) -> object: ...
+
+
+@dataclass(slots=True)
+class FetchSummary:
+    """What one run did, for the closing line and for tests."""
+
+    fetched: int = 0
+    octets: int = 0
+    skipped: int = 0
+    deleted: int = 0
+    seconds: float = 0.0
+    locations: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        """One human sentence."""
+        rate = self.fetched / self.seconds if self.seconds > 0 else 0.0
+        return (f"fetched {self.fetched} message{'s' if self.fetched != 1 else ''} "
+                f"({self.octets:,} octets) in {self.seconds:.2f} s ({rate:.0f} msg/s); "
+                f"{self.skipped} already here; {self.deleted} deleted on the server")
+
+
+def open_store(dest: str, fmt: str) -> Store:
+    """``--format auto`` means: an existing directory or a path ending in / is a Maildir."""
+    path = Path(dest).expanduser()
+    if fmt == "auto":
+        fmt = "maildir" if path.is_dir() or dest.endswith("/") else "mbox"
+    if fmt == "maildir":
+        return MaildirStore(path)
+    if fmt == "mbox":
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory; use --format maildir")
+        return MboxStore(path)
+    raise ConfigError(f"unknown format {fmt!r}")
+
+
+def default_state_path(store: Store, account_label: str) -> Path:
+    """Journal beside the mail it describes: deleting the mail forgets the state too."""
+    safe = re.sub(r"[^A-Za-z0-9@._-]", "_", account_label)
+    if isinstance(store, MaildirStore):
+        return store.root / f".mailbag-uidl.{safe}"
+    assert isinstance(store, MboxStore)
+    return store.path.with_name(f".{store.path.name}.mailbag-uidl.{safe}")
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(bar_width=None),
+        TextColumn("{task.fields[msgs]}"),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def fetch(
+    client: POP3Client,
+    store: Store,
+    journal: Journal,
+    *,
+    delete: bool = False,
+    limit: int | None = None,
+    console: Console | None = None,
+    progress: bool = True,
+) -> FetchSummary:
+    """Download every message whose UIDL is not in ``journal``; QUIT at the end."""
+    started = time.monotonic()
+    summary = FetchSummary()
+    sizes = dict(client.list())
+    uids = client.uidl()
+    if uids is None and not delete:
+        raise ConfigError("the server has no UIDL, so messages cannot be tracked: "
+                          "use --delete to fetch and remove them")
+    store.settle(journal)
+    todo = [msn for msn in sorted(sizes) if uids is None or uids.get(msn) not in journal.done]
+    summary.skipped = len(sizes) - len(todo)
+    if limit is not None:
+        todo = todo[:limit]
+    console = console or Console(stderr=True)
+    with _progress(console, progress) as bar:
+        task = bar.add_task("fetch", total=sum(sizes[m] for m in todo),
+                            msgs=f"0/{len(todo)} msgs")
+        for msn in todo:
+            uid = uids[msn] if uids is not None else f"nouidl-{time.time_ns()}-{msn}"
+
+            def produce(sink: _Sink, msn: int = msn) -> int:
+                def counted(chunk: bytes) -> None:
+                    sink(chunk)
+                    bar.advance(task, len(chunk))
+
+                return client.retr(msn, counted)
+
+            summary.locations.append(store.store(uid, produce, journal))
+            summary.fetched += 1
+            summary.octets += sizes[msn]
+            bar.update(task, msgs=f"{summary.fetched}/{len(todo)} msgs")
+            if delete:
+                client.dele(msn)
+                summary.deleted += 1
+        if delete and uids is not None:
+            # Messages stored by an earlier run (kept then) are safe to remove now.
+            for msn, uid in uids.items():
+                if msn not in todo and uid in journal.done:
+                    client.dele(msn)
+                    summary.deleted += 1
+    client.quit()
+    if uids is not None and limit is None:
+        journal.compact(set(uids.values()))
+    summary.seconds = time.monotonic() - started
+    return summary
