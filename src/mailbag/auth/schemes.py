@@ -286,6 +286,7 @@ def _verify_argon2(password: bytes, data: str, scheme: str) -> bool:
     if not data.startswith(("$argon2id$", "$argon2i$")):
         raise AuthError(f"{scheme} password hash is not an argon2i/argon2id string")
     try:
+        argon2.extract_parameters(data)  # verify() reports a malformed hash as a mismatch
         return DEFAULT_ARGON2_PARAMS.hasher().verify(data, password)
     except InvalidHashError as exc:
         raise AuthError(f"malformed {scheme} password hash") from exc

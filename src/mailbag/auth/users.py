@@ -420,12 +420,14 @@ class UsersFile:
                 return i
         return -1
 
-    def _secrets(self, password: str, scheme: str, with_scram: bool) -> tuple[str, str | None]:
+    def _secrets(
+        self, password: str, scheme: str, with_scram: bool, params: Argon2Params | None
+    ) -> tuple[str, str | None]:
         """The password field and the ``scram=`` value (None: none, or the field is SCRAM)."""
         stored = hash_password(
             password,
             scheme,
-            argon2_params=self.argon2_params,
+            argon2_params=params or self.argon2_params,
             scram_iterations=self.scram_iterations,
         )
         _check_storable("the password hash", stored, allow_colon=False)
@@ -442,16 +444,18 @@ class UsersFile:
         scheme: str = "ARGON2ID",
         with_scram: bool = True,
         apop_secret: str | None = None,
+        params: Argon2Params | None = None,
     ) -> UserRecord:
         """Append a user; ``UserExists`` if the name (domain case-insensitive) is taken.
 
         ``with_scram`` also stores SCRAM-SHA-256 keys (``SASLprepError`` if the password is
         not SASLprep-able; pass False then).  ``apop_secret`` opts in to APOP (see module doc).
+        ``params`` overrides the file's Argon2 parameters for this hash.
         """
         name = validate_username(name)
-        stored, scram = self._secrets(password, scheme, with_scram)
         if apop_secret is not None:
             _check_storable("the APOP secret", apop_secret, allow_colon=True)
+        stored, scram = self._secrets(password, scheme, with_scram, params)
         line = _set_extras(f"{name}:{stored}", {"scram": scram, "apop": apop_secret or None})
 
         def edit(lines: builtins.list[str]) -> None:
@@ -481,18 +485,28 @@ class UsersFile:
         return record
 
     def set_password(
-        self, name: str, password: str, *, scheme: str = "ARGON2ID", with_scram: bool = True
+        self,
+        name: str,
+        password: str,
+        *,
+        scheme: str = "ARGON2ID",
+        with_scram: bool = True,
+        apop_secret: str | None = None,
+        params: Argon2Params | None = None,
     ) -> UserRecord:
-        """Replace the password (and SCRAM keys; dropped if ``with_scram`` is False).
+        """Replace the password, the SCRAM keys (dropped if ``with_scram`` is False) and APOP.
 
-        The APOP secret is a separate secret and is kept; see :meth:`set_apop_secret`.
+        The APOP secret is *replaced* by ``apop_secret``, and removed when that is None:
+        APOP secrets are often the old password, which must stop working after a change.
         """
-        stored, scram = self._secrets(password, scheme, with_scram)
+        if apop_secret is not None:
+            _check_storable("the APOP secret", apop_secret, allow_colon=True)
+        stored, scram = self._secrets(password, scheme, with_scram, params)
 
         def change(line: str) -> str:
             parts = line.split(":", 2)
             parts[1] = stored
-            return _set_extras(":".join(parts), {"scram": scram})
+            return _set_extras(":".join(parts), {"scram": scram, "apop": apop_secret or None})
 
         return self._update(name, change)
 
