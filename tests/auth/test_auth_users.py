@@ -6,6 +6,8 @@ import logging
 import multiprocessing
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -415,3 +417,21 @@ def test_authenticate_bad_hash_raises_auth_error(users_path: Path) -> None:
     _write(users_path, "alice:{NOPE}x\n")
     with pytest.raises(AuthError, match="NOPE"):
         authenticate(UsersFile(users_path), "alice", "pw")
+
+
+def test_lookup_unstattable_path_raises_auth_error(tmp_path: Path) -> None:
+    loop = tmp_path / "users"
+    loop.symlink_to(loop)  # ELOOP: an OS error other than "missing"
+    with pytest.raises(AuthError, match=str(loop)):
+        UsersFile(loop).lookup("alice")
+
+
+def test_auth_imports_no_higher_layer() -> None:
+    code = (
+        "import sys, mailbag.auth; "
+        "print(' '.join(m for m in sys.modules if m.startswith('mailbag')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    modules = set(out.stdout.split())
+    allowed = {"mailbag", "mailbag.errors"}
+    assert {m for m in modules if not m.startswith("mailbag.auth")} <= allowed
