@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from pop3servers import Dovecot, Target, dovecot_available
+from tests.client.pop3servers import Dovecot, Target, dovecot_available
 
 from mailbag.cli.main import main
 

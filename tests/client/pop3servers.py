@@ -105,8 +105,11 @@ class Dovecot:
         (self.root / "mail").mkdir()
         if self.owner:
             os.chown(self.root / "mail", *self.owner)
+        # Dovecot re-reads a passwd-file at most once a second, so users made
+        # on the fly can fail to log in: declare a pool up front instead.
         self.passwd = self.root / "passwd"
-        self.passwd.write_text("")
+        self.passwd.write_text("".join(f"user{n}:{{PLAIN}}s3cret-{n}\n" for n in range(1, 501)))
+        self._users = itertools.count(1)
         self.conf = self.root / "dovecot.conf"
         self.log = self.root / "dovecot.log"
         self.conf.write_text(f"""\
@@ -177,16 +180,15 @@ service imap-login {{
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def add_user(self, name: str | None = None, password: str = "s3cret") -> Target:
-        """A fresh user with an empty Maildir (passwd-file is re-read on change)."""
-        name = name or f"user{next(_COUNTER)}"
+    def add_user(self) -> Target:
+        """A fresh user from the pool, with an empty Maildir."""
+        n = next(self._users)
+        name, password = f"user{n}", f"s3cret-{n}"
         maildir = self.root / "mail" / name
         for sub in ("", "tmp", "new", "cur"):
             (maildir / sub).mkdir(exist_ok=True)
             if self.owner:
                 os.chown(maildir / sub, *self.owner)
-        with self.passwd.open("a") as fh:
-            fh.write(f"{name}:{{PLAIN}}{password}\n")
         return Target("dovecot", "localhost", self.port, self.tls_port, name, password,
                       str(self.ca), maildir, self.owner)
 

@@ -97,7 +97,7 @@ def make_console(file: IO[str] | None = None) -> Console:
 
 def list_table(rows: list[ListRow]) -> Table:
     """The ``list`` table; columns collapse before the subject does."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False, show_edge=False)
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("Date", no_wrap=True, overflow="ellipsis", max_width=16)
     table.add_column("From", no_wrap=True, overflow="ellipsis", max_width=24, ratio=1)
