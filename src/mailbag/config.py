@@ -120,7 +120,7 @@ def parse_listen(value: str, *, tls: bool = False, key: str = "listen") -> Liste
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:1110)")
     return ListenAddress(host, int(port), tls)
 

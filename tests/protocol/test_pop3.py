@@ -214,7 +214,7 @@ def test_quit_in_transaction_commits_only_marked() -> None:
     events = drive(conn, b"DELE 3\r\nDELE 1\r\nQUIT\r\n")
     assert events[-1] == Commit(("uid-a", "uid-c"))
     assert conn.state is State.UPDATE
-    assert conn.commit_finished(2, 0) == b"+OK mailbag signing off (2 deleted, 1 messages left).\r\n"
+    assert conn.commit_finished(2, 0) == b"+OK mailbag signing off (2 deleted, 1 left).\r\n"
     assert isinstance(conn.next_event(), Close)
 
 

@@ -29,10 +29,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("dir", nargs="?", default=".", type=Path, help="directory to set up")
     parser.add_argument("--hostname", default="", help="host name for greeting and certificate")
     parser.add_argument(
-        "--listen", action="append", metavar="HOST:PORT", help="plain POP3 listener (default 0.0.0.0:110)"
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="plain POP3 listener (default 0.0.0.0:110)",
     )
     parser.add_argument(
-        "--listen-tls", action="append", metavar="HOST:PORT", help="POP3S listener (default 0.0.0.0:995)"
+        "--listen-tls",
+        action="append",
+        metavar="HOST:PORT",
+        help="POP3S listener (default 0.0.0.0:995)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing mailbag.toml")
     parser.set_defaults(handler=run)

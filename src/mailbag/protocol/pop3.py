@@ -573,7 +573,7 @@ class Pop3Connection:
         if failed:
             return err(text or f"[SYS/TEMP] {failed} messages could not be deleted.")
         count, _ = self.totals()
-        left = "maildrop empty" if count == 0 else f"{count} messages left"
+        left = "maildrop empty" if count == 0 else f"{count} left"
         return ok(f"mailbag signing off ({removed} deleted, {left}).")
 
     def tls_started(self) -> None:
