@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from mailbag.errors import MaildropLocked, MessageGone, StorageError
+from mailbag.errors import AuthError, MaildropLocked, MessageGone, StorageError
 from mailbag.logs import log_event
 from mailbag.protocol.capabilities import Pop3Policy
 from mailbag.protocol.events import (
@@ -211,16 +211,22 @@ class Pop3Session:
                 return
 
     async def _login(self, event: Login | ApopLogin) -> None:
-        if isinstance(event, ApopLogin):
-            mechanism = "APOP"
-            result = await self.authenticator.check_apop(
-                event.user, event.timestamp, event.digest, self.address
+        mechanism = "APOP" if isinstance(event, ApopLogin) else event.mechanism
+        try:
+            if isinstance(event, ApopLogin):
+                result = await self.authenticator.check_apop(
+                    event.user, event.timestamp, event.digest, self.address
+                )
+            else:
+                result = await self.authenticator.check_password(
+                    event.user, event.password, self.address
+                )
+        except AuthError as exc:  # the users database itself is unreadable
+            self._log("auth-error", logging.ERROR, error=str(exc))
+            self._out += self.conn.login_failed(
+                "[SYS/TEMP] Authentication is temporarily unavailable."
             )
-        else:
-            mechanism = event.mechanism
-            result = await self.authenticator.check_password(
-                event.user, event.password, self.address
-            )
+            return
         await self._finish_login(result, event.user, mechanism)
 
     async def _finish_login(self, result: AuthResult, login: str, mechanism: str) -> None:
