@@ -206,5 +206,6 @@ def test_internal_error_never_reaches_client(users: UsersFile) -> None:
     session._commit = explode  # type: ignore[method-assign]
     out = asyncio.run(run_script(session, stream, b"USER demo\r\nPASS demo\r\nQUIT\r\n"))
     assert "ZeroDivision" not in out and "secret" not in out
+    assert out.endswith("-ERR [SYS/TEMP] Internal server error; closing connection.\r\n")
     assert session.outcome == "internal error"
     assert not store.is_locked("demo")

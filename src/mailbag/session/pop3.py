@@ -132,6 +132,9 @@ class Pop3Session:
             self.outcome = "internal error"
             self._log("error", logging.ERROR, error=repr(exc))
             logging.getLogger("mailbag").debug("session crash", exc_info=True)
+            # Tell the client something generic rather than just hanging up.
+            self._out.clear()
+            self.stream.write(err("[SYS/TEMP] Internal server error; closing connection."))
         finally:
             await self._cleanup()
 
