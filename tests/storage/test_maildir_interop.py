@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_all, run
 from mailbag.errors import MessageGone
 from mailbag.storage import maildir_index
 from mailbag.storage.maildir import INDEX_FILE, UIDL_OVERRIDE_FILE, MaildirStore
-from mailbag.storage.maildir_index import Entry, IndexData, read_index, write_index
+from mailbag.storage.maildir_index import Entry, IndexData, Listing, read_index, write_index
 from mailbag.storage.maildir_names import derive_uidl, unique_name
 from mailbag.wireform import to_wire
+from tests.storage.helpers import read_all, run
 
 OLD_NS = 1_000_000_000 * 1_000_000_000  # 2001-09-09, long before any test runs
 
@@ -195,10 +195,9 @@ def test_index_entry_for_missing_file_with_wrong_size_is_dropped(
     index_path = str(maildir / INDEX_FILE)
     current = read_index(index_path)
     assert current is not None
-    ghost = Entry(
-        derive_uidl("1111111111.ghost"), "1111111111.ghost", "cur", "1111111111.ghost:2,S", 42
-    )
-    write_index(index_path, IndexData([ghost, *current.entries], -1, -1, 0))
+    ghost = Entry(derive_uidl("1111111111.ghost"), "cur", "1111111111.ghost:2,S", 42)
+    entries = [ghost, *(current.listing.entry(i) for i in range(len(current.listing)))]
+    write_index(index_path, IndexData(Listing.of(entries), -1, -1, 0))
     assert snapshot(store) == before
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 import re
 
 import pytest
@@ -53,12 +56,23 @@ def test_wire_size_comes_from_w_field_only() -> None:
 
 
 def test_arrival_key_sorts_by_leading_timestamp_then_name() -> None:
-    names = ["900000000.b", "1000000000.a", "no-timestamp", "900000000.a"]
+    names = [
+        "900000000.b",
+        "1000000000.M100P1Q2Rab.h",
+        "1000000000.a",
+        "no-timestamp",
+        "1000000000.M99P1Q10Rab.h",
+        "900000000.a",
+        "1000000000.M99P1Q9Rab.h",
+    ]
     assert sorted(names, key=arrival_key) == [
         "no-timestamp",
         "900000000.a",
         "900000000.b",
         "1000000000.a",
+        "1000000000.M99P1Q9Rab.h",
+        "1000000000.M99P1Q10Rab.h",
+        "1000000000.M100P1Q2Rab.h",
     ]
 
 
@@ -91,3 +105,9 @@ def test_split_user(user: str, expected: tuple[str, str]) -> None:
 def test_split_user_refuses_unsafe(user: str) -> None:
     with pytest.raises(InvalidUsername):
         split_user(user)
+
+
+@pytest.mark.parametrize("key", [DOVECOT_KEY, "1234567890.V801I1234M5678.host", "é", "x" * 300])
+def test_uidl_equals_truncated_base32_of_sha256(key: str) -> None:
+    digest = hashlib.sha256(os.fsencode(key)).digest()
+    assert derive_uidl(key) == base64.b32encode(digest).decode()[:24].lower()

@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from deliver_worker import check_message, deliver_many
 
-from conftest import HERE, read_all, run, subprocess_env
 from mailbag.errors import ConfigError, InvalidUsername, MaildropLocked, StorageError
 from mailbag.storage import maildir as maildir_mod
 from mailbag.storage.maildir import LOCK_FILE, MaildirStore
 from mailbag.storage.maildir_names import derive_uidl, unique_name
 from mailbag.wireform import to_wire
+from tests.storage.deliver_worker import check_message, deliver_many
+from tests.storage.helpers import HERE, read_all, run, subprocess_env
 
 HOURS = 3600
 
@@ -40,10 +40,12 @@ def _visible_files(maildir: Path) -> list[Path]:
 
 def test_concurrent_deliveries_from_several_processes_lose_nothing(tmp_path: Path) -> None:
     template = str(tmp_path / "mail" / "{user}")
-    ctx = multiprocessing.get_context("spawn")
+    # fork, not spawn: the children inherit the already imported test helpers
+    # (pytest's importlib mode does not put them on sys.path).
+    ctx = multiprocessing.get_context("fork")
     jobs = [(template, "alice", 15, 2000, f"p{i}") for i in range(4)]
     with ctx.Pool(4) as pool:
-        returned = pool.starmap(deliver_many, jobs)
+        returned = pool.starmap_async(deliver_many, jobs).get(timeout=60)
     all_uids = [uid for uids in returned for uid in uids]
     assert len(set(all_uids)) == 60
 

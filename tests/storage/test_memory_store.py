@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import read_all, run
 from mailbag.errors import MaildropLocked, StorageError
 from mailbag.storage.memory import MemoryStore
+from tests.storage.helpers import read_all, run
 
 
 def test_seed_and_contents() -> None:

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import read_all, run
 from mailbag.errors import InvalidUsername, MaildropLocked, MessageGone, StorageError
 from mailbag.storage.base import DeleteResult, Store, Usage
 from mailbag.wireform import to_wire
+from tests.storage.helpers import read_all, run
 
 SAMPLES = [
     b"Subject: one\n\nHello\n",

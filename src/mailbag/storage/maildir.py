@@ -47,8 +47,8 @@ from mailbag.errors import (
 )
 from mailbag.storage.base import DeleteResult, MessageInfo, Usage
 from mailbag.storage.maildir_index import (
-    Entry,
     IndexData,
+    Listing,
     locate,
     read_index,
     scan,
@@ -212,7 +212,7 @@ class MaildirStore:
         except BaseException:
             lock.close()
             raise
-        return MaildirMaildrop(path, lock, result.entries, overrides, fsync=self._fsync)
+        return MaildirMaildrop(path, lock, result.listing, overrides, fsync=self._fsync)
 
     async def deliver(self, user: str, message: bytes) -> str:
         """Deliver atomically: tmp/ + fsync, link into new/, fsync new/.
@@ -272,7 +272,7 @@ class MaildirStore:
             result = scan(
                 path, read_index(os.path.join(path, INDEX_FILE)), trust_mtimes=self._trust_mtimes
             )
-        return Usage(len(result.entries), sum(e.size for e in result.entries))
+        return Usage(len(result.listing), sum(result.listing.sizes))
 
     # -- maintenance ---------------------------------------------------------
 
@@ -385,13 +385,17 @@ def read_uidl_overrides(path: str) -> dict[str, str]:
 
 
 class MaildirMaildrop:
-    """A locked Maildir with the message list fixed at open."""
+    """A locked Maildir with the message list fixed at open.
+
+    Messages are addressed by position in the open-time ``Listing``; the
+    ``uid -> position`` map is the only per-message structure built at open.
+    """
 
     def __init__(
         self,
         path: str,
         lock: io.FileIO,
-        entries: list[Entry],
+        listing: Listing,
         overrides: dict[str, str],
         *,
         fsync: bool = True,
@@ -399,18 +403,21 @@ class MaildirMaildrop:
         self._path = path
         self._lock: io.FileIO | None = lock
         self._fsync = fsync
-        self._entries = entries
-        self._by_uid: dict[str, Entry] = {}
-        self._deleted: set[str] = set()
-        infos: list[MessageInfo] = []
-        for entry in entries:
-            uid = overrides.get(entry.key, entry.uid) if overrides else entry.uid
-            if uid in self._by_uid:
-                log.warning("%s: duplicate UIDL %s for %s; using derived", path, uid, entry.key)
-                uid = entry.uid
-            self._by_uid[uid] = entry
-            infos.append(MessageInfo(uid, entry.size))
-        self._messages = tuple(infos)
+        self._listing = listing
+        self._deleted: set[int] = set()
+        self._pos: dict[str, int] = dict(zip(listing.uids, range(len(listing)), strict=True))
+        if overrides or len(self._pos) != len(listing):
+            self._pos = {}
+            for pos, derived in enumerate(listing.uids):
+                uid = overrides.get(unique_name(listing.filenames[pos]), derived)
+                if uid in self._pos:
+                    log.warning("%s: duplicate UIDL %s; using %s", path, uid, derived)
+                    uid = derived
+                if uid not in self._pos:  # else a duplicate file: list it once
+                    self._pos[uid] = pos
+        # dict order is listing order, so the snapshot is in arrival order.
+        sizes = listing.sizes
+        self._messages = tuple(map(MessageInfo, self._pos, [sizes[p] for p in self._pos.values()]))
 
     @property
     def path(self) -> str:
@@ -422,13 +429,13 @@ class MaildirMaildrop:
         """The snapshot taken at open, in arrival order."""
         return self._messages
 
-    def _entry(self, uid: str) -> Entry:
+    def _position(self, uid: str) -> int:
         if self._lock is None:
             raise StorageError(f"maildrop {self._path} is closed")
-        entry = self._by_uid.get(uid)
-        if entry is None or uid in self._deleted:
+        pos = self._pos.get(uid)
+        if pos is None or pos in self._deleted:
             raise MessageGone(f"no message {uid} in {self._path}")
-        return entry
+        return pos
 
     async def read(self, uid: str, *, chunk_size: int = 65536) -> AsyncIterator[bytes]:
         """Stream the file as stored, ``chunk_size`` octets per chunk.
@@ -436,7 +443,7 @@ class MaildirMaildrop:
         Each ``os.read`` runs in a worker thread: a cold disk can take
         milliseconds per read, and the event loop serves other sessions.
         """
-        self._entry(uid)
+        self._position(uid)
         fd = await asyncio.to_thread(self._open_message, uid)
         try:
             while True:
@@ -450,23 +457,28 @@ class MaildirMaildrop:
 
     def _open_message(self, uid: str) -> int:
         """Open the message file, following it if another program renamed it."""
-        entry = self._entry(uid)
+        pos = self._position(uid)
         with storage_errors("open message", self._path):
             try:
-                return os.open(self._file(entry), os.O_RDONLY | os.O_CLOEXEC)
+                return os.open(self._file(pos), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                where = locate(self._path, entry.key)
-                if where is None:
+                if not self._relocate(pos):
                     raise MessageGone(f"message {uid} vanished from {self._path}") from None
-                entry = entry._replace(subdir=where[0], filename=where[1])
-                self._by_uid[uid] = entry
                 try:
-                    return os.open(self._file(entry), os.O_RDONLY | os.O_CLOEXEC)
+                    return os.open(self._file(pos), os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     raise MessageGone(f"message {uid} vanished from {self._path}") from None
 
-    def _file(self, entry: Entry) -> str:
-        return os.path.join(self._path, entry.subdir, entry.filename)
+    def _relocate(self, pos: int) -> bool:
+        """Find a file that moved (new -> cur, flags changed); False if it is gone."""
+        where = locate(self._path, unique_name(self._listing.filenames[pos]))
+        if where is None:
+            return False
+        self._listing.move(pos, *where)
+        return True
+
+    def _file(self, pos: int) -> str:
+        return os.path.join(self._path, self._listing.subdirs[pos], self._listing.filenames[pos])
 
     async def delete(self, uids: Sequence[str]) -> DeleteResult:
         """Unlink the messages, fsync, update the index (in a worker thread)."""
@@ -479,20 +491,18 @@ class MaildirMaildrop:
         failed: list[str] = []
         touched: set[str] = set()
         for uid in uids:
-            entry = self._by_uid.get(uid)
-            if entry is None:
+            pos = self._pos.get(uid)
+            if pos is None:
                 failed.append(uid)
                 continue
-            if uid in self._deleted:
-                deleted += 1
-                continue
-            try:
-                touched.add(self._unlink(entry))
-            except OSError as exc:
-                log.warning("cannot delete %s: %s", self._file(entry), exc.strerror)
-                failed.append(uid)
-                continue
-            self._deleted.add(uid)
+            if pos not in self._deleted:
+                try:
+                    touched.add(self._unlink(pos))
+                except OSError as exc:
+                    log.warning("cannot delete %s: %s", self._file(pos), exc.strerror)
+                    failed.append(uid)
+                    continue
+                self._deleted.add(pos)
             deleted += 1
         touched.discard("")
         for subdir in touched:
@@ -504,20 +514,18 @@ class MaildirMaildrop:
         self._save_index()
         return DeleteResult(deleted, tuple(failed))
 
-    def _unlink(self, entry: Entry) -> str:
+    def _unlink(self, pos: int) -> str:
         """Unlink one message; return its subdir, or "" if it was already gone."""
         try:
-            os.unlink(self._file(entry))
-            return entry.subdir
+            os.unlink(self._file(pos))
         except FileNotFoundError:
-            where = locate(self._path, entry.key)
-            if where is None:
+            if not self._relocate(pos):
                 return ""
             try:
-                os.unlink(os.path.join(self._path, *where))
+                os.unlink(self._file(pos))
             except FileNotFoundError:
                 return ""
-            return where[0]
+        return self._listing.subdirs[pos]
 
     def _save_index(self) -> None:
         """Record the remaining messages, with mtimes that force the next listing.
@@ -525,9 +533,7 @@ class MaildirMaildrop:
         We cannot record the directories' current mtimes: a delivery may
         have happened since our snapshot, and recording "now" would hide it.
         """
-        gone = {self._by_uid[uid].key for uid in self._deleted}
-        remaining = [e for e in self._entries if e.key not in gone]
-        index = IndexData(remaining, -1, -1, 0)
+        index = IndexData(self._listing.without(self._deleted), -1, -1, 0)
         try:
             write_index(os.path.join(self._path, INDEX_FILE), index, fsync=self._fsync)
         except OSError as exc:

@@ -33,10 +33,11 @@ import contextlib
 import logging
 import os
 import re
+import stat
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from mailbag.storage.maildir_names import (
@@ -72,17 +73,74 @@ class Entry(NamedTuple):
     """One message as the index knows it.  ``uid`` is the derived UIDL."""
 
     uid: str
-    key: str
     subdir: str
     filename: str
     size: int
 
+    @property
+    def key(self) -> str:
+        """The unique name (file name without ``:2,FLAGS``)."""
+        return unique_name(self.filename)
+
+
+@dataclass(slots=True)
+class Listing:
+    """Messages in arrival order, stored as columns.
+
+    Columns rather than one object per message because opening a maildrop
+    of 100,000 messages must stay well under a second: parsing the index is
+    then a handful of list slices, and no per-message object is built until
+    the session asks for one (``entry``).
+    """
+
+    uids: list[str] = field(default_factory=list)
+    subdirs: list[str] = field(default_factory=list)
+    filenames: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def entry(self, pos: int) -> Entry:
+        """The message at ``pos`` (0-based arrival position)."""
+        return Entry(self.uids[pos], self.subdirs[pos], self.filenames[pos], self.sizes[pos])
+
+    def append(self, entry: Entry) -> None:
+        """Add a message at the end."""
+        self.uids.append(entry.uid)
+        self.subdirs.append(entry.subdir)
+        self.filenames.append(entry.filename)
+        self.sizes.append(entry.size)
+
+    def move(self, pos: int, subdir: str, filename: str) -> None:
+        """Record that the file at ``pos`` now lives at ``subdir/filename``."""
+        self.subdirs[pos] = subdir
+        self.filenames[pos] = filename
+
+    def without(self, positions: set[int]) -> Listing:
+        """A copy without the messages at ``positions``."""
+        keep = [i for i in range(len(self.uids)) if i not in positions]
+        return Listing(
+            [self.uids[i] for i in keep],
+            [self.subdirs[i] for i in keep],
+            [self.filenames[i] for i in keep],
+            [self.sizes[i] for i in keep],
+        )
+
+    @classmethod
+    def of(cls, entries: list[Entry]) -> Listing:
+        """Build a listing from entries (tests, small maildrops)."""
+        listing = cls()
+        for entry in entries:
+            listing.append(entry)
+        return listing
+
 
 @dataclass(frozen=True, slots=True)
 class IndexData:
-    """A parsed index: its entries and the directory state it was taken from."""
+    """A parsed index: its messages and the directory state it was taken from."""
 
-    entries: list[Entry]
+    listing: Listing
     new_mtime_ns: int
     cur_mtime_ns: int
     scanned_ns: int
@@ -106,7 +164,7 @@ class IndexData:
 class ScanResult:
     """What ``scan`` found, and whether the index file should be rewritten."""
 
-    entries: list[Entry]
+    listing: Listing
     index: IndexData
     needs_write: bool
     listed: bool
@@ -148,29 +206,39 @@ def _parse_index(data: bytes) -> IndexData:
     tag, count_s, crc_s = data[trailer_start:-1].decode("ascii").split("\t")
     if tag != "end" or int(crc_s, 16) != zlib.crc32(data[:trailer_start]):
         raise ValueError("bad trailer or checksum")
-    lines = data[:trailer_start].decode("utf-8", "surrogateescape").split("\n")
-    lines.pop()  # the empty string after the last newline
-    magic, new_s, cur_s, scanned_s = lines[0].split("\t")
-    if magic != INDEX_MAGIC or len(lines) - 1 != int(count_s):
-        raise ValueError("bad header or count")
-    entries: list[Entry] = []
-    append = entries.append
-    for line in lines[1:]:
-        uid, subdir, size_s, filename = line.split("\t")
-        if subdir not in SUBDIRS:
-            raise ValueError(f"bad subdir {subdir!r}")
-        filename = _unescape(filename)
-        append(Entry(uid, unique_name(filename), subdir, filename, int(size_s)))
-    return IndexData(entries, int(new_s), int(cur_s), int(scanned_s))
+    text = data[:trailer_start].decode("utf-8", "surrogateescape")
+    header_end = text.index("\n")
+    magic, new_s, cur_s, scanned_s = text[:header_end].split("\t")
+    if magic != INDEX_MAGIC:
+        raise ValueError("bad header")
+    # One flat split and column slices: ~10x faster than a loop over lines,
+    # which matters at 100,000 messages.
+    fields = (
+        text[header_end + 1 : -1].replace("\n", "\t").split("\t") if text[header_end + 1 :] else []
+    )
+    count = int(count_s)
+    if len(fields) != 4 * count:
+        raise ValueError("bad field count")
+    uids, subdirs, sizes, names = fields[0::4], fields[1::4], fields[2::4], fields[3::4]
+    if not set(subdirs) <= set(SUBDIRS):
+        raise ValueError("bad subdir")
+    if "\\" in text:
+        names = [_unescape(name) for name in names]
+    listing = Listing(uids, subdirs, names, list(map(int, sizes)))
+    return IndexData(listing, int(new_s), int(cur_s), int(scanned_s))
 
 
 def format_index(index: IndexData) -> bytes:
     """Serialise ``index`` (header, one line per entry, checksummed trailer)."""
     parts = [f"{INDEX_MAGIC}\t{index.new_mtime_ns}\t{index.cur_mtime_ns}\t{index.scanned_ns}"]
-    parts.extend(f"{e.uid}\t{e.subdir}\t{e.size}\t{_escape(e.filename)}" for e in index.entries)
+    m = index.listing
+    parts.extend(
+        f"{uid}\t{subdir}\t{size}\t{_escape(name)}"
+        for uid, subdir, size, name in zip(m.uids, m.subdirs, m.sizes, m.filenames, strict=True)
+    )
     parts.append("")
     body = "\n".join(parts).encode("utf-8", "surrogateescape")
-    return body + f"end\t{len(index.entries)}\t{zlib.crc32(body):08x}\n".encode("ascii")
+    return body + f"end\t{len(m)}\t{zlib.crc32(body):08x}\n".encode("ascii")
 
 
 def write_index(path: str, index: IndexData, *, fsync: bool = True) -> None:
@@ -217,17 +285,28 @@ def _chunks(fd: int) -> Iterator[bytes]:
         yield chunk
 
 
-def list_dir(maildir: str, subdir: str) -> Iterator[str]:
-    """File names of messages in ``maildir/subdir``: regular files, no dotfiles.
+def list_dir(maildir: str, subdir: str) -> list[str]:
+    """All names in ``maildir/subdir`` (``os.listdir``: C speed, no per-name calls).
 
-    The Maildir spec reserves names starting with ``.`` (editors and tools
-    leave such files); directories are never messages.
+    Dotfiles and non-files are filtered later, and only for names the index
+    does not know (``is_message``): names in the index were checked when
+    they were first seen, so a big quiet maildrop pays nothing per name.
     """
-    with os.scandir(os.path.join(maildir, subdir)) as it:
-        for de in it:
-            name = de.name
-            if name[0] != "." and de.is_file():
-                yield name
+    return os.listdir(os.path.join(maildir, subdir))
+
+
+def is_message(maildir: str, subdir: str, name: str) -> bool:
+    """True for a regular file whose name does not start with a dot.
+
+    The Maildir spec reserves dotfiles (editors and tools leave them);
+    directories are never messages.
+    """
+    if name.startswith("."):
+        return False
+    try:
+        return stat.S_ISREG(os.stat(os.path.join(maildir, subdir, name)).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def locate(maildir: str, key: str) -> tuple[str, str] | None:
@@ -241,7 +320,7 @@ def locate(maildir: str, key: str) -> tuple[str, str] | None:
     for subdir in SUBDIRS:
         try:
             for name in list_dir(maildir, subdir):
-                if name == key or name.startswith(prefix):
+                if (name == key or name.startswith(prefix)) and is_message(maildir, subdir, name):
                     return subdir, name
         except FileNotFoundError:
             continue
@@ -267,42 +346,71 @@ def scan(maildir: str, previous: IndexData | None, *, trust_mtimes: bool = True)
     new_mtime = os.stat(os.path.join(maildir, "new")).st_mtime_ns
     cur_mtime = os.stat(os.path.join(maildir, "cur")).st_mtime_ns
     if trust_mtimes and previous is not None and previous.trustworthy(new_mtime, cur_mtime):
-        return ScanResult(previous.entries, previous, needs_write=False, listed=False)
+        return ScanResult(previous.listing, previous, needs_write=False, listed=False)
 
-    seen: dict[str, tuple[str, str]] = {}
-    for subdir in SUBDIRS:
-        for name in list_dir(maildir, subdir):
-            sep = name.find(":")
-            seen[name if sep < 0 else name[:sep]] = (subdir, name)
-
-    entries: list[Entry] = []
+    listed = {subdir: set(list_dir(maildir, subdir)) for subdir in SUBDIRS}
+    listing = previous.listing if previous is not None else Listing()
     changed = previous is None
-    if previous is not None:
-        for entry in previous.entries:
-            where = seen.pop(entry.key, None)
-            if where is None:
-                changed = True
-                continue
-            if where[0] != entry.subdir or where[1] != entry.filename:
-                entry = entry._replace(subdir=where[0], filename=where[1])
-                changed = True
-            entries.append(entry)
-    if seen:
-        changed = True
-        for key in sorted(seen, key=arrival_key):
-            subdir, name = seen[key]
-            found = _new_entry(maildir, key, subdir, name)
-            if found is not None:
-                entries.append(found)
+    moved: list[int] = []  # positions of index entries not found where they were
+    for pos, (subdir, name) in enumerate(zip(listing.subdirs, listing.filenames, strict=True)):
+        names = listed[subdir]
+        if name in names:
+            names.discard(name)
+        else:
+            moved.append(pos)
+    if moved or listed["new"] or listed["cur"]:
+        listing, reconciled = _reconcile(maildir, listing, moved, listed)
+        changed = changed or reconciled
 
-    index = IndexData(entries, new_mtime, cur_mtime, started)
+    index = IndexData(listing, new_mtime, cur_mtime, started)
     # Rewrite when the content changed, or when the new header would let the
     # next open skip listing and the old one would not.
     now_trusted = trust_mtimes and index.trustworthy(new_mtime, cur_mtime)
     needs_write = changed or (
         now_trusted and (previous is None or not previous.trustworthy(new_mtime, cur_mtime))
     )
-    return ScanResult(entries, index, needs_write=needs_write, listed=True)
+    return ScanResult(listing, index, needs_write=needs_write, listed=True)
+
+
+def _reconcile(
+    maildir: str, listing: Listing, moved: list[int], listed: dict[str, set[str]]
+) -> tuple[Listing, bool]:
+    """Match names the index did not expect: renamed files, new files, vanished ones.
+
+    ``listing`` is the index order with ``moved`` marking entries whose file
+    was not where the index said; ``listed`` holds the names left over.
+    A renamed file (new -> cur, flags changed) keeps its index position;
+    genuinely new names are appended by (leading timestamp, name).  When a
+    unique name shows up twice (another program copying rather than
+    renaming), the entry the index knows wins, else the one in ``cur/``.
+    Returns the new listing and whether it differs from the old one.
+    """
+    rest: dict[str, tuple[str, str]] = {}
+    for subdir in SUBDIRS:  # cur/ last: it wins a duplicate
+        for name in listed[subdir]:
+            if is_message(maildir, subdir, name):
+                rest[unique_name(name)] = (subdir, name)
+    gone: set[int] = set()
+    for pos in moved:
+        where = rest.pop(unique_name(listing.filenames[pos]), None)
+        if where is None:
+            gone.add(pos)  # deleted by someone else
+        else:
+            listing.move(pos, *where)
+    changed = bool(moved)
+    if gone:
+        listing = listing.without(gone)
+    if rest:
+        known = set(map(unique_name, listing.filenames))
+        for key in sorted(rest, key=arrival_key):
+            if key in known:
+                continue
+            subdir, name = rest[key]
+            found = _new_entry(maildir, key, subdir, name)
+            if found is not None:
+                listing.append(found)
+                changed = True
+    return listing, changed
 
 
 def _new_entry(maildir: str, key: str, subdir: str, name: str) -> Entry | None:
@@ -325,4 +433,4 @@ def _new_entry(maildir: str, key: str, subdir: str, name: str) -> Entry | None:
                 return None
         else:
             return None
-    return Entry(derive_uidl(key), key, subdir, name, size)
+    return Entry(derive_uidl(key), subdir, name, size)
