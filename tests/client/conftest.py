@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import trustme
-from tests.client.pop3servers import Dovecot, Target, dovecot_available
 
 from mailbag.cli.main import main
+from tests.client.pop3servers import Dovecot, Target, dovecot_available
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ message = st.lists(line.map(b"".join), max_size=8).map(lambda ls: b"".join(x + b
 
 def feed_all(decoder: DotUnstuffer, data: bytes, cuts: list[int]) -> bytes:
     out, pos = [], 0
-    for cut in sorted(set(cuts)) + [len(data)]:
+    for cut in [*sorted(set(cuts)), len(data)]:
         out.append(decoder.feed(data[pos:cut]))
         pos = cut
     return b"".join(out)
@@ -54,7 +54,7 @@ def test_fetch_local_lines_match_whole_conversion(msg: bytes, cuts: list[int]) -
     try:
         conv = LocalLines(mboxrd=True)
         out, pos = [], 0
-        for cut in sorted({c % (len(msg) + 1) for c in cuts}) + [len(msg)]:
+        for cut in [*sorted({c % (len(msg) + 1) for c in cuts}), len(msg)]:
             out.append(conv.feed(msg[pos:cut]))
             pos = cut
         out.append(conv.finish())

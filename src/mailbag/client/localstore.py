@@ -32,6 +32,8 @@ from mailbag.errors import ConfigError
 
 Producer = Callable[[Callable[[bytes], object]], int]
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
+#: A line start that may still turn into ">*From " once more bytes arrive.
+_FROM_PREFIX = re.compile(rb">*(F(r(o(m)?)?)?)?")
 _COUNTER = itertools.count(1)
 #: Partial line held back by LocalLines before it is passed on in pieces.
 MAX_PARTIAL = 64 * 1024
@@ -76,13 +78,18 @@ class LocalLines:
         data = self._tail + chunk if self._tail else chunk
         cut = data.rfind(b"\n")
         if cut < 0:
-            if len(data) <= MAX_PARTIAL:
+            undecided = self._at_start and _FROM_PREFIX.fullmatch(data[:MAX_PARTIAL * 16])
+            if len(data) <= MAX_PARTIAL or undecided:
                 self._tail = data
                 return b""
-            # A huge line: its start is long decided; pass it on but keep a CR.
-            self._tail = data[-1:]
-            out = self._convert(data[:-1], self._at_start)
+            # A long line whose start is decided: pass it on, but keep a final
+            # CR in case its LF comes next.
+            out = self._convert(data, self._at_start)
             self._at_start = False
+            if out.endswith(b"\r"):
+                self._tail, out = b"\r", out[:-1]
+            else:
+                self._tail = b""
             return out
         lines, self._tail = data[: cut + 1], data[cut + 1 :]
         out = self._convert(lines, self._at_start)

@@ -79,9 +79,12 @@ class Shell:
         self.insecure = insecure
         self.auto_login = login
         self.show_raw = True
+        self.echo_commands = True
         self.client: POP3Client | None = None
 
     def _trace(self, direction: str, line: str) -> None:
+        if direction == "C" and not self.echo_commands:
+            return  # the user's own line is already on screen after the C: prompt
         style = "cyan" if direction == "C" else "green"
         self.console.print(Text(f"{direction}: {printable(line)}", style=style))
 
@@ -98,6 +101,7 @@ class Shell:
         self.console.print(Text("S: .", style="dim"))
 
     def _decoded(self, data: bytes) -> None:
+        """The message as ``mailbag mail read`` shows it."""
         self.console.rule("decoded", style="dim")
         print_message(render(parse_bytes(data)), self.console)
         self.console.rule(style="dim")
@@ -125,13 +129,16 @@ class Shell:
             self.show_raw = len(words) < 2 or words[1].lower() != "off"
             self.console.print(Text(f"raw lines {'on' if self.show_raw else 'off'}"))
         elif words[0].lower() == "login":
+            self.echo_commands = True
             if self.account.password is None:
                 raise POP3Error("-ERR no password available (use PASS)", "login")
             self.client.login(self.account.user, self.account.password, self.account.mechanism)
         elif words[0].lower() == "show" and len(words) == 2:
+            self.echo_commands = True
             self._decoded(self.client.retr_bytes(int(words[1])))
         elif verb == "PASS" and len(words) == 1:
             secret = getpass.getpass("Password (not echoed): ")
+            self.echo_commands = True  # shows "C: PASS ********"
             self._raw(f"PASS {secret}")
         elif verb == "STLS":
             self.client.stls(ssl_context(self.ca, self.insecure))
@@ -187,6 +194,7 @@ class Shell:
                 if readline is not None and line.strip() and \
                         not line.strip().upper().startswith(("PASS", "AUTH")):
                     readline.add_history(line)
+                self.echo_commands = False
                 try:
                     if not self.execute(line):
                         return 0
