@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+from typing import Any
 
 from mailbag.cli.common import add_config_option, config_from_args
 from mailbag.cli.wiring import build_runtime, build_server
@@ -52,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def apply_overrides(config: Config, args: argparse.Namespace) -> Config:
     """Command-line flags win over the file."""
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if args.listen or args.listen_tls:
         plain = [
             a for a in config.listen if not a.tls
@@ -105,11 +106,10 @@ def run_event_loop(config: Config) -> int:
     setup_logging(config.log_level, config.log_format)
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:
-        runner = asyncio.run
-    runner(serve(config))
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
     return 0
 
 

@@ -127,7 +127,7 @@ class ConnectionStream(asyncio.Protocol):
         )
         if new_transport is None:
             raise ConnectionResetError("TLS handshake failed")
-        self._transport = cast(asyncio.Transport, new_transport)
+        self._transport = new_transport
         self._secure = True
 
     def close(self) -> None:

@@ -61,7 +61,7 @@ class FailureThrottle:
         )
         if failures == 0:
             return 0.0
-        return min(self.cap, self.base * 2 ** min(failures - 1, 16) / 2)
+        return min(self.cap, self.base * float(2 ** min(failures - 1, 16)) / 2)
 
     def failure_delay(self) -> float:
         """Seconds before a failure is answered (identical for unknown users)."""
