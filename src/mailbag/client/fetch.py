@@ -11,8 +11,10 @@ untouched and the next run resumes (see :mod:`mailbag.client.localstore`).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -41,6 +43,8 @@ class Store(Protocol):
 
     def store(self, uid: str, produce: _Producer, journal: Journal) -> str: ...
 
+    def flush(self, journal: Journal) -> None: ...
+
 
 class _Producer(Protocol):
     def __call__(self, sink: _Sink, /) -> int: ...
@@ -48,6 +52,19 @@ class _Producer(Protocol):
 
 class _Sink(Protocol):
     def __call__(self, chunk: bytes, /) -> object: ...
+
+
+#: Messages per durability batch (one directory/mbox fsync + one journal fsync).
+FLUSH_EVERY = 100
+
+
+@contextlib.contextmanager
+def _flushing(store: Store, journal: Journal) -> Iterator[None]:
+    """Flush on the way out, also after Ctrl-C: completed messages stay counted."""
+    try:
+        yield
+    finally:
+        store.flush(journal)
 
 
 @dataclass(slots=True)
@@ -130,7 +147,7 @@ def fetch(
     if limit is not None:
         todo = todo[:limit]
     console = console or Console(stderr=True)
-    with _progress(console, progress) as bar:
+    with _progress(console, progress) as bar, _flushing(store, journal):
         task = bar.add_task("fetch", total=sum(sizes[m] for m in todo),
                             msgs=f"0/{len(todo)} msgs")
         for msn in todo:
@@ -144,6 +161,8 @@ def fetch(
                 return client.retr(msn, counted)
 
             summary.locations.append(store.store(uid, produce, journal))
+            if summary.fetched % FLUSH_EVERY == FLUSH_EVERY - 1:
+                store.flush(journal)
             summary.fetched += 1
             summary.octets += sizes[msn]
             bar.update(task, msgs=f"{summary.fetched}/{len(todo)} msgs")

@@ -7,8 +7,11 @@ a local write that is on disk before DELE.  Both stores here take a
 straight from the socket to the file.
 
 Exactly-once delivery across a crash uses a small journal (the UIDL state
-file): ``B uid where`` is written and fsynced *before* the store changes,
-``D uid where`` after the message is durable.  On the next run a ``B``
+file): ``B uid where`` is written *before* the store changes, ``D uid where``
+once the message is durable.  Durability is batched: each Maildir file is
+fsynced before its rename (the Maildir protocol), but the directory fsync and
+the D lines happen once per batch in ``flush`` -- always before QUIT, which
+is when the server applies DELE, so no deletion ever precedes durability.  On the next run a ``B``
 without ``D`` is settled: for Maildir, the message counts as stored iff the
 final file exists (rename is atomic); for mbox, the file is truncated back
 to the recorded offset, removing a partial append.  Nothing is lost (the
@@ -124,20 +127,22 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
-    def _append(self, kind: str, uid: str, where: str) -> None:
-        os.write(self._fd, f"{kind}\t{uid}\t{where}\n".encode())
-        os.fsync(self._fd)
-
-    def begin(self, uid: str, where: str) -> None:
-        """Record intent before the store changes."""
-        self._append("B", uid, where)
+    def begin(self, uid: str, where: str, *, sync: bool = True) -> None:
+        """Record intent before the store changes (fsync unless batched)."""
+        os.write(self._fd, f"B\t{uid}\t{where}\n".encode())
+        if sync:
+            os.fsync(self._fd)
         self.pending[uid] = where
 
-    def commit(self, uid: str, where: str) -> None:
-        """Record that the message is durable in the store."""
-        self._append("D", uid, where)
-        self.pending.pop(uid, None)
-        self.done[uid] = where
+    def commit(self, items: list[tuple[str, str]]) -> None:
+        """Record that these messages are durable in the store: one fsync."""
+        if not items:
+            return
+        os.write(self._fd, "".join(f"D\t{u}\t{w}\n" for u, w in items).encode())
+        os.fsync(self._fd)
+        for uid, where in items:
+            self.pending.pop(uid, None)
+            self.done[uid] = where
 
     def compact(self, keep: set[str]) -> None:
         """Forget UIDs no longer on the server (like fetchmail), atomically."""
@@ -172,14 +177,14 @@ class MaildirStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.unsynced: list[tuple[str, str]] = []
         for sub in ("tmp", "new", "cur"):
             (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def settle(self, journal: Journal) -> None:
         """Resolve journal entries left by an interrupted run."""
-        for uid, where in list(journal.pending.items()):
-            if (self.root / where).exists():
-                journal.commit(uid, where)
+        journal.commit([(uid, where) for uid, where in journal.pending.items()
+                        if (self.root / where).exists()])
 
     def store(self, uid: str, produce: Producer, journal: Journal) -> str:
         """Stream one message in; returns its path relative to the Maildir."""
@@ -197,11 +202,19 @@ class MaildirStore:
             raise
         os.close(fd)
         where = f"new/{base},S={size}"
-        journal.begin(uid, where)
+        # The B line precedes the rename (a process kill keeps both in the page
+        # cache); the D line waits for flush(), after the directory fsync.
+        journal.begin(uid, where, sync=False)
         os.rename(tmp, self.root / where)
-        fsync_dir(self.root / "new")
-        journal.commit(uid, where)
+        self.unsynced.append((uid, where))
         return where
+
+    def flush(self, journal: Journal) -> None:
+        """Make the renames durable, then journal them: two fsyncs per batch."""
+        if self.unsynced:
+            fsync_dir(self.root / "new")
+            journal.commit(self.unsynced)
+            self.unsynced = []
 
 
 class MboxStore:
@@ -211,6 +224,7 @@ class MboxStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.unsynced: list[tuple[str, str]] = []
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -221,28 +235,37 @@ class MboxStore:
 
     def settle(self, journal: Journal) -> None:
         """Cut off a partial append left by an interrupted run."""
-        for uid, where in list(journal.pending.items()):
-            offset = int(where)
+        if journal.pending:
+            offset = min(int(where) for where in journal.pending.values())
             if os.fstat(self._fd).st_size > offset:
                 os.ftruncate(self._fd, offset)
                 os.fsync(self._fd)
-            journal.pending.pop(uid, None)
+            journal.pending.clear()
 
     def store(self, uid: str, produce: Producer, journal: Journal) -> str:
         """Append one message; on any failure the file is cut back."""
         offset = os.fstat(self._fd).st_size
-        journal.begin(uid, str(offset))
+        # Only the first append of a batch needs a durable B line: recovery
+        # truncates back to the earliest pending offset.
+        journal.begin(uid, str(offset), sync=not self.unsynced)
         try:
             stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime())
             os.write(self._fd, f"From MAILER-DAEMON {stamp}\n".encode())
             _write_stream(self._fd, produce, LocalLines(mboxrd=True))
             os.write(self._fd, b"\n")
-            os.fsync(self._fd)
         except BaseException:
             os.ftruncate(self._fd, offset)
+            journal.pending.pop(uid, None)
             raise
-        journal.commit(uid, str(offset))
+        self.unsynced.append((uid, str(offset)))
         return str(offset)
+
+    def flush(self, journal: Journal) -> None:
+        """fsync the mbox, then journal the batch."""
+        if self.unsynced:
+            os.fsync(self._fd)
+            journal.commit(self.unsynced)
+            self.unsynced = []
 
     def close(self) -> None:
         """Unlock and close."""
