@@ -8,6 +8,7 @@ never committing, and internal errors never reaching the client.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -114,15 +115,22 @@ def test_login_timeout_is_absolute_before_login(users: UsersFile) -> None:
 
 
 def test_wrong_password_and_unknown_user_look_identical(users: UsersFile) -> None:
+    # Same reply, and both wait out the failure delay (no enumeration by timing).
     store = MemoryStore()
-    outputs = []
+    outputs, durations = [], []
     for user in (b"demo", b"nosuchuser"):
         stream = MemoryStream()
-        out = asyncio.run(run_script(make_session(users, store, stream), stream,
+        session = make_session(users, store, stream)
+        session.authenticator.throttle.base = 0.3
+        started = time.monotonic()
+        out = asyncio.run(run_script(session, stream,
                                      b"USER " + user + b"\r\nPASS wrong\r\nQUIT\r\n"))
+        durations.append(time.monotonic() - started)
         outputs.append(out.split("\r\n", 1)[1])
     assert outputs[0] == outputs[1]
     assert "-ERR [AUTH] Authentication failed." in outputs[0]
+    assert all(d >= 0.3 for d in durations)
+    assert abs(durations[0] - durations[1]) < 0.25
 
 
 def test_second_login_gets_in_use(users: UsersFile) -> None:
