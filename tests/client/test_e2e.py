@@ -192,3 +192,13 @@ def test_fetch_delete_removes_from_server_after_local_write(pop3: Target, run_cl
     assert (data["fetched"], data["deleted"]) == (1, 3)
     assert json.loads(run_cli(pop3, "list", "--json").out)["count"] == 0
     assert len(mailbox.Maildir(dest, create=False)) == 3
+
+
+def test_list_narrow_terminal_keeps_numbers(pop3: Target, run_cli: Run,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    put(pop3, "zh_plain.eml", "rfc2231.eml")
+    monkeypatch.setenv("COLUMNS", "30")
+    lines = run_cli(pop3, "list").out.splitlines()
+    assert all(len(line.rstrip()) <= 30 for line in lines[:-1])
+    assert lines[2].lstrip().startswith("1 ") and lines[3].lstrip().startswith("2 ")
+    assert "\x1b" not in "".join(lines)  # NO_COLOR and not a terminal: plain text

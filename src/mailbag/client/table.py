@@ -95,27 +95,39 @@ def make_console(file: IO[str] | None = None) -> Console:
     return Console(file=file, highlight=False)
 
 
-def list_table(rows: list[ListRow]) -> Table:
-    """The ``list`` table; columns collapse before the subject does."""
+def list_table(rows: list[ListRow], width: int = 80) -> Table:
+    """The ``list`` table.
+
+    rich shrinks columns proportionally and would squeeze the message number
+    to nothing on a narrow terminal, so we choose what to show by width: the
+    number, subject, size and marker always; the sender from 50 columns; the
+    date from 64.  What is shown is truncated with an ellipsis, never wrapped.
+    """
+    show_from, show_date = width >= 50, width >= 64
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False, show_edge=False)
     table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("Date", no_wrap=True, overflow="ellipsis", max_width=16)
-    table.add_column("From", no_wrap=True, overflow="ellipsis", max_width=24, ratio=1)
+    if show_date:
+        table.add_column("Date", no_wrap=True, overflow="ellipsis", max_width=16)
+    if show_from:
+        table.add_column("From", no_wrap=True, overflow="ellipsis", max_width=24, ratio=1)
     table.add_column("Subject", no_wrap=True, overflow="ellipsis", ratio=3)
     table.add_column("Size", justify="right", no_wrap=True)
     table.add_column("A", no_wrap=True, header_style="", justify="center")
     for row in rows:
-        table.add_row(
-            str(row.msn), short_date(row.date), Text(row.sender_name or row.sender_addr),
-            Text(row.subject), human_size(row.size), "+" if row.attachments else "",
-        )
+        cells: list[str | Text] = [str(row.msn)]
+        if show_date:
+            cells.append(short_date(row.date))
+        if show_from:
+            cells.append(Text(row.sender_name or row.sender_addr))
+        cells += [Text(row.subject), human_size(row.size), "+" if row.attachments else ""]
+        table.add_row(*cells)
     return table
 
 
 def print_list(rows: list[ListRow], console: Console, total: tuple[int, int]) -> None:
     """Print the table and a one-line summary."""
     if rows:
-        console.print(list_table(rows))
+        console.print(list_table(rows, console.width))
     count, octets = total
     console.print(Text(f"{count} message{'s' if count != 1 else ''}, {human_size(octets)}"
                        + ("  (A: + = has attachments)" if any(r.attachments for r in rows)
