@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mailbag.storage.maildir import INDEX_FILE, MaildirStore  # noqa: E402
+from mailbag.storage.maildir import INDEX_FILE, MaildirStore
 
 USER = "bench"
 OLD_NS = 1_000_000_000 * 1_000_000_000

@@ -291,3 +291,36 @@ def test_our_deliveries_are_dovecot_compatible(maildir_store: MaildirStore, tmp_
     (name,) = os.listdir(tmp_path / "mail" / "alice" / "new")
     assert name.endswith(f",S={len(message)},W={len(to_wire(message))}")
     assert uid == derive_uidl(name)
+
+
+def test_odd_file_names_survive_the_index(foreign: tuple[MaildirStore, Path]) -> None:
+    store, maildir = foreign
+    odd = "1700000000.M1P1.h\\057x\tta\\b\nline"
+    put(maildir, "new", odd, b"odd name\n")
+    before = snapshot(store)
+    assert before[-1] == (derive_uidl(odd), len(b"odd name\r\n"))
+    age_dirs(maildir)
+    assert snapshot(store) == before  # written to the index...
+    assert snapshot(store) == before  # ...and read back from it without listing
+
+    async def go() -> None:
+        md = await store.open_maildrop("alice")
+        try:
+            assert await read_all(md, derive_uidl(odd)) == b"odd name\n"
+        finally:
+            await md.close()
+
+    run(go())
+
+
+def test_same_unique_name_in_new_and_cur_is_listed_once(
+    foreign: tuple[MaildirStore, Path],
+) -> None:
+    store, maildir = foreign
+    name = FOREIGN[0][1]
+    os.link(maildir / "new" / name, maildir / "cur" / f"{name}:2,S")  # a copy in progress
+    assert snapshot(store) == snapshot(store)
+    uids = [uid for uid, _ in snapshot(store)]
+    assert len(uids) == len(set(uids)) == len(FOREIGN)
+    (maildir / INDEX_FILE).unlink()
+    assert [uid for uid, _ in snapshot(store)] == uids

@@ -320,9 +320,9 @@ def test_failed_unlink_is_reported_per_message(
                 raise PermissionError(errno.EACCES, "Permission denied", path)
             real_unlink(path)
 
-        monkeypatch.setattr(maildir_mod.os, "unlink", picky_unlink)
+        monkeypatch.setattr(os, "unlink", picky_unlink)
         result = await md.delete([keep, drop])
-        monkeypatch.setattr(maildir_mod.os, "unlink", real_unlink)
+        monkeypatch.undo()
         await md.close()
         assert (result.deleted, result.failed) == (1, (keep,))
         md = await maildir_store.open_maildrop("alice")

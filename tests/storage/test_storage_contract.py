@@ -73,6 +73,19 @@ def test_read_streams_in_chunks_of_requested_size(store: Store) -> None:
     run(go())
 
 
+def test_read_with_non_positive_chunk_size_is_refused(store: Store) -> None:
+    async def go() -> None:
+        uid = await store.deliver("alice", b"x\n")
+        md = await store.open_maildrop("alice")
+        try:
+            with pytest.raises(ValueError):
+                await read_all(md, uid, chunk_size=0)
+        finally:
+            await md.close()
+
+    run(go())
+
+
 def test_read_unknown_uid_raises_message_gone(store: Store) -> None:
     async def go() -> None:
         md = await store.open_maildrop("alice")

@@ -30,6 +30,11 @@ import time
 
 from mailbag.errors import InvalidUsername
 
+#: Our bookkeeping files in the Maildir root (see ``maildir`` for what each is).
+LOCK_FILE = "mailbag.lock"
+INDEX_FILE = "mailbag.index"
+UIDL_OVERRIDE_FILE = "mailbag-uidl"
+
 #: Separates the unique name from the info (``2,FLAGS``) part (Maildir spec).
 INFO_SEP = ":"
 

@@ -124,6 +124,8 @@ class MemoryMaildrop:
 
     async def read(self, uid: str, *, chunk_size: int = 65536) -> AsyncIterator[bytes]:
         """Yield the stored bytes in ``chunk_size`` slices, yielding to the loop between."""
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, not {chunk_size}")
         self._check_open()
         self._store._check_failure("read")
         data = self._store._box(self._user).get(uid) if uid in self._uids else None

@@ -1,0 +1,221 @@
+"""An open, locked Maildir: the POP3 session's view of one maildrop.
+
+Split from ``maildir`` (the store: paths, locking, delivery) to keep each
+module readable.  Every method that touches the disk more than trivially
+runs in ``asyncio.to_thread``; see ``read`` for why even chunk reads do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator, Sequence
+from types import TracebackType
+
+from mailbag.errors import MessageGone, StorageError
+from mailbag.storage.base import DeleteResult, MessageInfo
+from mailbag.storage.maildir_index import IndexData, Listing, locate, write_index
+from mailbag.storage.maildir_names import INDEX_FILE, unique_name
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def storage_errors(action: str, path: str) -> Iterator[None]:
+    """Turn any OSError into a StorageError naming the action and the path.
+
+    The session maps StorageError to ``-ERR [SYS/TEMP]``; a raw OSError would
+    be an internal error.  The message is for the administrator's log.
+    """
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename if isinstance(exc.filename, str) else path
+        raise StorageError(f"cannot {action}: {where}: {exc.strerror or exc}") from exc
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so a link/rename/unlink in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MaildirMaildrop:
+    """A locked Maildir with the message list fixed at open.
+
+    Messages are addressed by position in the open-time ``Listing``; the
+    ``uid -> position`` map is the only per-message structure built at open.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        lock: io.FileIO,
+        listing: Listing,
+        overrides: dict[str, str],
+        *,
+        fsync: bool = True,
+    ) -> None:
+        self._path = path
+        self._lock: io.FileIO | None = lock
+        self._fsync = fsync
+        self._listing = listing
+        self._deleted: set[int] = set()
+        self._pos: dict[str, int] = dict(zip(listing.uids, range(len(listing)), strict=True))
+        if overrides or len(self._pos) != len(listing):
+            self._pos = {}
+            for pos, derived in enumerate(listing.uids):
+                uid = overrides.get(unique_name(listing.filenames[pos]), derived)
+                if uid in self._pos:
+                    log.warning("%s: duplicate UIDL %s; using %s", path, uid, derived)
+                    uid = derived
+                if uid not in self._pos:  # else a duplicate file: list it once
+                    self._pos[uid] = pos
+        # dict order is listing order, so the snapshot is in arrival order.
+        sizes = listing.sizes
+        self._messages = tuple(map(MessageInfo, self._pos, [sizes[p] for p in self._pos.values()]))
+
+    @property
+    def path(self) -> str:
+        """The Maildir directory (for logs and administration tools)."""
+        return self._path
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        """The snapshot taken at open, in arrival order."""
+        return self._messages
+
+    def _position(self, uid: str) -> int:
+        if self._lock is None:
+            raise StorageError(f"maildrop {self._path} is closed")
+        pos = self._pos.get(uid)
+        if pos is None or pos in self._deleted:
+            raise MessageGone(f"no message {uid} in {self._path}")
+        return pos
+
+    async def read(self, uid: str, *, chunk_size: int = 65536) -> AsyncIterator[bytes]:
+        """Stream the file as stored, ``chunk_size`` octets per chunk.
+
+        Each ``os.read`` runs in a worker thread: a cold disk can take
+        milliseconds per read, and the event loop serves other sessions.
+        """
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+        self._position(uid)
+        fd = await asyncio.to_thread(self._open_message, uid)
+        try:
+            while True:
+                with storage_errors("read message", self._path):
+                    chunk = await asyncio.to_thread(os.read, fd, chunk_size)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            os.close(fd)
+
+    def _open_message(self, uid: str) -> int:
+        """Open the message file, following it if another program renamed it."""
+        pos = self._position(uid)
+        with storage_errors("open message", self._path):
+            try:
+                return os.open(self._file(pos), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if not self._relocate(pos):
+                    raise MessageGone(f"message {uid} vanished from {self._path}") from None
+                try:
+                    return os.open(self._file(pos), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise MessageGone(f"message {uid} vanished from {self._path}") from None
+
+    def _relocate(self, pos: int) -> bool:
+        """Find a file that moved (new -> cur, flags changed); False if it is gone."""
+        where = locate(self._path, unique_name(self._listing.filenames[pos]))
+        if where is None:
+            return False
+        self._listing.move(pos, *where)
+        return True
+
+    def _file(self, pos: int) -> str:
+        return os.path.join(self._path, self._listing.subdirs[pos], self._listing.filenames[pos])
+
+    async def delete(self, uids: Sequence[str]) -> DeleteResult:
+        """Unlink the messages, fsync, update the index (in a worker thread)."""
+        if self._lock is None:
+            raise StorageError(f"maildrop {self._path} is closed")
+        return await asyncio.to_thread(self._delete_sync, list(uids))
+
+    def _delete_sync(self, uids: list[str]) -> DeleteResult:
+        deleted = 0
+        failed: list[str] = []
+        touched: set[str] = set()
+        for uid in uids:
+            pos = self._pos.get(uid)
+            if pos is None:
+                failed.append(uid)
+                continue
+            if pos not in self._deleted:
+                try:
+                    touched.add(self._unlink(pos))
+                except OSError as exc:
+                    log.warning("cannot delete %s: %s", self._file(pos), exc.strerror)
+                    failed.append(uid)
+                    continue
+                self._deleted.add(pos)
+            deleted += 1
+        touched.discard("")
+        for subdir in touched:
+            try:
+                if self._fsync:
+                    fsync_dir(os.path.join(self._path, subdir))
+            except OSError as exc:
+                log.warning("cannot fsync %s/%s: %s", self._path, subdir, exc.strerror)
+        self._save_index()
+        return DeleteResult(deleted, tuple(failed))
+
+    def _unlink(self, pos: int) -> str:
+        """Unlink one message; return its subdir, or "" if it was already gone."""
+        try:
+            os.unlink(self._file(pos))
+        except FileNotFoundError:
+            if not self._relocate(pos):
+                return ""
+            try:
+                os.unlink(self._file(pos))
+            except FileNotFoundError:
+                return ""
+        return self._listing.subdirs[pos]
+
+    def _save_index(self) -> None:
+        """Record the remaining messages, with mtimes that force the next listing.
+
+        We cannot record the directories' current mtimes: a delivery may
+        have happened since our snapshot, and recording "now" would hide it.
+        """
+        index = IndexData(self._listing.without(self._deleted), -1, -1, 0)
+        try:
+            write_index(os.path.join(self._path, INDEX_FILE), index, fsync=self._fsync)
+        except OSError as exc:
+            log.warning("cannot write maildir index in %s: %s", self._path, exc.strerror)
+
+    async def close(self) -> None:
+        """Release the lock (closing the descriptor drops the flock)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    async def __aenter__(self) -> MaildirMaildrop:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
