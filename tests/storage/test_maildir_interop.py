@@ -9,6 +9,7 @@ import pytest
 
 from mailbag.errors import MessageGone
 from mailbag.storage import maildir_index
+from mailbag.storage.base import Usage
 from mailbag.storage.maildir import INDEX_FILE, UIDL_OVERRIDE_FILE, MaildirStore
 from mailbag.storage.maildir_index import Entry, IndexData, Listing, read_index, write_index
 from mailbag.storage.maildir_names import derive_uidl, unique_name
@@ -324,3 +325,27 @@ def test_same_unique_name_in_new_and_cur_is_listed_once(
     assert len(uids) == len(set(uids)) == len(FOREIGN)
     (maildir / INDEX_FILE).unlink()
     assert [uid for uid, _ in snapshot(store)] == uids
+
+
+def test_usage_caches_sizes_unless_a_session_holds_the_maildrop(
+    foreign: tuple[MaildirStore, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, maildir = foreign
+    expected = Usage(len(FOREIGN), sum(len(to_wire(data)) for _, _, data in FOREIGN))
+
+    async def go() -> None:
+        md = await store.open_maildrop("alice")
+        (maildir / INDEX_FILE).unlink()
+        assert await store.usage("alice") == expected
+        assert not (maildir / INDEX_FILE).exists()  # the lock holder owns the index
+        await md.close()
+        assert await store.usage("alice") == expected
+        assert (maildir / INDEX_FILE).exists()
+
+        def forbidden(*args: object) -> None:
+            raise AssertionError("should not read messages")
+
+        monkeypatch.setattr(maildir_index, "measure", forbidden)
+        assert await store.usage("alice") == expected
+
+    run(go())

@@ -39,7 +39,7 @@ import time
 from mailbag.errors import ConfigError, InvalidUsername, MaildropLocked, StorageError
 from mailbag.storage.base import Usage
 from mailbag.storage.maildir_drop import MaildirMaildrop, fsync_dir, storage_errors
-from mailbag.storage.maildir_index import read_index, scan, write_index
+from mailbag.storage.maildir_index import IndexData, read_index, scan, write_index
 from mailbag.storage.maildir_names import (
     INDEX_FILE,
     LOCK_FILE,
@@ -227,11 +227,11 @@ class MaildirStore:
         return derive_uidl(unique_name(name))
 
     async def usage(self, user: str) -> Usage:
-        """Messages and wire octets now stored, without taking the lock.
+        """Messages and wire octets now stored; never waits for a session.
 
         Uses the index and file names; reads only messages that neither
-        carries a size for.  Never writes the index (only the lock holder
-        may), and never creates the Maildir.
+        carries a size for, and caches what it read in the index when no
+        session holds the maildrop.  Never creates the Maildir.
         """
         path = self.maildir_path(user)
         return await asyncio.to_thread(self._usage_sync, path)
@@ -239,11 +239,33 @@ class MaildirStore:
     def _usage_sync(self, path: str) -> Usage:
         if not os.path.isdir(os.path.join(path, "cur")):
             return Usage(0, 0)
+        index_path = os.path.join(path, INDEX_FILE)
         with storage_errors("measure maildrop", path):
-            result = scan(
-                path, read_index(os.path.join(path, INDEX_FILE)), trust_mtimes=self._trust_mtimes
-            )
+            result = scan(path, read_index(index_path), trust_mtimes=self._trust_mtimes)
+        if result.needs_write:
+            self._save_if_unlocked(path, index_path, result.index)
         return Usage(len(result.listing), sum(result.listing.sizes))
+
+    def _save_if_unlocked(self, path: str, index_path: str, index: IndexData) -> None:
+        """Cache a scan when no session holds the maildrop.
+
+        Quota checks run once per delivery; without this, a maildrop that
+        Postfix fills and nobody reads would be re-read on every check.
+        Only the lock holder may write the index, so when a session is
+        open we simply skip it.  Writing a scan that is already outdated is
+        harmless: its recorded mtimes no longer match, so the next open
+        lists the directories again.
+        """
+        try:
+            lock = _acquire_lock(path, "")
+        except (MaildropLocked, OSError):
+            return
+        try:
+            write_index(index_path, index, fsync=self._fsync)
+        except OSError as exc:
+            log.warning("cannot write maildir index %s: %s", index_path, exc)
+        finally:
+            lock.close()
 
     # -- maintenance ---------------------------------------------------------
 
