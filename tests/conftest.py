@@ -11,6 +11,7 @@ the process.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,6 +66,8 @@ class MailbagServer:
     proc: subprocess.Popen[bytes] | None = None
     extra_config: str = ""
     log_path: Path = field(default_factory=Path)
+    #: LMTP (RFC 2033) listener of the same server, on loopback.
+    lmtp_port: int = 0
 
     @property
     def cert(self) -> Path:
@@ -96,6 +99,8 @@ class MailbagServer:
         )
         log.close()
         wait_for_port(self.host, self.port, self.proc)
+        if self.lmtp_port:
+            wait_for_port(self.host, self.lmtp_port, self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -115,7 +120,7 @@ class MailbagServer:
 
 
 def make_home(tmp: Path, extra_config: str = "") -> MailbagServer:
-    port, tls_port = free_port(), free_port()
+    port, tls_port, lmtp_port = free_port(), free_port(), free_port()
     config = init_home(
         tmp,
         hostname="localhost",
@@ -125,10 +130,12 @@ def make_home(tmp: Path, extra_config: str = "") -> MailbagServer:
     text = config.read_text()
     text = text.replace("failure_delay = 2.0", "failure_delay = 0.2")
     text = text.replace("max_failure_delay = 15.0", "max_failure_delay = 0.5")
+    text = re.sub(r"(\n\[lmtp\]\n(?:#[^\n]*\n)*)listen = \[\]",
+                  rf'\1listen = ["127.0.0.1:{lmtp_port}"]', text, count=1)
     config.write_text(text + "\n" + extra_config)
     server = MailbagServer(
         home=tmp, config=config, host="127.0.0.1", port=port, tls_port=tls_port,
-        extra_config=extra_config, log_path=tmp / "server.log",
+        extra_config=extra_config, log_path=tmp / "server.log", lmtp_port=lmtp_port,
     )
     server.add_user("demo", "demo", apop=True)
     return server

@@ -98,6 +98,31 @@ class StorageSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LmtpSettings:
+    """LMTP delivery from the MTA (RFC 2033); off unless a listener or socket is set."""
+
+    #: TCP listeners, e.g. 127.0.0.1:24.  LMTP has no authentication: keep it local.
+    listen: tuple[ListenAddress, ...] = ()
+    #: Unix socket path (None = no socket).
+    socket: Path | None = None
+    #: Permissions of the socket file; the MTA's user must be able to connect.
+    socket_mode: int = 0o660
+    #: RFC 5321 section 4.5.3.2.7: wait at least 5 minutes for the next command.
+    timeout: float = 300.0
+    max_connections: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaSettings:
+    """Default per-user quota (0 = unlimited); a users-file field overrides it."""
+
+    bytes: int = 0
+    messages: int = 0
+    #: Over quota is 452 4.2.2 (retry) instead of 552 5.2.2 (bounce).
+    tempfail: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
 
@@ -109,6 +134,8 @@ class Config:
     storage: StorageSettings = field(default_factory=StorageSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     limits: Limits = field(default_factory=Limits)
+    lmtp: LmtpSettings = field(default_factory=LmtpSettings)
+    quota: QuotaSettings = field(default_factory=QuotaSettings)
     log_level: str = "info"
     log_format: str = "text"
 
@@ -193,10 +220,31 @@ def load_config(path: Path | str | None = None) -> Config:
     return config_from_dict(data, path=path.resolve())
 
 
+def _lmtp_settings(section: dict[str, Any], base: Path) -> LmtpSettings:
+    """``[lmtp]``: the listen list and socket path need parsing ``_build`` does not do."""
+    rest = dict(section)
+    values = rest.pop("listen", [])
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ConfigError('lmtp.listen: expected a list of "host:port" strings')
+    sock = rest.pop("socket", "")
+    if not isinstance(sock, str):
+        raise ConfigError("lmtp.socket: expected a path")
+    built: LmtpSettings = _build(LmtpSettings, rest, "lmtp", base)
+    if built.socket_mode > 0o777:
+        raise ConfigError("lmtp.socket_mode: expected an octal mode such as 0o660")
+    return LmtpSettings(
+        listen=tuple(parse_listen(v, key="lmtp.listen") for v in values),
+        socket=(base / sock).resolve() if sock else None,
+        socket_mode=built.socket_mode,
+        timeout=built.timeout,
+        max_connections=built.max_connections,
+    )
+
+
 def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Config:
     """Build a ``Config`` from parsed TOML (also used by tests and the demo)."""
     base = path.parent if path is not None else Path.cwd()
-    known_top = {"server", "tls", "storage", "auth", "limits", "log"}
+    known_top = {"server", "tls", "storage", "auth", "limits", "log", "lmtp", "quota"}
     for key in data:
         if key not in known_top:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known_top))})")
@@ -238,6 +286,8 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         raise ConfigError("limits.max_command_line: must be at least 64")
     if any(a.tls for a in listen) and (tls_settings.cert is None or tls_settings.key is None):
         raise ConfigError("server.listen_tls: needs tls.cert and tls.key")
+    lmtp = _lmtp_settings(_section(data, "lmtp"), base)
+    quota: QuotaSettings = _build(QuotaSettings, _section(data, "quota"), "quota", base)
     return Config(
         path=path,
         hostname=server.get("hostname", ""),
@@ -247,6 +297,8 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         storage=storage,
         auth=auth,
         limits=limits,
+        lmtp=lmtp,
+        quota=quota,
         log_level=level,
         log_format=fmt,
     )

@@ -79,6 +79,30 @@ max_auth_failures = 3
 # (a cut session never applies its deletions).
 shutdown_grace = 10.0
 
+[lmtp]
+# LMTP (RFC 2033) listeners for mail handed over by the MTA, e.g. ["127.0.0.1:24"]
+# (24 is the standard LMTP port). LMTP has no authentication: listen on
+# loopback only, or use the Unix socket below. [] and "" = LMTP off.
+listen = []
+# Unix socket for LMTP, e.g. "/var/spool/postfix/private/mailbag" ("" = none).
+socket = ""
+# Permissions of the socket file: the MTA's user must be able to connect.
+socket_mode = 0o660
+# Seconds to wait for the MTA's next command or data (RFC 5321: at least 300).
+timeout = 300.0
+# Concurrent LMTP connections; more get "421 4.3.2" and the MTA retries.
+max_connections = 100
+
+[quota]
+# Default limits for users whose users-file line has no quota_bytes= or
+# quota_messages= field, in octets as POP3 counts them and in messages
+# (0 = unlimited). A message that would exceed a quota is refused, never cut.
+bytes = 0
+messages = 0
+# Over quota: false = refuse permanently (552 5.2.2, the sender gets a bounce);
+# true = refuse temporarily (452 4.2.2, the MTA retries until mail is collected).
+tempfail = false
+
 [log]
 # debug, info, warning or error.
 level = "info"

@@ -17,7 +17,7 @@ import signal
 from typing import Any
 
 from mailbag.cli.common import add_config_option, config_from_args
-from mailbag.cli.wiring import build_runtime, build_server
+from mailbag.cli.wiring import build_lmtp_server, build_runtime, build_server
 from mailbag.config import Config, parse_listen
 from mailbag.errors import ConfigError
 from mailbag.logs import log_event, setup_logging
@@ -76,6 +76,13 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         raise ConfigError("server.listen_tls: needs tls.cert and tls.key")
     server = build_server(runtime)
     await server.start()
+    lmtp = build_lmtp_server(runtime)
+    if lmtp is not None:
+        try:
+            await lmtp.start()
+        except BaseException:
+            await server.close_listeners()
+            raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -98,7 +105,14 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         ready.set()
     await stop.wait()
     log_event("stopping", sessions=server.active_sessions)
-    await server.shutdown(config.limits.shutdown_grace)
+    if lmtp is None:
+        await server.shutdown(config.limits.shutdown_grace)
+    else:
+        # LMTP sessions finish their transaction first (see server.lmtp_listener).
+        await asyncio.gather(
+            server.shutdown(config.limits.shutdown_grace),
+            lmtp.shutdown(config.limits.shutdown_grace),
+        )
 
 
 def run_event_loop(config: Config) -> int:

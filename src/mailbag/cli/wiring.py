@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,13 @@ from mailbag.auth.users import UsersFile
 from mailbag.config import Config
 from mailbag.errors import ConfigError
 from mailbag.protocol.capabilities import Pop3Policy
+from mailbag.protocol.lmtp import LmtpPolicy
 from mailbag.server.listeners import ConnectionLimits, Pop3Server
+from mailbag.server.lmtp_listener import LmtpServer
 from mailbag.server.tls import TlsContext
 from mailbag.session.authenticate import Authenticator
+from mailbag.session.delivery import DeliveryAgent, QuotaDefaults
+from mailbag.session.lmtp import LmtpSessionSettings
 from mailbag.session.pop3 import SessionSettings
 from mailbag.session.throttle import FailureThrottle
 from mailbag.storage.maildir import MaildirStore
@@ -125,4 +130,33 @@ def build_server(runtime: Runtime) -> Pop3Server:
         store=runtime.store,
         tls=runtime.tls,
         limits=ConnectionLimits(limits.max_connections, limits.max_connections_per_ip),
+    )
+
+
+def build_delivery_agent(config: Config, users: UsersFile, store: MaildirStore) -> DeliveryAgent:
+    """The one delivery path shared by LMTP and ``mailbag deliver``."""
+    return DeliveryAgent(
+        store,
+        users,
+        hostname=config.hostname or socket.gethostname() or "localhost",
+        max_message_size=config.storage.max_message_size,
+        quota=QuotaDefaults(config.quota.bytes, config.quota.messages, config.quota.tempfail),
+    )
+
+
+def build_lmtp_server(runtime: Runtime) -> LmtpServer | None:
+    """The LMTP listeners, or None when none is configured."""
+    config = runtime.config
+    lmtp = config.lmtp
+    if not lmtp.listen and lmtp.socket is None:
+        return None
+    agent = build_delivery_agent(config, runtime.users, runtime.store)
+    policy = LmtpPolicy(hostname=agent.hostname, max_message_size=agent.max_message_size)
+    return LmtpServer(
+        listen=lmtp.listen,
+        socket_path=lmtp.socket,
+        socket_mode=lmtp.socket_mode,
+        settings=LmtpSessionSettings(policy=policy, timeout=lmtp.timeout),
+        agent=agent,
+        max_connections=lmtp.max_connections,
     )

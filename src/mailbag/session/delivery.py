@@ -1,0 +1,264 @@
+"""The one delivery code path: recipient lookup, size and quota checks, trace headers, store.
+
+LMTP (``session.lmtp``) and the local delivery agent (``mailbag deliver``)
+both call ``DeliveryAgent``, so a message is checked, decorated and stored
+the same way whichever door it came in by, and both map outcomes to the
+same RFC 3463 codes (the LDA turns them into sysexits on top).
+
+Storage does the atomic part (tmp, fsync, link into ``new/``, fsync the
+directory, ``,S=``/``,W=`` in the name); this module decides *whether* to
+store.  Quotas are checked here, before anything is written, so a message
+that would exceed a quota is refused whole, never truncated.  Deliveries to
+one user are serialised inside a process so two parallel LMTP deliveries
+cannot both squeeze under the same quota; separate ``mailbag deliver``
+processes are not serialised with each other, so the quota can be exceeded
+by at most the messages in flight at once (the same trade-off Dovecot
+makes with its default quota backend).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import enum
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailbag.auth.users import UserDatabase, UserRecord
+from mailbag.errors import (
+    InvalidUsername,
+    MailbagError,
+    MessageTooLarge,
+    PermanentStorageError,
+    QuotaExceeded,
+    StorageError,
+    UnknownUser,
+)
+from mailbag.logs import log_event
+from mailbag.protocol.lmtp import Status
+from mailbag.storage.base import Store
+from mailbag.wireform import wire_size
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaDefaults:
+    """Limits for users whose users-file line sets none (0 = unlimited)."""
+
+    bytes: int = 0
+    messages: int = 0
+    #: Answer "over quota" with 452 4.2.2 (MTA retries) instead of 552 5.2.2 (bounce).
+    tempfail: bool = False
+
+
+class Outcome(enum.Enum):
+    """What became of one recipient's copy; the LDA maps these to sysexits."""
+
+    DELIVERED = "delivered"
+    UNKNOWN_USER = "unknown user"
+    TOO_LARGE = "too large"
+    OVER_QUOTA = "over quota"
+    TEMPORARY = "temporary failure"
+    PERMANENT = "permanent failure"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """The outcome, the reply for the MTA, and the new UIDL when delivered."""
+
+    outcome: Outcome
+    status: Status
+    uid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What the MTA told us about one copy; ``None`` fields add no header.
+
+    ``sender`` becomes ``Return-Path:`` (``""`` is the null sender ``<>``),
+    ``recipient`` becomes ``Delivered-To:`` and the ``for`` clause of
+    ``Received:``; ``protocol`` (``LMTP`` or ``None`` for the LDA) and
+    ``helo``/``peer`` describe the hop in ``Received:``.
+    """
+
+    sender: str | None = None
+    recipient: str | None = None
+    protocol: str | None = None
+    helo: str = ""
+    peer: str = ""
+    id: str = ""
+    received: bool = True
+
+
+def _clean(text: str) -> str:
+    """Make an envelope value safe inside a header: no controls, no line breaks."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:998]
+
+
+def line_ending(message: bytes) -> bytes:
+    """The message's own line ending, so added headers match the rest (CRLF or LF)."""
+    nl = message.find(b"\n")
+    if nl > 0 and message[nl - 1 : nl] == b"\r":
+        return b"\r\n"
+    return b"\n"
+
+
+def trace_headers(
+    envelope: Envelope, *, hostname: str, eol: bytes, now: float | None = None
+) -> bytes:
+    """``Return-Path:``, ``Delivered-To:`` and ``Received:`` as LDAs conventionally add them.
+
+    Order top-down as Postfix local and Dovecot LMTP write them: the
+    Return-Path of the final delivery first (RFC 5321 section 4.4), then
+    Delivered-To (used by MTAs for loop detection), then our Received line.
+    """
+    lines: list[str] = []
+    if envelope.sender is not None:
+        lines.append(f"Return-Path: <{_clean(envelope.sender)}>")
+    if envelope.recipient is not None:
+        lines.append(f"Delivered-To: {_clean(envelope.recipient)}")
+    if envelope.received:
+        date = email.utils.formatdate(now, localtime=True)
+        parts = ["Received:"]
+        if envelope.protocol:
+            source = _clean(envelope.helo) or "unknown"
+            peer = f" ({_clean(envelope.peer)})" if envelope.peer else ""
+            parts.append(f"from {source}{peer}")
+            parts.append(f"by {hostname} (mailbag) with {envelope.protocol}")
+        else:
+            parts.append(f"by {hostname} (mailbag deliver)")
+        if envelope.id:
+            parts.append(f"id {_clean(envelope.id)}")
+        if envelope.recipient is not None:
+            parts.append(f"for <{_clean(envelope.recipient)}>")
+        parts[-1] += ";"
+        # Folded with a tab like every MTA's Received line (RFC 5322 section 2.2.3).
+        lines.append(parts[0] + " " + f"{eol.decode()}\t".join(parts[1:]) + " " + date)
+    return b"".join(line.encode("utf-8") + eol for line in lines)
+
+
+class DeliveryAgent:
+    """Checks and stores one message for one recipient at a time."""
+
+    def __init__(
+        self,
+        store: Store,
+        users: UserDatabase,
+        *,
+        hostname: str = "localhost",
+        max_message_size: int = 0,
+        quota: QuotaDefaults | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.users = users
+        self.hostname = hostname
+        self.max_message_size = max_message_size
+        self.quota = quota or QuotaDefaults()
+        self._clock = clock
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def lookup(self, address: str) -> UserRecord | None:
+        """The account an address names, or None.
+
+        The users file decides (``name`` and ``name@default_domain`` are
+        the same account).  Raises ``AuthError`` when the users file itself
+        cannot be read: that is a temporary failure, not "no such user".
+        """
+        try:
+            return self.users.lookup(address)
+        except InvalidUsername:
+            return None
+
+    def limits(self, record: UserRecord) -> tuple[int, int]:
+        """(bytes, messages) limits for ``record``; a per-user value wins, 0 = unlimited."""
+        qb = record.quota_bytes if record.quota_bytes is not None else self.quota.bytes
+        qm = record.quota_messages if record.quota_messages is not None else self.quota.messages
+        return qb, qm
+
+    def _lock(self, user: str) -> asyncio.Lock:
+        lock = self._locks.get(user)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[user] = lock
+        return lock
+
+    async def deliver(
+        self, record: UserRecord, message: bytes, envelope: Envelope
+    ) -> DeliveryResult:
+        """Store ``message`` for ``record`` with trace headers; never raises MailbagError."""
+        who = envelope.recipient or record.name
+        if self.max_message_size and len(message) > self.max_message_size:
+            return DeliveryResult(
+                Outcome.TOO_LARGE,
+                Status(552, "5.3.4", f"<{who}> Message too large"),
+            )
+        eol = line_ending(message)
+        stored = (
+            trace_headers(envelope, hostname=self.hostname, eol=eol, now=self._clock()) + message
+        )
+        lock = self._lock(record.name)
+        async with lock:
+            try:
+                refusal = await self._check_quota(record, stored, who)
+                if refusal is not None:
+                    return refusal
+                uid = await self.store.deliver(record.name, stored)
+            except MailbagError as exc:
+                result = self._failure(exc, who)
+                log_event("delivery-failed", logging.WARNING, user=record.name,
+                          outcome=result.outcome.value, error=str(exc))
+                return result
+        return DeliveryResult(
+            Outcome.DELIVERED, Status(250, "2.0.0", f"<{who}> Saved as {uid}"), uid
+        )
+
+    async def _check_quota(
+        self, record: UserRecord, stored: bytes, who: str
+    ) -> DeliveryResult | None:
+        """Refuse whole if storing would exceed a limit (RFC 3463 X.2.2 mailbox full)."""
+        max_bytes, max_messages = self.limits(record)
+        if not max_bytes and not max_messages:
+            return None
+        size = wire_size([stored])
+        usage = await self.store.usage(record.name)
+        over = (max_messages and usage.messages + 1 > max_messages) or (
+            max_bytes and usage.octets + size > max_bytes
+        )
+        if not over:
+            return None
+        log_event("over-quota", user=record.name, messages=usage.messages,
+                  octets=usage.octets, size=size)
+        # Bigger than the whole quota: waiting cannot help, so never tempfail that.
+        if self.quota.tempfail and not (max_bytes and size > max_bytes):
+            return DeliveryResult(Outcome.OVER_QUOTA, Status(452, "4.2.2", f"<{who}> Mailbox full"))
+        return DeliveryResult(Outcome.OVER_QUOTA, Status(552, "5.2.2", f"<{who}> Mailbox full"))
+
+    def _failure(self, exc: MailbagError, who: str) -> DeliveryResult:
+        """Map an exception family to its reply (errors.py documents the mapping)."""
+        if isinstance(exc, QuotaExceeded):
+            return DeliveryResult(Outcome.OVER_QUOTA, Status(552, "5.2.2", f"<{who}> Mailbox full"))
+        if isinstance(exc, MessageTooLarge):
+            return DeliveryResult(
+                Outcome.TOO_LARGE, Status(552, "5.3.4", f"<{who}> Message too large")
+            )
+        if isinstance(exc, UnknownUser | InvalidUsername):
+            return DeliveryResult(
+                Outcome.UNKNOWN_USER, Status(550, "5.1.1", f"<{who}> User unknown")
+            )
+        if isinstance(exc, PermanentStorageError):
+            return DeliveryResult(
+                Outcome.PERMANENT, Status(554, "5.3.0", f"<{who}> Cannot store message")
+            )
+        if isinstance(exc, StorageError):
+            return DeliveryResult(
+                Outcome.TEMPORARY,
+                Status(451, "4.3.0", f"<{who}> Temporary storage failure, try again later"),
+            )
+        return DeliveryResult(
+            Outcome.TEMPORARY, Status(451, "4.3.0", f"<{who}> Temporary failure, try again later")
+        )
