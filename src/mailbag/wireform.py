@@ -43,7 +43,10 @@ class CrlfNormalizer:
         if not chunk:
             return b""
         if b"\n" in chunk:
-            chunk = chunk.replace(CRLF, b"\n").replace(b"\n", CRLF)
+            # Maildir files usually hold bare LF only: then one pass does it.
+            if b"\r" in chunk:
+                chunk = chunk.replace(CRLF, b"\n")
+            chunk = chunk.replace(b"\n", CRLF)
         self._at_line_start = chunk.endswith(CRLF)
         return chunk
 

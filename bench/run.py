@@ -1,0 +1,407 @@
+"""mailbag vs Dovecot, side by side: ``python bench/run.py`` (or ``make bench``).
+
+One command on a fresh machine: installs Dovecot (apt-get) and the chart
+library (pip, into the running interpreter's environment) if missing,
+creates the shared Maildir data, starts a private Dovecot and a mailbag
+server on loopback ports, runs every scenario against each server
+alternately (A B A B ...), and writes ``docs/benchmarks.md`` (results
+section) plus one PNG chart per scenario in ``docs/benchmarks/``.
+
+Scenarios (see docs/benchmarks.md for the why of each):
+  sessions  connect-USER/PASS-STAT-UIDL-QUIT per second at concurrency 1 and 50,
+            with PLAIN and with ARGON2ID passwords on both servers;
+  retr      RETR MB/s and messages/s for ~10 KB and ~1 MiB messages, bytes verified;
+  bigbox    a 100,000-message maildrop: first session STAT+UIDL without index, then warm;
+  memory    server RSS/PSS per idle authenticated connection at 1,000 connections;
+  capacity  most concurrent authenticated sessions held while a trickle of new
+            sessions still completes under 1 s at p99 (aim 10,000).
+
+Bounded: the full run takes about 12-15 minutes, ``--quick`` about 2-3 (plus a
+one-time data setup of under a minute, reused afterwards).  Run it as root
+(Dovecot's private instance needs to switch users), on an otherwise quiet
+machine; the load average is recorded with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import data  # noqa: E402
+import report  # noqa: E402
+import servers  # noqa: E402
+
+LOAD = HERE / "load.py"
+SERVERS = ("mailbag", "dovecot")
+
+
+def log(*parts: object) -> None:
+    """Progress on stderr, so the run can be followed."""
+    print(time.strftime("%H:%M:%S"), *parts, file=sys.stderr, flush=True)
+
+
+def ensure_python_deps() -> None:
+    """matplotlib (charts) and uvloop (load generator, mailbag's [fast] extra) if missing."""
+    missing = [m for m in ("matplotlib", "uvloop") if importlib.util.find_spec(m) is None]
+    if missing:
+        log("pip install", *missing)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *missing], check=True)
+
+
+def raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit; children (both servers, the client) inherit it."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def loadavg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def mem_available_kib() -> int:
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    dovecot = subprocess.run([servers.DOVECOT, "--version"], capture_output=True, text=True)
+    try:
+        import uvloop
+
+        uv = uvloop.__version__
+    except ImportError:
+        uv = "not installed"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "uvloop": uv,
+        "dovecot": dovecot.stdout.strip(),
+        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    }
+
+
+class Bench:
+    """Runs the scenarios and collects raw figures."""
+
+    def __init__(self, args: argparse.Namespace, srv: dict[str, servers.Server],
+                 paths: dict[str, Path], layout: data.Layout) -> None:
+        self.args = args
+        self.srv = srv
+        self.paths = paths
+        self.layout = layout
+        self.results: dict[str, Any] = {}
+
+    def load(self, name: str, *scenario: str, timeout: float = 600) -> dict[str, Any]:
+        """Run one load-generator subprocess against server ``name``; its JSON result."""
+        cmd = [sys.executable, str(LOAD), "--port", str(self.srv[name].port),
+               "--password", data.PASSWORD, *scenario]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"load {scenario} on {name} failed: {out.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        result["load"] = loadavg()
+        return result
+
+    def alternate(self, reps: int, run: Callable[[str], dict[str, Any]]) -> dict[str, list[Any]]:
+        """A B A B ...: each rep runs mailbag then Dovecot."""
+        runs: dict[str, list[Any]] = {name: [] for name in SERVERS}
+        for rep in range(reps):
+            for name in SERVERS:
+                result = run(name)
+                runs[name].append(result)
+                log(f"  rep {rep + 1}/{reps} {name}: {compact(result)}")
+        return runs
+
+    # ---------------------------------------------------------------- scenarios
+
+    def sessions(self) -> None:
+        quick = self.args.quick
+        out: dict[str, Any] = {}
+        for scheme in ("plain", "argon"):
+            seconds = (2.0 if quick else 5.0) * (2 if scheme == "argon" else 1)
+            for name in SERVERS:  # prime both servers' indexes for these users (untimed)
+                self.load(name, "sessions", "--prefix", f"s{scheme}", "--concurrency",
+                          str(self.layout.session_users), "--seconds", "1.5")
+            for concurrency in (1, 50):
+                key = f"{scheme}-c{concurrency}"
+                log(f"sessions {key}")
+                argv = ["sessions", "--prefix", f"s{scheme}", "--concurrency",
+                        str(concurrency), "--seconds", str(seconds)]
+                out[key] = self.alternate(self.args.reps,
+                                          lambda name, a=argv: self.load(name, *a))
+        self.results["sessions"] = out
+
+    def retr(self) -> None:
+        seconds = 3.0 if self.args.quick else 6.0
+        out: dict[str, Any] = {}
+        for label, user, expect in (("10KB", "retrsmall", "expect_small"),
+                                    ("1MiB", "retrlarge", "expect_large")):
+            for name in SERVERS:  # first pass primes indexes and the page cache
+                self.load(name, "retr", "--user", user, "--expect", str(self.paths[expect]),
+                          "--seconds", "0.5")
+            log(f"retr {label}")
+            out[label] = self.alternate(self.args.reps, lambda name, u=user, e=expect:
+                                        self.load(name, "retr", "--user", u, "--expect",
+                                                  str(self.paths[e]), "--seconds", str(seconds)))
+        self.results["retr"] = out
+
+    def _drop_index(self, name: str) -> None:
+        box = self.paths["mail"] / "big"
+        pattern = "mailbag.index" if name == "mailbag" else "dovecot*"
+        for path in glob.glob(str(box / pattern)):
+            if os.path.isfile(path):
+                os.unlink(path)
+
+    def bigbox(self) -> None:
+        log("bigbox: priming (untimed; Dovecot moves new/ to cur/ on its first session)")
+        for name in SERVERS:
+            self.load(name, "bigbox", "--user", "big")
+
+        def run(name: str) -> dict[str, Any]:
+            self._drop_index(name)
+            cold = self.load(name, "bigbox", "--user", "big")
+            warm = self.load(name, "bigbox", "--user", "big")
+            return {"cold": cold["seconds"], "warm": warm["seconds"], "stat": cold["stat"],
+                    "uidl_lines": warm["uidl_lines"], "load": warm["load"]}
+
+        log("bigbox")
+        self.results["bigbox"] = self.alternate(1 if self.args.quick else self.args.reps, run)
+
+    @contextlib.contextmanager
+    def holder(self, name: str) -> Iterator[Callable[[str], dict[str, Any]]]:
+        """A ``load.py hold`` subprocess driven line by line."""
+        cmd = [sys.executable, str(LOAD), "--port", str(self.srv[name].port),
+               "--password", data.PASSWORD, "hold", "--prefix", "hold",
+               "--trickle-prefix", "trickle", "--trickle-users",
+               str(self.layout.trickle_users)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        stdin, stdout = proc.stdin, proc.stdout
+        json.loads(stdout.readline())
+
+        def ask(line: str) -> dict[str, Any]:
+            stdin.write(line + "\n")
+            stdin.flush()
+            reply = stdout.readline()
+            if not reply:
+                raise RuntimeError(f"holder died during {line!r}")
+            return dict(json.loads(reply))
+
+        try:
+            yield ask
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.write("quit\n")
+                stdin.flush()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _settle(self, name: str, processes: int) -> None:
+        """After a holder exits, wait (bounded) for Dovecot's per-session processes to go."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(self.srv[name].pids()) > processes + 2:
+            time.sleep(0.5)
+
+    def memory(self) -> None:
+        count = 1000
+
+        def run(name: str) -> dict[str, Any]:
+            server = self.srv[name]
+            before = server.memory()
+            with self.holder(name) as ask:
+                grown = ask(f"grow {count}")
+                alive = ask("check")
+                time.sleep(1.0)
+                during = server.memory()
+            self._settle(name, int(before["processes"]))
+            return {
+                "held": grown["held"], "alive": alive["alive"],
+                "before": before, "during": during,
+                "rss_per_conn_kib": during["rss_kib"] / count,
+                "pss_per_conn_kib": during["pss_kib"] / count,
+                "rss_delta_per_conn_kib": (during["rss_kib"] - before["rss_kib"]) / count,
+                "pss_delta_per_conn_kib": (during["pss_kib"] - before["pss_kib"]) / count,
+                "load": loadavg(),
+            }
+
+        log(f"memory at {count} idle authenticated connections")
+        self.results["memory"] = self.alternate(1 if self.args.quick else 2, run)
+
+    def capacity(self) -> None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        # mailbag holds two descriptors per session (socket + maildrop lock); keep headroom.
+        fd_cap = (nofile - 100) // 2
+        target = 2000 if self.args.quick else 10_000
+        steps = [500, 2000] if self.args.quick else [1000, 2500, 5000, 7500, 10_000]
+        rate, seconds = (20.0, 3.0) if self.args.quick else (20.0, 5.0)
+        out: dict[str, Any] = {"target": target, "fd_cap": fd_cap, "nofile": nofile,
+                               "trickle_rate": rate, "trickle_seconds": seconds}
+        for name in SERVERS:
+            log(f"capacity {name}")
+            server = self.srv[name]
+            base = server.memory()
+            levels: list[dict[str, Any]] = []
+            stop_reason = "reached target"
+            started = time.monotonic()
+            with self.holder(name) as ask:
+                for level in steps:
+                    if name == "mailbag" and level > fd_cap:
+                        level = fd_cap
+                        if levels and levels[-1]["level"] >= level:
+                            stop_reason = f"descriptor limit ({nofile})"
+                            break
+                    held = levels[-1]["held"] if levels else 0
+                    if levels and held:
+                        now = server.memory()
+                        per = (now["pss_kib"] - base["pss_kib"]) / held
+                        need = per * (level - held) * 1.3
+                        if mem_available_kib() - need < 3 * 2**20:
+                            stop_reason = (f"memory guard: {level} would need ~{need / 2**20:.1f}"
+                                           f" GiB more, {mem_available_kib() / 2**20:.1f} free")
+                            break
+                    grown = ask(f"grow {level}")
+                    alive = ask("check")
+                    trickle = ask(f"trickle {rate} {seconds}")
+                    mem = server.memory()
+                    ok = (grown["held"] >= level and alive["alive"] == grown["held"]
+                          and trickle["failures"] == 0 and trickle["p99_ms"] < 1000)
+                    entry = {"level": level, "held": grown["held"], "alive": alive["alive"],
+                             "grow_seconds": grown["seconds"], "grow_failures": grown["failures"],
+                             "first_failure": grown["first_failure"] or trickle["first_failure"],
+                             "trickle": trickle, "memory": mem, "ok": ok, "load": loadavg()}
+                    levels.append(entry)
+                    log(f"  {name} level {level}: {compact(entry)}")
+                    if not ok:
+                        stop_reason = "failed at this level"
+                        break
+                    if time.monotonic() - started > (120 if self.args.quick else 420):
+                        stop_reason = "time budget"
+                        break
+                else:
+                    if levels and levels[-1]["level"] < target:
+                        stop_reason = f"descriptor limit ({nofile})"
+            self._settle(name, int(base["processes"]))
+            passed = [e["held"] for e in levels if e["ok"]]
+            out[name] = {"levels": levels, "capacity": max(passed, default=0),
+                         "stop_reason": stop_reason}
+        self.results["capacity"] = out
+
+
+def compact(result: dict[str, Any]) -> str:
+    """A one-line summary of a result for the progress log."""
+    keys = ("rate", "p99_ms", "mb_per_s", "msgs_per_s", "bad", "errors", "cold", "warm",
+            "pss_per_conn_kib", "rss_per_conn_kib", "held", "alive", "ok", "load")
+    parts = []
+    for key in keys:
+        if key in result:
+            value = result[key]
+            parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
+    if "trickle" in result:
+        parts.append(f"trickle_p99={result['trickle']['p99_ms']:.0f}ms")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (~2-3 minutes)")
+    parser.add_argument("--reps", type=int, help="A B pairs per figure (default 3, quick 2)")
+    parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(report.ORDER))
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/mailbag-bench"),
+                        help="Maildirs, configs and logs (data is reused between runs)")
+    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
+    parser.add_argument("--no-report", action="store_true", help="print JSON, leave docs alone")
+    args = parser.parse_args(argv)
+    args.reps = args.reps or (2 if args.quick else 3)
+    only = args.only.split(",") if args.only else list(report.ORDER)
+
+    started = time.monotonic()
+    servers.ensure_dovecot()
+    ensure_python_deps()
+    raise_fd_limit()
+    layout = data.Layout()
+    workdir: Path = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o755)
+    owner = servers.mail_owner()
+    users = data.users_file_lines(layout, servers.argon2_hash(data.PASSWORD))
+    paths = data.build(workdir, layout, users, owner, log=log)
+    max_conn = layout.hold_users + 500
+    srv: dict[str, servers.Server] = {}
+    for name, cls in (("mailbag", servers.Mailbag), ("dovecot", servers.Dovecot)):
+        home = workdir / name
+        home.mkdir(exist_ok=True)
+        home.chmod(0o755)
+        srv[name] = cls(home, paths["mail"], paths["users"], max_conn)
+    env_machine = machine()
+    results: dict[str, Any] = {
+        "command": "python bench/run.py" + (" " + shlex.join(argv or sys.argv[1:])
+                                            if (argv or sys.argv[1:]) else ""),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": env_machine,
+        "quick": args.quick,
+        "reps": args.reps,
+        "load_start": os.getloadavg(),
+    }
+    bench = Bench(args, srv, paths, layout)
+    try:
+        for server in srv.values():
+            server.start()
+            log(f"{server.name} listening on 127.0.0.1:{server.port}")
+        for scenario in report.ORDER:
+            if scenario in only:
+                getattr(bench, scenario)()
+    finally:
+        for server in srv.values():
+            server.stop()
+    results.update(bench.results)
+    results["load_end"] = os.getloadavg()
+    results["minutes"] = round((time.monotonic() - started) / 60, 1)
+    raw = HERE / ("results-quick.json" if args.quick else "results.json")
+    raw.write_text(json.dumps(results, indent=1))
+    log(f"raw figures in {raw}; {results['minutes']} minutes")
+    if args.no_report:
+        print(json.dumps(results, indent=1))
+    else:
+        report.write(results, args.out)
+        log(f"wrote {args.out}")
+    summary = report.summary(results)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,287 @@
+"""Both servers for the side-by-side benchmark, on the same Maildirs, each on private ports.
+
+``Dovecot`` writes its own ``dovecot.conf`` (own base_dir, state_dir,
+instance_name, log file and loopback port; never the system instance) and
+runs ``dovecot -F -c``; ``Mailbag`` writes a ``mailbag.toml`` and runs
+``python -m mailbag serve``.  Both read the same passwd-file format
+(``name:{SCHEME}data``), and ``write_users`` writes the *same* entries to
+both files, so the hashing scheme and cost are identical by construction.
+
+Dovecot refuses to access mail as root, so the Maildirs belong to the
+``dovecot`` system user; mailbag runs as the invoking user (root here) and
+can read them.  Tuning chosen for Dovecot, following its documentation
+(doc.dovecot.org, "Login processes" and "Service configuration"):
+
+* ``service pop3-login { service_count = 0; process_min_avail = <cores>;
+  client_limit = 2000 }``: the documented *high-performance mode*: a few
+  long-lived login processes, one per core, each multiplexing many
+  not-yet-authenticated connections, instead of one process per connection.
+* ``service pop3 { client_limit = 1; process_limit = 10500 }``: the docs
+  recommend ``client_limit = 1`` for mail processes (they block on disk and
+  locks); ``process_limit`` must cover the concurrent sessions we hold.
+* ``default_client_limit = 11000``: log, anvil, stats and config accept one
+  connection from every mail process; 1000 would cap sessions there.
+* ``default_vsz_limit = 1G``: Argon2 with m=64 MiB plus the docs' advice to
+  grow vsz_limit with ``service_count = 0``.
+* ``pop3_lock_session = yes``: the RFC 1939 exclusive-access lock that
+  mailbag always takes, so both do the same work.
+* logging at the default level (info: one line per login and logout) to a
+  file, the same as mailbag's ``log.level = "info"`` to a file.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DOVECOT = "/usr/sbin/dovecot"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    """Block until ``port`` accepts connections, or fail with the server's log."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log.read_text(errors='replace')[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start listening on {port}")
+
+
+def mail_owner() -> tuple[int, int]:
+    """uid/gid that owns the Maildirs: ``dovecot`` as root, else ourselves."""
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("dovecot")
+        return pw.pw_uid, pw.pw_gid
+    return os.geteuid(), os.getegid()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc), for memory accounting."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    result, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        result.append(current)
+        todo.extend(children.get(current, []))
+    return result
+
+
+def memory_of(pids: list[int]) -> dict[str, float]:
+    """Sum of RSS and of PSS (shared pages split between sharers) in KiB over ``pids``."""
+    rss = pss = 0
+    counted = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+                text = f.read()
+        except OSError:
+            continue
+        counted += 1
+        for line in text.splitlines():
+            if line.startswith("Rss:"):
+                rss += int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1])
+    return {"rss_kib": rss, "pss_kib": pss, "processes": counted}
+
+
+class Server:
+    """Common start/stop for a server subprocess."""
+
+    name = "server"
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = free_port()
+        self.log = home / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=subprocess.DEVNULL, stderr=log, cwd=self.home
+            )
+        wait_for_port(self.port, self.proc, self.name, self.log)
+
+    def pids(self) -> list[int]:
+        assert self.proc is not None
+        return process_tree(self.proc.pid)
+
+    def memory(self) -> dict[str, float]:
+        return memory_of(self.pids())
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+class Mailbag(Server):
+    """``python -m mailbag serve`` with a generated config."""
+
+    name = "mailbag"
+
+    def __init__(self, home: Path, mail_root: Path, users: Path, max_connections: int) -> None:
+        super().__init__(home)
+        self.config = home / "mailbag.toml"
+        # As root, run as the Maildirs' owner, like Dovecot's mail processes.
+        process = f'\n[process]\nuser = "{pwd.getpwuid(mail_owner()[0]).pw_name}"\n' if (
+            os.geteuid() == 0) else ""
+        self.config.write_text(f"""\
+[server]
+hostname = "bench"
+listen = ["127.0.0.1:{self.port}"]
+listen_tls = []
+
+[storage]
+maildir = "{mail_root}/{{user}}"
+
+[auth]
+users_file = "{users}"
+
+[limits]
+max_connections = {max_connections}
+max_connections_per_ip = {max_connections}
+
+[log]
+level = "info"
+{process}""")
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mailbag", "serve", "-c", str(self.config)]
+
+
+class Dovecot(Server):
+    """A private ``dovecot -F`` with its own config, base_dir and port."""
+
+    name = "dovecot"
+
+    def __init__(self, home: Path, mail_root: Path, users: Path, max_connections: int) -> None:
+        super().__init__(home)
+        self.config = home / "dovecot.conf"
+        cores = os.cpu_count() or 1
+        if os.geteuid() == 0:
+            internal, login, mail_user = "dovecot", "dovenull", "dovecot"
+        else:
+            internal = login = mail_user = pwd.getpwuid(os.geteuid()).pw_name
+        for sub in ("run", "state"):
+            (home / sub).mkdir(exist_ok=True)
+        self.config.write_text(f"""\
+base_dir = {home}/run
+state_dir = {home}/state
+instance_name = mailbag-bench-{os.getpid()}-{self.port}
+protocols = pop3
+listen = 127.0.0.1
+log_path = {self.log}
+ssl = no
+auth_mechanisms = plain
+disable_plaintext_auth = no
+default_internal_user = {internal}
+default_login_user = {login}
+mail_uid = {mail_user}
+mail_gid = {mail_user}
+first_valid_uid = 1
+first_valid_gid = 1
+mail_location = maildir:{mail_root}/%u
+pop3_uidl_format = %08Xu%08Xv
+pop3_lock_session = yes
+default_client_limit = {max_connections + 1000}
+default_vsz_limit = 1G
+passdb {{
+  driver = passwd-file
+  args = username_format=%u {users}
+}}
+userdb {{
+  driver = static
+  args = home={mail_root}/%u
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {self.port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+  service_count = 0
+  process_min_avail = {cores}
+  client_limit = 2000
+}}
+service pop3 {{
+  client_limit = 1
+  process_limit = {max_connections + 500}
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = 0
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+""")
+
+    def command(self) -> list[str]:
+        return [DOVECOT, "-F", "-c", str(self.config)]
+
+
+def ensure_dovecot() -> None:
+    """Install Dovecot's POP3 server with apt-get if it is missing (a fresh machine)."""
+    if os.path.exists(DOVECOT) and shutil.which("doveadm"):
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("Dovecot is missing; run as root once, or: apt-get install dovecot-pop3d")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+         "dovecot-core", "dovecot-pop3d"],
+        check=True, env=env,
+    )
+
+
+def argon2_hash(password: str) -> str:
+    """One ``{ARGON2ID}`` hash made by Dovecot itself (libsodium's defaults)."""
+    out = subprocess.run(
+        ["doveadm", "pw", "-s", "ARGON2ID", "-p", password],
+        check=True, capture_output=True, text=True,
+    )
+    return out.stdout.strip()
