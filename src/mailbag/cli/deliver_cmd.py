@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from mailbag.cli.common import add_config_option, config_from_args
@@ -35,6 +36,7 @@ from mailbag.cli.wiring import (
     check_mail_root,
 )
 from mailbag.errors import AuthError, ConfigError
+from mailbag.logs import LOGGER_NAME
 from mailbag.session.delivery import DeliveryAgent, Envelope, Outcome
 
 EX_OK = 0
@@ -68,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     """Handle ``mailbag deliver``; never raises, always returns a sysexits code."""
+    # stderr is the MTA's bounce text: the status line must come first, so the
+    # structured log (meant for the server's log) is not printed here.
+    logging.getLogger(LOGGER_NAME).addHandler(logging.NullHandler())
     try:
         config = config_from_args(args)
         check_mail_root(config)
