@@ -102,3 +102,15 @@ def test_deliver_exit_78_bad_config(mailbag_home: MailbagServer) -> None:
     mailbag_home.config.write_text("[lmtp]\nlisten = [\"nonsense\"]\n")
     result = deliver(mailbag_home, "demo", stdin=b"S: x\n\nb\n")
     assert result.returncode == 78 and b"lmtp.listen" in result.stderr
+
+
+def test_user_list_shows_usage_and_quota(mailbag_home: MailbagServer) -> None:
+    """`mailbag user quota` sets limits; `user list` shows usage next to them."""
+    config = str(mailbag_home.config)
+    base = [sys.executable, "-m", "mailbag", "user"]
+    subprocess.run([*base, "quota", "demo", "--bytes", "5000", "--messages", "10", "-c", config],
+                   check=True, capture_output=True, timeout=60)
+    assert deliver(mailbag_home, "demo", stdin=b"S: x\n\nb\n").returncode == 0
+    out = subprocess.run([*base, "list", "-c", config], check=True, capture_output=True,
+                         timeout=60).stdout.decode()
+    assert out.split("\n")[1].split() == ["demo", "1", "11", "10", "5000"]

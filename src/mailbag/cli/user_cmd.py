@@ -49,6 +49,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_config_option(delete)
     delete.set_defaults(handler=run_del)
 
+    quota = sub.add_parser(
+        "quota",
+        help="set an account's quota",
+        description="Set the account's limits; an omitted limit falls back to [quota] "
+        "in the config, and 0 means unlimited.",
+    )
+    quota.add_argument("name")
+    quota.add_argument("--bytes", type=int, help="octets, as POP3 counts them")
+    quota.add_argument("--messages", type=int, help="number of messages")
+    add_config_option(quota)
+    quota.set_defaults(handler=run_quota)
+
     listing = sub.add_parser("list", help="list accounts and mailbox usage")
     add_config_option(listing)
     listing.set_defaults(handler=run_list)
@@ -82,19 +94,35 @@ def run_del(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_quota(args: argparse.Namespace) -> int:
+    """Handle ``user quota``: delivery refuses what would exceed it (552 5.2.2)."""
+    users = build_users(config_from_args(args))
+    users.set_quota(args.name, bytes=args.bytes, messages=args.messages)
+    print(f"Set quota of {args.name}: bytes={args.bytes or '-'} messages={args.messages or '-'}")
+    return 0
+
+
 def run_list(args: argparse.Namespace) -> int:
-    """Handle ``user list``: name, messages, octets."""
+    """Handle ``user list``: name, messages, octets, and quota limits where set.
+
+    The limits shown are the effective ones (the user's own, else ``[quota]``),
+    so an administrator sees what delivery will enforce.
+    """
     config = config_from_args(args)
     users = build_users(config)
     store = build_store(config)
     records = users.list()
     width = max((len(r.name) for r in records), default=4)
-    print(f"{'USER':<{width}}  {'MESSAGES':>8}  {'OCTETS':>12}")
+    print(f"{'USER':<{width}}  {'MESSAGES':>8}  {'OCTETS':>12}  "
+          f"{'QUOTA MSGS':>10}  {'QUOTA OCTETS':>12}")
     for record in records:
         try:
             usage = asyncio.run(store.usage(record.name))
             count, octets = str(usage.messages), str(usage.octets)
         except StorageError:
             count, octets = "?", "?"
-        print(f"{record.name:<{width}}  {count:>8}  {octets:>12}")
+        qb = record.quota_bytes if record.quota_bytes is not None else config.quota.bytes
+        qm = record.quota_messages if record.quota_messages is not None else config.quota.messages
+        print(f"{record.name:<{width}}  {count:>8}  {octets:>12}  "
+              f"{qm or '-':>10}  {qb or '-':>12}")
     return 0
