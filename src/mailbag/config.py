@@ -98,6 +98,28 @@ class StorageSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessSettings:
+    """Who the server runs as once its ports are bound, and how it creates files."""
+
+    #: Account to switch to after binding when started as root ("" = stay as started).
+    user: str = ""
+    #: Group to switch to ("" = the user's primary group).
+    group: str = ""
+    #: Serving as root is refused unless this is true (a bug must not own the machine).
+    allow_root: bool = False
+    #: File creation mask: 0o077 makes mail files 0600 and directories 0700.
+    umask: int = 0o077
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """The optional HTTP endpoint for Prometheus (``/metrics``) and health checks (``/healthz``)."""
+
+    #: ``host:port`` to serve on; "" disables it.  Keep it on loopback or a private network.
+    listen: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class LmtpSettings:
     """LMTP delivery from the MTA (RFC 2033); off unless a listener or socket is set."""
 
@@ -136,6 +158,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     lmtp: LmtpSettings = field(default_factory=LmtpSettings)
     quota: QuotaSettings = field(default_factory=QuotaSettings)
+    process: ProcessSettings = field(default_factory=ProcessSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log_level: str = "info"
     log_format: str = "text"
 
@@ -244,7 +268,9 @@ def _lmtp_settings(section: dict[str, Any], base: Path) -> LmtpSettings:
 def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Config:
     """Build a ``Config`` from parsed TOML (also used by tests and the demo)."""
     base = path.parent if path is not None else Path.cwd()
-    known_top = {"server", "tls", "storage", "auth", "limits", "log", "lmtp", "quota"}
+    known_top = {
+        "server", "tls", "storage", "auth", "limits", "log", "lmtp", "quota", "process", "metrics",
+    }
     for key in data:
         if key not in known_top:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known_top))})")
@@ -286,6 +312,12 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         raise ConfigError("limits.max_command_line: must be at least 64")
     if any(a.tls for a in listen) and (tls_settings.cert is None or tls_settings.key is None):
         raise ConfigError("server.listen_tls: needs tls.cert and tls.key")
+    process: ProcessSettings = _build(ProcessSettings, _section(data, "process"), "process", base)
+    if process.umask > 0o777:
+        raise ConfigError("process.umask: expected an octal mask such as 0o077")
+    metrics: MetricsSettings = _build(MetricsSettings, _section(data, "metrics"), "metrics", base)
+    if metrics.listen:
+        parse_listen(metrics.listen, key="metrics.listen")
     lmtp = _lmtp_settings(_section(data, "lmtp"), base)
     quota: QuotaSettings = _build(QuotaSettings, _section(data, "quota"), "quota", base)
     return Config(
@@ -299,6 +331,8 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         limits=limits,
         lmtp=lmtp,
         quota=quota,
+        process=process,
+        metrics=metrics,
         log_level=level,
         log_format=fmt,
     )

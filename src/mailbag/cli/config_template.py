@@ -11,7 +11,7 @@ from __future__ import annotations
 TEMPLATE = """\
 # mailbag configuration (TOML). Every setting is shown with its default.
 # Relative paths are relative to the directory of this file.
-# Check it with:  mailbag serve -c {config_name}   (errors name the key at fault)
+# Check it with:  mailbag check -c {config_name}   (errors name the key at fault)
 
 [server]
 # Name used in the greeting's APOP timestamp (<pid.n.clock@hostname>).
@@ -78,6 +78,23 @@ max_auth_failures = 3
 # On SIGTERM/SIGINT, seconds open sessions get to finish before they are cut
 # (a cut session never applies its deletions).
 shutdown_grace = 10.0
+
+[process]
+# When started as root, mailbag binds its ports and then switches to this
+# account before it reads a single network byte ("" = keep running as started).
+user = ""
+# Group to switch to ("" = the user's primary group).
+group = ""
+# Serving as root is refused unless this is true. Leave it false.
+allow_root = false
+# File creation mask: 0o077 makes mail files 0600 and directories 0700.
+umask = 0o077
+
+[metrics]
+# HTTP endpoint with Prometheus metrics (/metrics) and a health check
+# (/healthz), e.g. "127.0.0.1:9110". "" = off. It has no authentication:
+# keep it on loopback or a private network. Needs: pip install 'mailbag[metrics]'.
+listen = ""
 
 [lmtp]
 # LMTP (RFC 2033) listeners for mail handed over by the MTA, e.g. ["127.0.0.1:24"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -63,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config_path = prepare_demo(home, args.port)
         config = load_config(config_path)
+        # A loopback toy that lives for one terminal session: root is allowed here.
+        config = dataclasses.replace(
+            config, process=dataclasses.replace(config.process, allow_root=True)
+        )
         print(
             f"mailbag demo: home {home}\n"
             f"  POP3  127.0.0.1:{args.port}   POP3S 127.0.0.1:{args.port + 1} (self-signed)\n"

@@ -25,6 +25,9 @@ COMMAND_MODULES = (
     "mailbag.cli.user_cmd",
     "mailbag.cli.deliver_cmd",
     "mailbag.cli.mail_cmd",
+    "mailbag.cli.check_cmd",
+    "mailbag.cli.status_cmd",
+    "mailbag.cli.migrate_cmd",
 )
 
 

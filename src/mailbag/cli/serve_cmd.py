@@ -2,8 +2,12 @@
 
 SIGTERM or SIGINT stops accepting, gives open sessions ``limits.shutdown_grace``
 seconds, then cancels what is left; a cancelled session never applies its
-deletions.  SIGHUP reloads the TLS certificate (the users file reloads by
-itself when it changes).
+deletions.  SIGHUP reloads the config file, the users file and the TLS
+certificate without touching open sessions (see ``cli.reload``).
+
+Start-up order: bind the POP3 and metrics listeners without accepting, drop
+root privileges, check the unprivileged process can reach its files, then
+accept, so no POP3 byte is ever read as root.
 """
 
 from __future__ import annotations
@@ -12,15 +16,19 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import logging
+import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from mailbag.cli.common import add_config_option, config_from_args
+from mailbag.cli.reload import Service, check_runtime_access, drop_privileges
 from mailbag.cli.wiring import build_lmtp_server, build_runtime, build_server
 from mailbag.config import Config, parse_listen
 from mailbag.errors import ConfigError
 from mailbag.logs import log_event, setup_logging
+from mailbag.server.metrics import Metrics, OpsEndpoint
+from mailbag.server.privileges import check_start
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "serve",
         help="run the POP3 server in the foreground",
         description="Run the POP3 server in the foreground, logging to stderr. "
-        "SIGTERM/SIGINT stop it gracefully; SIGHUP reloads the TLS certificate.",
+        "SIGTERM/SIGINT stop it gracefully; SIGHUP reloads the config, the users file "
+        "and the TLS certificate. Started as root, it drops to process.user after binding.",
     )
     add_config_option(parser)
     parser.add_argument(
@@ -47,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--log-format", choices=("text", "json"), help="override log.format")
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), help="override log.level"
+    )
+    parser.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="serve as root when no process.user is set (same as process.allow_root = true)",
     )
     parser.set_defaults(handler=run)
 
@@ -66,45 +80,64 @@ def apply_overrides(config: Config, args: argparse.Namespace) -> Config:
         changes["log_format"] = args.log_format
     if args.log_level:
         changes["log_level"] = args.log_level
+    if getattr(args, "allow_root", False):
+        changes["process"] = dataclasses.replace(config.process, allow_root=True)
     return dataclasses.replace(config, **changes) if changes else config
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Run until a stop signal arrives."""
+async def serve(
+    config: Config,
+    *,
+    ready: asyncio.Event | None = None,
+    reload_config: Callable[[], Config] | None = None,
+) -> None:
+    """Run until a stop signal arrives; ``reload_config`` re-reads the config on SIGHUP."""
+    os.umask(config.process.umask)
     runtime = build_runtime(config)
     if any(a.tls for a in config.listen) and runtime.tls is None:
         raise ConfigError("server.listen_tls: needs tls.cert and tls.key")
-    server = build_server(runtime)
-    await server.start()
+    metrics = Metrics() if config.metrics.listen else None
+    server = build_server(runtime, observer=metrics)
+    service = Service(runtime, server, load_config=reload_config, metrics=metrics)
+    ops = None
+    if config.metrics.listen:
+        address = parse_listen(config.metrics.listen, key="metrics.listen")
+        ops = OpsEndpoint(address, metrics, service.health)
+    await server.start(accept=False)
     lmtp = build_lmtp_server(runtime)
-    if lmtp is not None:
-        try:
+    try:
+        if ops is not None:
+            await ops.start(accept=False)
+        if lmtp is not None:
             await lmtp.start()
-        except BaseException:
-            await server.close_listeners()
-            raise
+        account = check_start(config.process)
+        drop_privileges(account)
+        check_runtime_access(runtime, after_drop=account)
+        await server.accept()
+        if ops is not None:
+            await ops.accept()
+    except BaseException:
+        await server.close_listeners()
+        if ops is not None:
+            await ops.close()
+        if lmtp is not None:
+            await lmtp.close_listeners()
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-
-    def reload_tls() -> None:
-        if runtime.tls is None:
-            return
-        try:
-            runtime.tls.reload()
-        except ConfigError as exc:
-            log_event("reload-failed", logging.ERROR, error=str(exc))
-        else:
-            log_event("reloaded", what="tls certificate")
-
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError):
-        loop.add_signal_handler(signal.SIGHUP, reload_tls)
+        loop.add_signal_handler(signal.SIGHUP, service.reload)
     if ready is not None:
         ready.set()
     await stop.wait()
+    service.stopping = True
     log_event("stopping", sessions=server.active_sessions)
+    config = service.config
+    if ops is not None:
+        await ops.close()
     if lmtp is None:
         await server.shutdown(config.limits.shutdown_grace)
     else:
@@ -115,19 +148,19 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         )
 
 
-def run_event_loop(config: Config) -> int:
+def run_event_loop(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
     """Run ``serve`` on uvloop when installed, else the default loop."""
     setup_logging(config.log_level, config.log_format)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, reload_config=reload_config))
     else:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, reload_config=reload_config))
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Handle ``mailbag serve``."""
     config = apply_overrides(config_from_args(args), args)
-    return run_event_loop(config)
+    return run_event_loop(config, lambda: apply_overrides(config_from_args(args), args))

@@ -18,7 +18,7 @@ from mailbag.config import Config
 from mailbag.errors import ConfigError
 from mailbag.protocol.capabilities import Pop3Policy
 from mailbag.protocol.lmtp import LmtpPolicy
-from mailbag.server.listeners import ConnectionLimits, Pop3Server
+from mailbag.server.listeners import ConnectionLimits, Pop3Server, ServerObserver
 from mailbag.server.lmtp_listener import LmtpServer
 from mailbag.server.tls import TlsContext
 from mailbag.session.authenticate import Authenticator
@@ -99,8 +99,8 @@ def plaintext_checker(config: Config) -> Callable[[str], bool]:
     return allowed
 
 
-def build_server(runtime: Runtime) -> Pop3Server:
-    """A ready-to-start POP3 server for this runtime."""
+def build_server(runtime: Runtime, observer: ServerObserver | None = None) -> Pop3Server:
+    """A ready-to-start POP3 server for this runtime (``observer``: metrics, if on)."""
     config = runtime.config
     limits = config.limits
     policy = Pop3Policy(
@@ -130,6 +130,7 @@ def build_server(runtime: Runtime) -> Pop3Server:
         store=runtime.store,
         tls=runtime.tls,
         limits=ConnectionLimits(limits.max_connections, limits.max_connections_per_ip),
+        observer=observer,
     )
 
 

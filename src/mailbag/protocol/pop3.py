@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -152,6 +152,8 @@ class Pop3Connection:
         self._sasl_mechanism = ""
         self._pending_message: SendMessage | None = None
         self._eof = False
+        #: Commands received, by name (known commands only): for metrics.
+        self.commands: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ input
 
@@ -227,6 +229,7 @@ class Pop3Connection:
             self._error("Line too long.")
             return
         entry = COMMANDS.get(name)
+        self.commands[name.decode("ascii") if entry is not None else "unknown"] += 1
         if entry is None:
             shown = _printable_keyword(keyword)
             self._error(f"Unknown command: {shown}" if shown else "Unknown command.")

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from mailbag.config import ListenAddress
 from mailbag.errors import ConfigError
@@ -26,7 +27,7 @@ from mailbag.logs import log_event
 from mailbag.server.connection import ConnectionStream
 from mailbag.server.tls import TlsContext
 from mailbag.session.authenticate import Authenticator
-from mailbag.session.pop3 import Pop3Session, SessionSettings
+from mailbag.session.pop3 import NULL_OBSERVER, Pop3Session, SessionObserver, SessionSettings
 from mailbag.storage.base import Store
 
 
@@ -36,6 +37,19 @@ class ConnectionLimits:
 
     total: int = 5000
     per_address: int = 50
+
+
+class ServerObserver(SessionObserver, Protocol):
+    """Connection-level events on top of the session's (``server.metrics.Metrics``)."""
+
+    def connection_opened(self) -> None:
+        """A session started."""
+
+    def connection_closed(self) -> None:
+        """A session ended."""
+
+    def connection_refused(self) -> None:
+        """A connection was turned away by the limits."""
 
 
 class Pop3Server:
@@ -50,8 +64,10 @@ class Pop3Server:
         store: Store,
         tls: TlsContext | None = None,
         limits: ConnectionLimits | None = None,
+        observer: ServerObserver | None = None,
     ) -> None:
         self.listen = tuple(listen)
+        self.observer = observer
         self.settings = settings
         self.authenticator = authenticator
         self.store = store
@@ -79,8 +95,36 @@ class Pop3Server:
         """Sessions currently running."""
         return len(self._tasks)
 
-    async def start(self) -> None:
-        """Bind every listener; a port in use is one clear ConfigError."""
+    def reconfigure(
+        self,
+        *,
+        settings: SessionSettings,
+        authenticator: Authenticator,
+        store: Store,
+        limits: ConnectionLimits,
+    ) -> None:
+        """Use new settings for sessions accepted from now on (SIGHUP reload).
+
+        Open sessions keep the objects they started with, so a reload never
+        disturbs them.  Listeners are not rebound (that needs a restart).
+        """
+        self.settings = settings
+        self.authenticator = authenticator
+        self.store = store
+        self.limits = limits
+        self._hostname = settings.hostname or socket.gethostname() or "localhost"
+
+    async def accept(self) -> None:
+        """Start accepting on listeners bound with ``start(accept=False)``."""
+        for server in self._servers:
+            await server.start_serving()
+
+    async def start(self, *, accept: bool = True) -> None:
+        """Bind every listener; a port in use is one clear ConfigError.
+
+        ``accept=False`` binds without accepting, so privileges can be dropped
+        before the first connection is read (see ``server.privileges``).
+        """
         loop = asyncio.get_running_loop()
         for address in self.listen:
             ssl_context = None
@@ -97,6 +141,7 @@ class Pop3Server:
                     ssl_handshake_timeout=30.0 if ssl_context else None,
                     reuse_address=True,
                     backlog=1024,
+                    start_serving=accept,
                 )
             except OSError as exc:
                 await self.close_listeners()
@@ -115,6 +160,8 @@ class Pop3Server:
             self._per_address[address] >= self.limits.per_address
         ):
             self.refused += 1
+            if self.observer is not None:
+                self.observer.connection_refused()
             log_event("refused", logging.WARNING, peer=f"{address}:{stream.peer[1]}",
                       reason="too many connections")
             stream.write(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
@@ -129,13 +176,18 @@ class Pop3Server:
             session_id=f"{number:x}{secrets.token_hex(2)}",
             timestamp=f"<{os.getpid()}.{number}.{int(time.time())}@{self._hostname}>",
             tls_context=lambda: self.tls.context if self.tls is not None else None,
+            observer=self.observer or NULL_OBSERVER,
         )
+        if self.observer is not None:
+            self.observer.connection_opened()
         self._per_address[address] += 1
         task = asyncio.get_running_loop().create_task(session.run())
         self._tasks.add(task)
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
+            if self.observer is not None:
+                self.observer.connection_closed()
             self._per_address[address] -= 1
             if self._per_address[address] <= 0:
                 del self._per_address[address]

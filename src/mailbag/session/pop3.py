@@ -19,8 +19,9 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from mailbag.errors import AuthError, MaildropLocked, MessageGone, StorageError
 from mailbag.logs import log_event
@@ -61,6 +62,52 @@ class SessionSettings:
     plaintext_allowed: Callable[[str], bool] = field(default=lambda _addr: True)
 
 
+class SessionObserver(Protocol):
+    """What a session reports for monitoring (``server.metrics.Metrics`` implements it).
+
+    Optional: without one, sessions report to ``NULL_OBSERVER``, which does nothing.
+    Arguments are server-chosen words (results, mechanisms, command names), never
+    client text, so a monitoring system cannot be flooded with label values.
+    """
+
+    def login(self, result: str, mechanism: str) -> None:
+        """A login finished: ``ok``, ``failed``, ``in_use`` or ``error``."""
+
+    def commands(self, counts: Mapping[str, int]) -> None:
+        """Commands received in the session, by name (reported at its end)."""
+
+    def sent(self, octets: int) -> None:
+        """Octets written to the client."""
+
+    def storage_error(self, operation: str) -> None:
+        """A storage operation failed: ``open``, ``read``, ``delete`` or ``close``."""
+
+    def session_ended(self, seconds: float) -> None:
+        """The session is over after ``seconds``."""
+
+
+class _NullObserver:
+    """The observer used when metrics are off."""
+
+    def login(self, result: str, mechanism: str) -> None:
+        pass
+
+    def commands(self, counts: Mapping[str, int]) -> None:
+        pass
+
+    def sent(self, octets: int) -> None:
+        pass
+
+    def storage_error(self, operation: str) -> None:
+        pass
+
+    def session_ended(self, seconds: float) -> None:
+        pass
+
+
+NULL_OBSERVER: SessionObserver = _NullObserver()
+
+
 @dataclass(slots=True)
 class SessionStats:
     """Counters for the logout log line."""
@@ -83,8 +130,10 @@ class Pop3Session:
         session_id: str,
         timestamp: str,
         tls_context: Callable[[], ssl.SSLContext | None] = lambda: None,
+        observer: SessionObserver = NULL_OBSERVER,
     ) -> None:
         self.stream = stream
+        self.observer = observer
         self.settings = settings
         self.authenticator = authenticator
         self.store = store
@@ -115,6 +164,7 @@ class Pop3Session:
     async def _flush(self) -> None:
         if self._out:
             self.stream.write(bytes(self._out))
+            self.observer.sent(len(self._out))
             self._out.clear()
         await self.stream.drain()
 
@@ -143,9 +193,12 @@ class Pop3Session:
             try:
                 await self.maildrop.close()
             except StorageError as exc:
+                self.observer.storage_error("close")
                 self._log("error", logging.WARNING, error=str(exc))
             self.maildrop = None
         self.stream.close()
+        self.observer.commands(self.conn.commands)
+        self.observer.session_ended(time.monotonic() - self._started)
         self._log(
             "logout",
             user=self.conn.user,
@@ -225,6 +278,7 @@ class Pop3Session:
                     event.user, event.password, self.address
                 )
         except AuthError as exc:  # the users database itself is unreadable
+            self.observer.login("error", mechanism)
             self._log("auth-error", logging.ERROR, error=str(exc))
             self._out += self.conn.login_failed(
                 "[SYS/TEMP] Authentication is temporarily unavailable."
@@ -234,24 +288,29 @@ class Pop3Session:
 
     async def _finish_login(self, result: AuthResult, login: str, mechanism: str) -> None:
         if result.user is None:
+            self.observer.login("failed", mechanism)
             self._log("login-failed", user=login, mechanism=mechanism, reason=result.reason)
             self._out += self.conn.login_failed()
             return
         try:
             maildrop = await self.store.open_maildrop(result.user)
         except MaildropLocked:
+            self.observer.login("in_use", mechanism)
             self._log("login-failed", user=result.user, mechanism=mechanism, reason="in use")
             self._out += self.conn.login_failed(
                 "[IN-USE] Mailbox is locked by another POP3 session."
             )
             return
         except StorageError as exc:
+            self.observer.login("error", mechanism)
+            self.observer.storage_error("open")
             self._log("storage-error", logging.ERROR, user=result.user, error=str(exc))
             self._out += self.conn.login_failed("[SYS/TEMP] Mailbox unavailable, try again later.")
             return
         self.maildrop = maildrop
         messages = maildrop.messages
         self._out += self.conn.login_succeeded(result.user, messages)
+        self.observer.login("ok", mechanism)
         self._log("login", user=result.user, mechanism=mechanism, messages=len(messages))
 
     async def _send_message(self, request: SendMessage) -> None:
@@ -262,6 +321,7 @@ class Pop3Session:
         except StopAsyncIteration:
             first = b""
         except (MessageGone, StorageError) as exc:
+            self.observer.storage_error("read")
             self._log("storage-error", logging.ERROR, user=self.conn.user, error=str(exc))
             self._out += self.conn.message_failed(
                 f"[SYS/TEMP] Message {request.msn} cannot be read right now."
@@ -297,6 +357,7 @@ class Pop3Session:
             try:
                 result = await self.maildrop.delete(event.uids)
             except StorageError as exc:
+                self.observer.storage_error("delete")
                 self._log("storage-error", logging.ERROR, user=self.conn.user, error=str(exc))
                 failed = len(event.uids)
             else:

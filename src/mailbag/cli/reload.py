@@ -1,0 +1,189 @@
+"""Running ``mailbag serve`` as a service: privilege drop, SIGHUP reload, health.
+
+Kept out of ``serve_cmd`` so the serve loop stays short.
+
+Reload (SIGHUP) re-reads the config file, the users file and the TLS
+certificate.  Everything is built and validated *before* anything is
+swapped in, so a bad new config (a typo, a missing certificate, an
+unreadable users file) is rejected with one ``reload-failed`` log line naming
+the key or path, and the old config stays in force.  Open sessions keep the
+objects they started with and are never dropped; new sessions get the new
+settings.  Some settings cannot change without a restart (listeners,
+``[process]``, ``[metrics]``): a changed value there is logged as a warning and
+ignored until then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mailbag import __version__
+from mailbag.cli.wiring import Runtime, build_runtime, build_server, mail_root
+from mailbag.config import Config
+from mailbag.errors import ConfigError, MailbagError
+from mailbag.logs import log_event, setup_logging
+from mailbag.server.listeners import Pop3Server
+from mailbag.server.metrics import Metrics
+from mailbag.server.privileges import Account, describe, drop
+
+#: Settings a reload cannot apply; a change is reported and waits for a restart.
+RESTART_ONLY = ("listen", "process", "metrics")
+
+
+def check_runtime_access(runtime: Runtime, *, after_drop: Account | None) -> None:
+    """After the privilege drop: can this process still do its job?
+
+    Fatal when it cannot store mail or read the users file (nobody could log
+    in); a warning when the TLS key is unreadable, because then only the next
+    SIGHUP would fail (a root-only Let's Encrypt key is the classic case).
+    """
+    config = runtime.config
+    who = after_drop.user if after_drop is not None else "the server's user"
+    root = mail_root(config)
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"storage.maildir: {root} is not writable by {who}")
+    users = config.auth.users_file
+    if users.exists() and not os.access(users, os.R_OK):
+        raise ConfigError(f"auth.users_file: {users} is not readable by {who}")
+    for label, path in (("tls.cert", config.tls.cert), ("tls.key", config.tls.key)):
+        if path is not None and not os.access(path, os.R_OK):
+            log_event(
+                "warning", logging.WARNING,
+                problem=f"{label}: {path} is not readable by {who}; a SIGHUP reload will fail",
+            )
+
+
+def drop_privileges(account: Account | None) -> None:
+    """Switch to ``account`` (if any) and log who the server now runs as."""
+    if account is not None:
+        drop(account)
+    log_event("running-as", identity=describe())
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    return [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+
+
+class Service:
+    """The live state ``serve`` manages: current config, runtime, server, health."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        server: Pop3Server,
+        *,
+        load_config: Callable[[], Config] | None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.server = server
+        self.load_config = load_config
+        self.metrics = metrics
+        self.stopping = False
+        self.started = time.time()
+        self.reloads = 0
+
+    @property
+    def config(self) -> Config:
+        """The config in force."""
+        return self.runtime.config
+
+    # -- reload ----------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Handle SIGHUP: apply a new config, or keep the old one and say why."""
+        try:
+            if self.load_config is None:
+                raise ConfigError("no config file to reload")
+            new = self.load_config()
+            self._apply(new)
+        except (MailbagError, OSError) as exc:
+            log_event("reload-failed", logging.ERROR, error=str(exc),
+                      kept=str(self.config.path or "defaults"))
+            if self.metrics is not None:
+                self.metrics.reload("failed")
+            return False
+        self.reloads += 1
+        if self.metrics is not None:
+            self.metrics.reload("ok")
+        log_event("reloaded", config=str(self.config.path or "defaults"),
+                  users=str(self.config.auth.users_file),
+                  tls="yes" if self.runtime.tls is not None else "no")
+        return True
+
+    def _apply(self, new: Config) -> None:
+        old_runtime = self.runtime
+        for name in _restart_only_changes(old_runtime.config, new):
+            log_event("reload-needs-restart", logging.WARNING, setting=name,
+                      note="changed in the file; takes effect after a restart")
+        # Keep restart-only settings as they are, so the state we report is the real one.
+        new = dataclasses.replace(
+            new, **{name: getattr(old_runtime.config, name) for name in RESTART_ONLY}
+        )
+        # 1. Build and validate everything; nothing live changes yet.
+        candidate = build_runtime(new)
+        candidate.users.reload()  # AuthError now, not at the first login
+        if candidate.users.problems:
+            for problem in candidate.users.problems:
+                log_event("users-file-problem", logging.WARNING, problem=problem)
+        live_tls = old_runtime.tls
+        if live_tls is not None and candidate.tls is None:
+            log_event("reload-needs-restart", logging.WARNING, setting="tls",
+                      note="TLS cannot be switched off while TLS listeners run")
+            candidate.tls = live_tls
+        staged = build_server(candidate)
+        # 2. Swap.  The live TLS context object is kept (listeners hold it) and
+        # gets the new chain; the candidate context proved it loads.
+        if live_tls is not None and candidate.tls is not None and candidate.tls is not live_tls:
+            live_tls.cert, live_tls.key = candidate.tls.cert, candidate.tls.key
+            live_tls.reload()
+            candidate.tls = live_tls
+        old_auth = self.server.authenticator
+        throttle = staged.authenticator.throttle
+        if (throttle.base, throttle.cap, throttle.window) == (
+            old_auth.throttle.base, old_auth.throttle.cap, old_auth.throttle.window
+        ):
+            # Same policy: keep the failure counters, or a reload would reset an attack's delay.
+            staged.authenticator.throttle = old_auth.throttle
+        self.server.tls = candidate.tls
+        self.server.reconfigure(
+            settings=staged.settings,
+            authenticator=staged.authenticator,
+            store=staged.store,
+            limits=staged.limits,
+        )
+        self.runtime = candidate
+        setup_logging(new.log_level, new.log_format)
+
+    # -- health ------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """What ``/healthz`` reports; cheap (a few ``access`` calls) so it can be polled often."""
+        problems: list[str] = []
+        config = self.config
+        root = mail_root(config)
+        if not os.access(root, os.W_OK | os.X_OK):
+            problems.append(f"mail root {root} not writable")
+        users = config.auth.users_file
+        try:
+            if not os.access(users, os.R_OK):
+                problems.append(f"users file {users} not readable")
+        except OSError as exc:  # pragma: no cover - access() does not raise in practice
+            problems.append(f"users file {users}: {exc}")
+        status = "stopping" if self.stopping else ("degraded" if problems else "ok")
+        details: dict[str, Any] = {
+            "status": status,
+            "version": __version__,
+            "sessions": self.server.active_sessions,
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "reloads": self.reloads,
+        }
+        if problems:
+            details["problems"] = problems
+        return status == "ok", details
+

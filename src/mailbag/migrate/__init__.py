@@ -1,0 +1,1 @@
+"""Moving users and mail from other servers to mailbag (``mailbag migrate``)."""
