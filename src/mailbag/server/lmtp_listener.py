@@ -93,8 +93,12 @@ class LmtpServer:
         """Sessions currently running."""
         return len(self._sessions)
 
-    async def start(self) -> None:
-        """Bind every listener; a port or socket in use is one clear ConfigError."""
+    async def start(self, *, accept: bool = True) -> None:
+        """Bind every listener; a port or socket in use is one clear ConfigError.
+
+        ``accept=False`` binds without accepting (call ``accept`` later), so a
+        server started as root can drop privileges before reading a byte.
+        """
         loop = asyncio.get_running_loop()
         try:
             for address in self.listen:
@@ -102,6 +106,7 @@ class LmtpServer:
                     server = await loop.create_server(
                         lambda: ConnectionStream(self._accepted),
                         address.host, address.port, reuse_address=True, backlog=256,
+                        start_serving=accept,
                     )
                 except OSError as exc:
                     reason = exc.strerror or str(exc)
@@ -113,18 +118,21 @@ class LmtpServer:
                 self._servers.append(server)
                 log_event("listening", address=str(address), protocol="lmtp")
             if self.socket_path is not None:
-                await self._start_unix(loop, self.socket_path)
+                await self._start_unix(loop, self.socket_path, accept)
         except BaseException:
             await self.close_listeners()
             raise
 
-    async def _start_unix(self, loop: asyncio.AbstractEventLoop, path: Path) -> None:
+    async def _start_unix(
+        self, loop: asyncio.AbstractEventLoop, path: Path, accept: bool
+    ) -> None:
         _remove_stale_socket(path)
         # Create it with no access, then open it up: no window with a wider mode.
         old_umask = os.umask(0o777)
         try:
             server = await loop.create_unix_server(
-                lambda: ConnectionStream(self._accepted), str(path), backlog=256
+                lambda: ConnectionStream(self._accepted), str(path), backlog=256,
+                start_serving=accept,
             )
         except OSError as exc:
             raise ConfigError(
@@ -135,6 +143,11 @@ class LmtpServer:
         self._servers.append(server)
         os.chmod(path, self.socket_mode)
         log_event("listening", address=str(path), protocol="lmtp")
+
+    async def accept(self) -> None:
+        """Start accepting on listeners bound with ``start(accept=False)``."""
+        for server in self._servers:
+            await server.start_serving()
 
     def _accepted(self, stream: ConnectionStream) -> None:
         if len(self._sessions) >= self.max_connections:
