@@ -70,7 +70,9 @@ def listings(port: int, user: str, password: str) -> tuple[bytes, bytes]:
         pop.close()
 
 
-def migrate(home: MailbagServer, dovecot: PrivateDovecot, *args: str) -> subprocess.CompletedProcess[str]:
+def migrate(
+    home: MailbagServer, dovecot: PrivateDovecot, *args: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*MAILBAG, "migrate", "dovecot", "-c", str(home.config),
          "--passwd-file", str(dovecot.passwd),
@@ -164,7 +166,8 @@ def test_migrate_dovecot_saved_uidls_and_second_format(
     result = migrate(home, second, "--uidl-format", "%g", "--link")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(5 saved by pop3_save_uidl)" in result.stdout
-    messages = [*(home.maildir("carol") / "new").iterdir(), *(home.maildir("carol") / "cur").iterdir()]
+    carol_mail = home.maildir("carol")
+    messages = [*(carol_mail / "new").iterdir(), *(carol_mail / "cur").iterdir()]
     assert len(messages) == 5
     assert all(m.stat().st_nlink == 2 for m in messages)  # --link shares Dovecot's files
     home.start()

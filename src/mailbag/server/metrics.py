@@ -122,6 +122,13 @@ class Metrics:
             "mailbag_config_reloads", "SIGHUP reloads by result (ok, failed)", ["result"],
             registry=registry,
         )
+        # Series that exist from the start at 0, so rate() and alerts work before the first event.
+        for operation in ("open", "read", "delete", "close"):
+            self.storage_errors.labels(operation=operation)
+        for result in ("delivered", "rejected", "failed"):
+            self.deliveries.labels(result=result)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result=result)
         self.started = prom.Gauge(
             "mailbag_start_time_seconds", "Unix time the server started", registry=registry
         )
