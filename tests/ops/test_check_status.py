@@ -72,3 +72,16 @@ def test_status_running_server_ok_and_stopped_server_fails(tmp_path: Path) -> No
     result = run("status", "-c", str(home.config), "--timeout", "1")
     assert result.returncode == 1
     assert f"FAIL pop3 127.0.0.1:{home.port}" in result.stdout
+
+
+def test_packaging_sample_config_and_unit_are_consistent() -> None:
+    root = Path(__file__).resolve().parents[2] / "packaging"
+    config = config_from_dict(tomllib.loads((root / "mailbag.toml").read_text()),
+                              path=Path("/etc/mailbag/mailbag.toml"))
+    assert config.process.user == "mailbag" and not config.process.allow_root
+    assert config.metrics.listen.startswith("127.0.0.1:")
+    assert [a.port for a in config.listen] == [110, 110, 995, 995]
+    unit = (root / "mailbag.service").read_text()
+    for setting in ("User=mailbag", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                    "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "ExecReload=/bin/kill -HUP"):
+        assert setting in unit
