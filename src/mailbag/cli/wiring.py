@@ -25,6 +25,7 @@ from mailbag.session.authenticate import Authenticator
 from mailbag.session.delivery import DeliveryAgent, QuotaDefaults
 from mailbag.session.lmtp import LmtpSessionSettings
 from mailbag.session.pop3 import SessionSettings
+from mailbag.session.sasl import DRIVER_MECHANISMS
 from mailbag.session.throttle import FailureThrottle
 from mailbag.storage.maildir import MaildirStore
 
@@ -108,6 +109,9 @@ def build_server(runtime: Runtime, observer: ServerObserver | None = None) -> Po
         max_sasl_line=limits.max_sasl_line,
         max_errors=limits.max_errors,
         max_auth_failures=limits.max_auth_failures,
+        # SCRAM first: clients that pick "the first they know" choose the one that never
+        # shows the server a password.  PLAIN only where plaintext is allowed (capabilities).
+        sasl_mechanisms=(*DRIVER_MECHANISMS, "PLAIN"),
         stls=config.tls.stls and runtime.tls is not None,
     )
     settings = SessionSettings(

@@ -120,6 +120,12 @@ class ConnectionStream(asyncio.Protocol):
         return data
 
     async def start_tls(self, context: ssl.SSLContext) -> None:
+        """Upgrade to TLS as the server side (STLS).
+
+        ``loop.start_tls`` pauses reading and swaps the protocol before its first ``await``,
+        so a caller that empties ``take_buffered`` right before awaiting this leaves no gap
+        in which plaintext could be read as if it were encrypted (RFC 2595 section 4).
+        """
         assert self._transport is not None
         loop = asyncio.get_running_loop()
         new_transport = await loop.start_tls(
@@ -129,6 +135,15 @@ class ConnectionStream(asyncio.Protocol):
             raise ConnectionResetError("TLS handshake failed")
         self._transport = new_transport
         self._secure = True
+
+    @property
+    def tls_version(self) -> str | None:
+        """Negotiated protocol (e.g. ``TLSv1.3``) for the log, or None before TLS."""
+        if not self._secure or self._transport is None:
+            return None
+        ssl_object = self._transport.get_extra_info("ssl_object")
+        version = ssl_object.version() if ssl_object is not None else None
+        return str(version) if version else None
 
     def close(self) -> None:
         if self._transport is not None and not self._transport.is_closing():

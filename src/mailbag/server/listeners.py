@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -131,6 +132,7 @@ class Pop3Server:
             if address.tls:
                 if self.tls is None:
                     raise ConfigError(f"server.listen_tls {address}: no TLS certificate configured")
+                # One live context per server: SIGHUP reloads the certificate *into* it.
                 ssl_context = self.tls.context
             try:
                 server = await loop.create_server(
@@ -138,7 +140,8 @@ class Pop3Server:
                     address.host,
                     address.port,
                     ssl=ssl_context,
-                    ssl_handshake_timeout=30.0 if ssl_context else None,
+                    # A client that stalls mid-handshake is cut like one that stalls at login.
+                    ssl_handshake_timeout=self._handshake_timeout() if ssl_context else None,
                     reuse_address=True,
                     backlog=1024,
                     start_serving=accept,
@@ -153,6 +156,14 @@ class Pop3Server:
                 raise ConfigError(f"cannot listen on {address}: {reason}") from None
             self._servers.append(server)
             log_event("listening", address=str(address), tls="implicit" if address.tls else "no")
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The context for STLS (``None``: no certificate, so STLS is not offered)."""
+        return self.tls.context if self.tls is not None else None
+
+    def _handshake_timeout(self) -> float:
+        """POP3S handshake limit: the login timeout, at most 30 s, at least 1 s."""
+        return max(1.0, min(30.0, self.settings.login_timeout))
 
     def _accepted(self, stream: ConnectionStream) -> None:
         address = stream.peer[0]
@@ -175,7 +186,7 @@ class Pop3Server:
             store=self.store,
             session_id=f"{number:x}{secrets.token_hex(2)}",
             timestamp=f"<{os.getpid()}.{number}.{int(time.time())}@{self._hostname}>",
-            tls_context=lambda: self.tls.context if self.tls is not None else None,
+            tls_context=self._tls_context,
             observer=self.observer or NULL_OBSERVER,
         )
         if self.observer is not None:

@@ -1,8 +1,10 @@
 """TLS contexts for STLS (RFC 2595) and implicit TLS (RFC 8314), and test certificates.
 
-One ``ssl.SSLContext`` lives for the life of the server; ``reload`` loads a new
-certificate chain into that same object, so SIGHUP changes the certificate for
-new handshakes while established sessions keep theirs.
+One ``ssl.SSLContext`` lives for the life of the server (the POP3S listener holds
+it); ``reload`` loads the new chain into that same object, so SIGHUP changes the
+certificate for new handshakes while established sessions keep theirs.  The new
+pair is first loaded into a scratch context: a bad file is reported and the live
+context is never touched, so it cannot end up half-updated (new chain, old key).
 """
 
 from __future__ import annotations
@@ -22,21 +24,39 @@ class TlsContext:
     def __init__(self, cert: Path, key: Path) -> None:
         self.cert = cert
         self.key = key
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20")
-        self.context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+        self.context = server_context()
         self.reload()
 
     def reload(self) -> None:
-        """(Re)load certificate and key; raises ConfigError naming the file at fault."""
+        """(Re)load certificate and key; raises ConfigError naming the file at fault.
+
+        On error the certificate in use stays in use.
+        """
         for label, path in (("tls.cert", self.cert), ("tls.key", self.key)):
             if not path.is_file():
                 raise ConfigError(f"{label}: {path}: file not found")
         try:
+            server_context().load_cert_chain(self.cert, self.key)  # validate first
             self.context.load_cert_chain(self.cert, self.key)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"tls.cert/tls.key: cannot load {self.cert}: {exc}") from None
+
+
+def server_context() -> ssl.SSLContext:
+    """A server context with the policy of RFC 8314 section 4.1 and current practice.
+
+    TLS 1.2 is the floor (1.0 and 1.1 are deprecated by RFC 8996); with 1.2 only forward-
+    secret AEAD suites are allowed; TLS 1.3 suites are OpenSSL's defaults, which are all
+    AEAD.  No compression (CRIME), no TLS 1.2 renegotiation (a client could make the
+    server do handshakes on demand), and the server's cipher order wins.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20")
+    context.options |= (
+        ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    )
+    return context
 
 
 def write_self_signed(cert: Path, key: Path, hostname: str, *, days: int = 825) -> None:

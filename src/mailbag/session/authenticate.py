@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from mailbag.auth.schemes import verify_dummy, verify_password
+from mailbag.auth.scram import ScramSecrets
 from mailbag.auth.users import UserDatabase, UserRecord
 from mailbag.errors import AuthError, InvalidUsername
 from mailbag.logs import log_event
@@ -93,9 +94,33 @@ class Authenticator:
         self.throttle.record_success(address, login)
         return AuthResult(record.name, "ok")
 
+    def scram_credentials(self, login: str) -> tuple[str, ScramSecrets | None] | None:
+        """SCRAM-SHA-256 keys for ``login`` (``session.sasl.ScramLookup``); None: no such user.
+
+        Raises ``AuthError`` when the users database cannot be read.
+        """
+        record = self._lookup(login)
+        return None if record is None else (record.name, record.scram)
+
+    async def conclude(
+        self, address: str, login: str, user: str | None, reason: str
+    ) -> AuthResult:
+        """Throttle and count a verdict reached elsewhere (a SASL mechanism such as SCRAM).
+
+        The verdict is held back by the same growing delay as a password check, so SCRAM
+        guesses are throttled exactly like USER/PASS guesses.
+        """
+        await self._pre_delay(address, login)
+        if user is None:
+            return await self._failed(address, login, reason)
+        self.throttle.record_success(address, login)
+        return AuthResult(user, "ok")
+
     async def _pre_delay(self, address: str, login: str) -> None:
         delay = self.throttle.delay_before_check(address, login)
         if delay > 0:
+            # Logged so an administrator can see guessing being slowed down (never the secret).
+            log_event("throttled", peer=address, user=login, delay=round(delay, 3))
             await asyncio.sleep(delay)
 
     async def _failed(self, address: str, login: str, reason: str) -> AuthResult:

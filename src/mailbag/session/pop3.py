@@ -16,6 +16,7 @@ safe live here and in the core, nowhere else:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -42,6 +43,7 @@ from mailbag.protocol.events import (
 from mailbag.protocol.lines import MessageEncoder
 from mailbag.protocol.pop3 import Pop3Connection, State, err
 from mailbag.session.authenticate import Authenticator, AuthResult
+from mailbag.session.sasl import Challenge, Failure, SaslMechanism, Step, new_mechanism
 from mailbag.session.stream import Stream
 from mailbag.storage.base import Maildrop, Store
 
@@ -157,6 +159,8 @@ class Pop3Session:
         self._started = time.monotonic()
         self._deadline = self._started + settings.login_timeout
         self.outcome = "disconnected"
+        self._sasl: SaslMechanism | None = None
+        self._sasl_verdict: AuthResult | None = None
 
     def _log(self, event: str, level: int = logging.INFO, **fields: object) -> None:
         log_event(event, level, session=self.session_id, peer=self.peer, **fields)
@@ -166,15 +170,28 @@ class Pop3Session:
             self.stream.write(bytes(self._out))
             self.observer.sent(len(self._out))
             self._out.clear()
-        await self.stream.drain()
+        # A client that stops reading must not hold the session forever (slowloris on the
+        # sending side): waiting for buffer space is bounded like waiting for input.
+        async with asyncio.timeout(self._send_timeout()):
+            await self.stream.drain()
+
+    def _send_timeout(self) -> float:
+        if self.conn.state is State.AUTHORIZATION:
+            return max(0.0, self._deadline - time.monotonic())
+        return self.settings.idle_timeout
 
     async def run(self) -> None:
         """Run the session; never raises for client behaviour or storage trouble."""
-        self._log("connect", tls="yes" if self.stream.secure else "no")
+        tls = getattr(self.stream, "tls_version", None) or ("yes" if self.stream.secure else "no")
+        self._log("connect", tls=tls)
         try:
             await self._loop()
+        except _SessionOver:
+            pass
         except (ConnectionError, asyncio.IncompleteReadError):
             self.outcome = "connection lost"
+        except TimeoutError:
+            self.outcome = "timeout"
         except asyncio.CancelledError:
             self.outcome = "shutdown"
             raise
@@ -255,11 +272,16 @@ class Pop3Session:
                 await self._commit(event)
             elif isinstance(event, StartTls):
                 await self._start_tls()
-            elif isinstance(event, SaslStart | SaslContinue):
-                # No driver-side SASL mechanisms are configured in this build.
-                self._out += conn.login_failed("Unsupported authentication mechanism.")
+            elif isinstance(event, SaslStart):
+                await self._sasl_start(event)
+            elif isinstance(event, SaslContinue):
+                mechanism = self._sasl
+                if mechanism is not None:
+                    await self._sasl_next(mechanism, functools.partial(mechanism.step, event.data))
             elif isinstance(event, SaslAbort):
-                pass
+                if self._sasl is not None:
+                    self._log("auth-cancelled", mechanism=self._sasl.name)
+                self._sasl = self._sasl_verdict = None
             elif isinstance(event, Close):
                 await self._flush()
                 if self.outcome == "disconnected" or event.reason != "client closed the connection":
@@ -278,13 +300,61 @@ class Pop3Session:
                     event.user, event.password, self.address
                 )
         except AuthError as exc:  # the users database itself is unreadable
-            self.observer.login("error", mechanism)
-            self._log("auth-error", logging.ERROR, error=str(exc))
-            self._out += self.conn.login_failed(
-                "[SYS/TEMP] Authentication is temporarily unavailable."
-            )
+            self._auth_unavailable(exc, mechanism)
             return
+        # RFC 4616 section 2: no proxy authorization; only "act as myself" is accepted.
+        authzid = event.authzid if isinstance(event, Login) else ""
+        if authzid and result.user is not None and authzid not in (event.user, result.user):
+            result = AuthResult(None, "authorization identity not allowed")
         await self._finish_login(result, event.user, mechanism)
+
+    def _auth_unavailable(self, exc: AuthError, mechanism: str) -> None:
+        self.observer.login("error", mechanism)
+        self._log("auth-error", logging.ERROR, error=str(exc))
+        self._out += self.conn.login_failed("[SYS/TEMP] Authentication is temporarily unavailable.")
+
+    async def _sasl_start(self, event: SaslStart) -> None:
+        mechanism = new_mechanism(event.mechanism, self.authenticator.scram_credentials)
+        if mechanism is None:  # offered by the policy but not implemented: refuse cleanly
+            self._out += self.conn.login_failed("Unsupported authentication mechanism.")
+            return
+        self._sasl, self._sasl_verdict = mechanism, None
+        await self._sasl_next(mechanism, lambda: mechanism.start(event.initial))
+
+    async def _sasl_next(self, mechanism: SaslMechanism, step: Callable[[], Step]) -> None:
+        """Run one mechanism step and turn its result into a challenge or a login verdict.
+
+        The verdict goes through ``Authenticator.conclude`` *before* anything reveals it
+        (SCRAM's server-final message would), so guessing by SCRAM is throttled like
+        guessing by USER/PASS.
+        """
+        try:
+            result = step()
+        except AuthError as exc:
+            self._sasl = self._sasl_verdict = None
+            self._auth_unavailable(exc, mechanism.name)
+            return
+        if isinstance(result, Challenge):
+            self._out += self.conn.sasl_challenge(result.data)
+            return
+        await self._flush()
+        if isinstance(result, Failure):
+            self._sasl = self._sasl_verdict = None
+            verdict = await self.authenticator.conclude(
+                self.address, result.login, None, result.reason
+            )
+            await self._finish_login(verdict, result.login, mechanism.name)
+            return
+        if self._sasl_verdict is None:
+            self._sasl_verdict = await self.authenticator.conclude(
+                self.address, result.login, result.user, "ok"
+            )
+        if result.final is not None:
+            # RFC 5034 section 4: no "additional data with success"; send it as a challenge.
+            self._out += self.conn.sasl_challenge(result.final)
+            return
+        verdict, self._sasl, self._sasl_verdict = self._sasl_verdict, None, None
+        await self._finish_login(verdict, result.login, mechanism.name)
 
     async def _finish_login(self, result: AuthResult, login: str, mechanism: str) -> None:
         if result.user is None:
@@ -367,22 +437,56 @@ class Pop3Session:
         self.outcome = "quit" if not failed else "quit, some deletions failed"
 
     async def _start_tls(self) -> None:
-        context = self.tls_context()
         # Take what the client pipelined after STLS *before* sending +OK: anything
         # that arrives after +OK is the TLS handshake.
-        leftover = self.conn.take_unprocessed() + self.stream.take_buffered()
+        leftover = len(self.conn.take_unprocessed() + self.stream.take_buffered())
         await self._flush()
+        # Plaintext that slipped in while +OK was being sent; nothing awaits between this
+        # and the protocol switch inside ``start_tls``, so no gap remains.
+        leftover += len(self.stream.take_buffered())
         if leftover:
             # RFC 2595 section 4 / CVE-2011-0411 class: plaintext pipelined after
             # STLS must never be executed inside the TLS session.
-            self._log("stls-injection", logging.WARNING, discarded=len(leftover))
-        if context is None:  # cannot happen: STLS is not offered without a context
-            raise ConnectionError("STLS without TLS context")
-        await self.stream.start_tls(context)
+            self._log("stls-injection", logging.WARNING, discarded=leftover)
+        if not await self._handshake():
+            raise _SessionOver
         self.conn.tls_started()
         self.conn.plaintext_allowed = True
-        self._log("tls", version="started")
+
+    async def _handshake(self) -> bool:
+        """STLS handshake within the pre-login deadline; False if it failed.
+
+        A failed or garbage handshake costs this one connection and one log line, never a
+        traceback, and a client that stalls mid-handshake is cut at the login deadline.
+        """
+        context = self.tls_context()
+        if context is None:  # cannot happen: STLS is not offered without a context
+            raise ConnectionError("TLS requested without a TLS context")
+        remaining = max(0.0, self._deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(remaining):
+                await self.stream.start_tls(context)
+        except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError are all OSErrors
+            self.outcome = "tls handshake failed"
+            reason = "timeout" if isinstance(exc, TimeoutError) else _short_reason(exc)
+            self._log("tls-failed", reason=reason)
+            return False
+        version = getattr(self.stream, "tls_version", None)
+        self._log("tls", version=version or "started")
+        return True
 
 
 def _without_stls(policy: Pop3Policy) -> Pop3Policy:
     return replace(policy, stls=False)
+
+
+class _SessionOver(ConnectionError):
+    """Ends the session quietly after the outcome was logged (e.g. a failed STLS handshake)."""
+
+
+def _short_reason(exc: OSError) -> str:
+    """One log-friendly phrase for a TLS failure (e.g. ``WRONG_VERSION_NUMBER``)."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason:
+        return reason
+    return type(exc).__name__
