@@ -130,6 +130,11 @@ def _printable_nonce(value: str) -> bool:
     return bool(value) and all(0x21 <= ord(c) <= 0x7E and c != "," for c in value)
 
 
+def _is_attribute(value: str) -> bool:
+    """RFC 5802 section 7: ``attr-val = ALPHA "=" value`` (optional extensions are ignored)."""
+    return len(value) >= 2 and value[0].isascii() and value[0].isalpha() and value[1] == "="
+
+
 class ScramSha256Server:
     """SCRAM-SHA-256 server side (RFC 5802 section 5, RFC 7677), without channel binding.
 
@@ -215,6 +220,8 @@ class ScramSha256Server:
         client_nonce = attrs[1][2:]
         if not login or not _printable_nonce(client_nonce):
             raise _Malformed("malformed client-first message")
+        if not all(_is_attribute(a) for a in attrs[2:]):
+            raise _Malformed("malformed extension attribute")
         self._login = login
         self._client_first_bare = bare
         found = self._lookup(login)  # AuthError (database unreadable) goes to the driver
