@@ -109,11 +109,13 @@ async def serve(
         if ops is not None:
             await ops.start(accept=False)
         if lmtp is not None:
-            await lmtp.start()
+            await lmtp.start(accept=False)
         account = check_start(config.process)
         drop_privileges(account)
         check_runtime_access(runtime, after_drop=account)
         await server.accept()
+        if lmtp is not None:
+            await lmtp.accept()
         if ops is not None:
             await ops.accept()
     except BaseException:
