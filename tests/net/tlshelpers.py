@@ -78,11 +78,17 @@ class TlsPop3(RawPop3):
 
 
 def scram_login(
-    conn: RawPop3, user: str, password: str, *, initial: bool = True
+    conn: RawPop3,
+    user: str,
+    password: str,
+    *,
+    initial: bool = True,
+    transcript: list[bytes] | None = None,
 ) -> tuple[bytes, scramp.ScramClient]:
     """Run SCRAM-SHA-256 with scramp's client; return the final reply line and the client.
 
     On success the client has verified the server's signature (``set_server_final``).
+    ``transcript`` collects the client's base64 messages (to check they are never logged).
     """
     client = scramp.ScramClient(["SCRAM-SHA-256"], user, password)
     first = base64.b64encode(client.get_client_first().encode())
@@ -95,7 +101,10 @@ def scram_login(
     if not reply.startswith(b"+ "):
         return reply, client
     client.set_server_first(base64.b64decode(reply[2:]).decode())
-    conn.send(base64.b64encode(client.get_client_final().encode()) + b"\r\n")
+    final = base64.b64encode(client.get_client_final().encode())
+    if transcript is not None:
+        transcript += [first, final]
+    conn.send(final + b"\r\n")
     reply = conn.line()
     if not reply.startswith(b"+ "):
         return reply, client

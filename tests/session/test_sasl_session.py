@@ -229,3 +229,16 @@ def test_capa_flood_from_non_reading_client_is_cut_at_deadline(users: UsersFile)
 
     session = run(users, script, stream=stream, login_timeout=0.3)
     assert session.outcome == "timeout"
+
+
+def test_pass_login_switches_from_login_deadline_to_idle_timer(users: UsersFile) -> None:
+    # RFC 1939 section 3: the autologout timer applies once logged in; the short pre-login
+    # deadline must not cut an authenticated session.
+    async def script(client: Client) -> None:
+        assert await client.cmd(b"USER demo") == b"+OK"
+        assert (await client.cmd(b"PASS demo")).startswith(b"+OK")
+        await asyncio.sleep(0.4)  # past login_timeout, well within idle_timeout
+        assert await client.cmd(b"NOOP") == b"+OK"
+
+    session = run(users, script, login_timeout=0.3)
+    assert session.outcome != "timeout"

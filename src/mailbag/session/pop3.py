@@ -380,6 +380,8 @@ class Pop3Session:
         self.maildrop = maildrop
         messages = maildrop.messages
         self._out += self.conn.login_succeeded(result.user, messages)
+        # The short pre-login deadline ends here; from now on RFC 1939's idle autologout.
+        self._deadline = time.monotonic() + self.settings.idle_timeout
         self.observer.login("ok", mechanism)
         self._log("login", user=result.user, mechanism=mechanism, messages=len(messages))
 
