@@ -6,15 +6,18 @@ the standard library, curl (OpenSSL) and mpop (GnuTLS), each run for real.
 
 from __future__ import annotations
 
+import contextlib
 import poplib
 import signal
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import pytest
 import trustme
 
+from mailbag.server.listeners import quiet_network_errors
 from tests.conftest import MailbagServer
 from tests.net.pop3raw import RawPop3
 from tests.net.tlshelpers import (
@@ -194,6 +197,41 @@ def test_stls_silent_client_cut_at_login_deadline(mailbag_home: MailbagServer) -
         assert wait_until(lambda: "reason=timeout" in mailbag_home.log())
     finally:
         mailbag_home.stop()
+
+
+def test_pop3s_silent_client_cut_at_handshake_timeout(mailbag_home: MailbagServer) -> None:
+    # A TCP connection to the POP3S port that never says ClientHello is closed after
+    # limits.login_timeout (the handshake timeout follows it, capped at 30 s).
+    set_option(mailbag_home, "limits", "login_timeout", "1.0")
+    mailbag_home.start()
+    try:
+        sock = socket.create_connection((mailbag_home.host, mailbag_home.tls_port), 5)
+        sock.settimeout(5)
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(100) == b""
+        assert time.monotonic() - started < 3.5
+        sock.close()
+    finally:
+        mailbag_home.stop()
+
+
+def test_pop3s_loop_handler_keeps_network_errors_quiet() -> None:
+    # Network errors from clients are one debug line; real bugs still reach the default handler.
+    seen: list[dict[str, object]] = []
+
+    class Loop:
+        def default_exception_handler(self, context: dict[str, object]) -> None:
+            seen.append(context)
+
+    loop = Loop()
+    quiet_network_errors(loop, {"message": "SSL handshake failed",  # type: ignore[arg-type]
+                                "exception": ssl.SSLError(1, "WRONG_VERSION_NUMBER")})
+    quiet_network_errors(loop, {"message": "x", "exception": ConnectionResetError()})  # type: ignore[arg-type]
+    assert seen == []
+    bug = {"message": "bug", "exception": ValueError("boom")}
+    quiet_network_errors(loop, bug)  # type: ignore[arg-type]
+    assert seen == [bug]
 
 
 def _write_trustme_cert(ca: trustme.CA, server: MailbagServer) -> None:

@@ -127,6 +127,8 @@ class Pop3Server:
         before the first connection is read (see ``server.privileges``).
         """
         loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:
+            loop.set_exception_handler(quiet_network_errors)
         for address in self.listen:
             ssl_context = None
             if address.tls:
@@ -223,3 +225,19 @@ class Pop3Server:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         log_event("stopped")
+
+
+def quiet_network_errors(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """Loop exception handler: a network error from a client is one log line, not a traceback.
+
+    asyncio and uvloop already keep ``OSError`` from transports out of the log; this catches
+    what slips through (a client resetting mid-handshake, a garbage TLS record surfacing
+    through a callback), so a scanner hammering port 995 cannot flood the log with
+    tracebacks.  Anything else is a real bug and goes to the default handler, traceback and all.
+    """
+    exc = context.get("exception")
+    if isinstance(exc, OSError):
+        log_event("network-error", logging.DEBUG, error=type(exc).__name__,
+                  message=str(context.get("message", ""))[:200])
+        return
+    loop.default_exception_handler(context)
