@@ -361,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--password", required=True)
+    parser.add_argument("--timeout", type=float, default=300.0, help="give up after (s)")
     sub = parser.add_subparsers(dest="scenario", required=True)
     p = sub.add_parser("sessions")
     p.add_argument("--prefix", required=True)
@@ -384,12 +385,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         "bigbox": run_bigbox,
         "hold": run_hold,
     }[args.scenario]
+
+    async def bounded() -> dict[str, object]:
+        # A server that stops answering must fail the run, not hang it.
+        if args.scenario == "hold":
+            return await runner(args)
+        return await asyncio.wait_for(runner(args), args.timeout)
+
     try:
         import uvloop
     except ImportError:
-        result = asyncio.run(runner(args))
+        result = asyncio.run(bounded())
     else:
-        result = uvloop.run(runner(args))
+        result = uvloop.run(bounded())
     print(json.dumps(result), flush=True)
 
 

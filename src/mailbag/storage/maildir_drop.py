@@ -13,6 +13,7 @@ import errno
 import io
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 
@@ -49,6 +50,9 @@ def fsync_dir(path: str) -> None:
 
 #: Octets per read when streaming a message: few calls per message, bounded memory.
 READ_CHUNK = 256 * 1024
+
+#: An open slower than this (seconds) hit the disk: stop opening on the event loop.
+SLOW_OPEN = 0.002
 
 _NOWAIT_FLAGS = getattr(os, "RWF_NOWAIT", 0)
 _nowait_usable = [bool(_NOWAIT_FLAGS)]
@@ -96,6 +100,7 @@ class MaildirMaildrop:
         self._path = path
         self._lock: io.FileIO | None = lock
         self._fsync = fsync
+        self._inline_opens = True
         self._listing = listing
         self._deleted: set[int] = set()
         self._pos: dict[str, int] = dict(zip(listing.uids, range(len(listing)), strict=True))
@@ -143,7 +148,19 @@ class MaildirMaildrop:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
         self._position(uid)
-        fd, chunk = await asyncio.to_thread(self._open_and_read, uid, chunk_size)
+        opened = self._open_cached(uid, chunk_size) if self._inline_opens else None
+        if opened is None:
+            fd, chunk = await asyncio.to_thread(self._open_and_read, uid, chunk_size)
+        else:
+            fd, first = opened
+            try:
+                with storage_errors("read message", self._path):
+                    chunk = first if first is not None else await asyncio.to_thread(
+                        os.pread, fd, chunk_size, 0
+                    )
+            except BaseException:
+                os.close(fd)
+                raise
         try:
             offset = 0
             while chunk:
@@ -156,6 +173,29 @@ class MaildirMaildrop:
                 chunk = cached
         finally:
             os.close(fd)
+
+    def _open_cached(self, uid: str, size: int) -> tuple[int, bytes | None] | None:
+        """Open on the event loop when that is cheap; None means "use a worker thread".
+
+        Opening a file whose directory entry and inode are cached takes
+        microseconds, much less than a thread hand-off, and it is the common
+        case (the maildrop was just listed or indexed).  If an open turns out
+        slow (the metadata came from disk), this maildrop stops opening
+        inline, so a cold disk stalls the loop at most once per session.  A
+        renamed file goes to the worker thread, which can search for it.
+        """
+        started = time.perf_counter()
+        try:
+            fd = os.open(self._file(self._position(uid)), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        if time.perf_counter() - started > SLOW_OPEN:
+            self._inline_opens = False
+        try:
+            return fd, _read_cached(fd, size, 0)
+        except OSError:
+            os.close(fd)
+            return None
 
     def _open_and_read(self, uid: str, size: int) -> tuple[int, bytes]:
         """Open the message and read its first chunk (in a worker thread)."""
