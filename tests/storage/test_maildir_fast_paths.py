@@ -1,0 +1,87 @@
+"""The Maildir speed-ups give the same answers as the plain paths they shortcut.
+
+``read`` opens cached files on the event loop and reads with ``RWF_NOWAIT``;
+a cold scan of many names types them with one ``scandir``.  Each has a
+fallback (worker thread; ``stat`` per name), and both must agree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mailbag.storage import maildir_drop, maildir_index
+from mailbag.storage.maildir import MaildirStore
+
+from .helpers import read_all, run
+
+
+def _store(tmp_path: Path) -> MaildirStore:
+    return MaildirStore(str(tmp_path / "mail" / "{user}"), fsync=False)
+
+
+def test_scan_of_many_names_skips_dotfiles_directories_and_follows_symlinks(
+    tmp_path: Path,
+) -> None:
+    maildir = tmp_path / "box"
+    for sub in ("tmp", "new", "cur"):
+        (maildir / sub).mkdir(parents=True)
+    count = maildir_index.SCANDIR_MIN * 2
+    for i in range(count):
+        (maildir / "new" / f"{1700000000 + i}.M{i}P1.host").write_bytes(b"x\n")
+    (maildir / "new" / ".hidden").write_bytes(b"not mail\n")
+    (maildir / "new" / "1800000000.dir.host").mkdir()
+    target = tmp_path / "outside"
+    target.write_bytes(b"linked\n")
+    (maildir / "new" / "1800000001.link.host").symlink_to(target)
+    (maildir / "new" / "1800000002.dangling.host").symlink_to(tmp_path / "missing")
+
+    names = set(os.listdir(maildir / "new"))
+    fast = maildir_index._messages_among(str(maildir), "new", names)
+    slow = [n for n in names if maildir_index.is_message(str(maildir), "new", n)]
+    assert sorted(fast) == sorted(slow)
+    assert len(fast) == count + 1  # the symlink to a file counts, as with os.stat
+
+
+@pytest.mark.parametrize("nowait", [True, False])
+@pytest.mark.parametrize("slow_open", [False, True])
+def test_read_gives_the_stored_bytes_on_every_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nowait: bool, slow_open: bool
+) -> None:
+    if not nowait:
+        monkeypatch.setattr(maildir_drop, "_nowait_usable", [False])
+    if slow_open:
+        monkeypatch.setattr(maildir_drop, "SLOW_OPEN", -1.0)
+    store = _store(tmp_path)
+    bodies = [b"a" * 10, os.urandom(3 * 70_000 + 5), b""]
+
+    async def go() -> None:
+        uids = [await store.deliver("alice", body) for body in bodies]
+        md = await store.open_maildrop("alice")
+        try:
+            for uid, body in zip(uids, bodies, strict=True):
+                assert await read_all(md, uid, chunk_size=70_000) == body
+            assert md._inline_opens is not slow_open
+        finally:
+            await md.close()
+
+    run(go())
+
+
+def test_read_follows_a_file_renamed_after_open(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+
+    async def go() -> None:
+        uid = await store.deliver("alice", b"hello\n")
+        md = await store.open_maildrop("alice")
+        try:
+            new = tmp_path / "mail" / "alice" / "new"
+            (name,) = os.listdir(new)
+            os.rename(new / name, tmp_path / "mail" / "alice" / "cur" / f"{name}:2,S")
+            assert await read_all(md, uid) == b"hello\n"
+        finally:
+            await md.close()
+
+    run(go())
