@@ -24,6 +24,7 @@ from tests.net.tlshelpers import (
     TlsPop3,
     client_context,
     run_curl,
+    run_fetchmail,
     run_mpop,
     set_option,
     wait_until,
@@ -331,6 +332,22 @@ def test_stls_and_pop3s_mpop(mailbag_server: MailbagServer, tmp_path: Path, star
     assert result.returncode == 0, result.stderr
     fetched = list((maildir / "new").iterdir())
     assert len(fetched) == 1 and b"secret body" in fetched[0].read_bytes()
+
+
+@pytest.mark.parametrize("implicit_tls", [False, True], ids=["starttls", "pop3s"])
+def test_stls_and_pop3s_fetchmail(
+    mailbag_server: MailbagServer, tmp_path: Path, implicit_tls: bool
+) -> None:
+    # fetchmail with "sslproto tls1.2+" (must STLS) and with "ssl" (POP3S), verifying the cert.
+    mailbag_server.deliver(MESSAGE)
+    port = mailbag_server.tls_port if implicit_tls else mailbag_server.port
+    result, out = run_fetchmail(
+        tmp_path, port=port, cafile=mailbag_server.cert, implicit_tls=implicit_tls
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert b"secret body" in out.read_bytes()
+    if not implicit_tls:
+        assert "version=TLSv1." in mailbag_server.log()  # it really upgraded with STLS
 
 
 def test_pop3s_refusal_by_connection_cap_is_clean(mailbag_home: MailbagServer) -> None:

@@ -189,3 +189,34 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def run_fetchmail(
+    tmp: Path, *, port: int, cafile: Path, implicit_tls: bool
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Fetch with fetchmail (OpenSSL), keeping the mail, into a BSMTP file; returns result, file.
+
+    ``sslproto tls1.2+`` on the plain port makes fetchmail insist on STLS; ``ssl`` is POP3S.
+    fetchmail checks only the certificate's DNS names, hence ``sslcommonname localhost``.
+    """
+    stamp = time.monotonic_ns()
+    out = tmp / f"fetchmail-{stamp}.bsmtp"
+    rc = tmp / f"fetchmail-{stamp}.rc"
+    tls = "ssl" if implicit_tls else "sslproto tls1.2+"
+    rc.write_text(
+        f"poll 127.0.0.1 protocol pop3 port {port} auth password\n"
+        f'  user "demo" password "demo" is root here\n'
+        f'  {tls} sslcommonname localhost sslcertck sslcertfile "{cafile}"\n'
+        f'  keep fetchall bsmtp "{out}"\n'
+    )
+    os.chmod(rc, 0o600)
+    env = dict(os.environ, HOME=str(tmp), FETCHMAILHOME=str(tmp))
+    result = subprocess.run(
+        [need("fetchmail"), "-f", str(rc), "--nosyslog", "--pidfile", f"{rc}.pid"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    return result, out
