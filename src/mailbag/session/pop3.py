@@ -276,7 +276,9 @@ class Pop3Session:
                 await self._sasl_start(event)
             elif isinstance(event, SaslContinue):
                 mechanism = self._sasl
-                if mechanism is not None:
+                if mechanism is None:  # cannot happen; never leave the core waiting
+                    self._out += conn.login_failed()
+                else:
                     await self._sasl_next(mechanism, functools.partial(mechanism.step, event.data))
             elif isinstance(event, SaslAbort):
                 if self._sasl is not None:
