@@ -32,6 +32,7 @@ import argon2
 import bcrypt
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from mailbag.auth import sodium
 from mailbag.auth.scram import SCRAM_SCHEME, ScramSecrets, make_scram_secrets
 from mailbag.errors import AuthError
 
@@ -286,7 +287,10 @@ def _verify_argon2(password: bytes, data: str, scheme: str) -> bool:
     if not data.startswith(("$argon2id$", "$argon2i$")):
         raise AuthError(f"{scheme} password hash is not an argon2i/argon2id string")
     try:
-        argon2.extract_parameters(data)  # verify() reports a malformed hash as a mismatch
+        params = argon2.extract_parameters(data)  # verify() calls a malformed hash a mismatch
+        fast = sodium.verify(data, password, params)  # same answer, faster, when it applies
+        if fast is not None:
+            return fast
         return DEFAULT_ARGON2_PARAMS.hasher().verify(data, password)
     except InvalidHashError as exc:
         raise AuthError(f"malformed {scheme} password hash") from exc

@@ -10,8 +10,10 @@ event loop that serves every other session.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,6 +23,18 @@ from mailbag.auth.users import UserDatabase, UserRecord
 from mailbag.errors import AuthError, InvalidUsername
 from mailbag.logs import log_event
 from mailbag.session.throttle import FailureThrottle
+
+
+@functools.cache
+def hash_pool() -> ThreadPoolExecutor:
+    """The threads that verify password hashes: one per CPU, shared by all sessions.
+
+    Not the loop's default executor, which also opens maildrops: queued
+    behind 50 Argon2 verifications (a login burst), an open would wait for
+    all of them.  More hash threads than CPUs add no throughput, only
+    memory (64 MiB each at default Argon2 cost) and latency.
+    """
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="mailbag-hash")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +57,7 @@ class Authenticator:
     ) -> None:
         self.users = users
         self.throttle = throttle
-        self._executor = executor
+        self._executor = executor if executor is not None else hash_pool()
 
     def _lookup(self, login: str) -> UserRecord | None:
         try:
