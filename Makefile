@@ -25,5 +25,10 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
 
+## bench: mailbag vs a private Dovecot, side by side (installs Dovecot if missing; run as root;
+## ~15 min, BENCH_ARGS=--quick for ~3); writes docs/benchmarks.md and docs/benchmarks/*.png
+bench: $(VENV)/.installed
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
