@@ -213,9 +213,13 @@ def render(res: dict[str, Any], images: list[str]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, Linux "
         f"{m['kernel']}; Python {m['python']}, uvloop {m['uvloop']}; Dovecot {m['dovecot']}; "
-        f"open-file limit {m['nofile']:,}.  Load average (1 min) at start "
-        f"{res['load_start'][0]:.2f}, at end {res['load_end'][0]:.2f}; each run's load is in "
-        "`bench/results.json`.",
+        f"open-file limit {m['nofile']:,}.  Load average (1 min, counting the benchmark's own "
+        f"client and server) at start {res['load_start'][0]:.2f}"
+        + (f", before the capacity scenario {res['load_before_capacity'][0]:.2f}"
+           if "load_before_capacity" in res else "")
+        + f", at end {res['load_end'][0]:.2f} (after capacity this includes Dovecot's "
+        "thousands of exiting mail processes); each figure's load is in the tables below "
+        "and in `bench/results.json`.",
         "",
     ]
     sections = (("sessions", "Sessions per second", rows_sessions, ["sessions-plain.png",
