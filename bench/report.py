@@ -218,8 +218,8 @@ def render(res: dict[str, Any], images: list[str]) -> str:
         + (f", before the capacity scenario {res['load_before_capacity'][0]:.2f}"
            if "load_before_capacity" in res else "")
         + f", at end {res['load_end'][0]:.2f} (after capacity this includes Dovecot's "
-        "thousands of exiting mail processes); each figure's load is in the tables below "
-        "and in `bench/results.json`.",
+        "thousands of exiting mail processes); each run's load is in "
+        "and in `bench/results.json` (the capacity table shows it per level).",
         "",
     ]
     sections = (("sessions", "Sessions per second", rows_sessions, ["sessions-plain.png",
