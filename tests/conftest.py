@@ -38,18 +38,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+def wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 15,
+                  what: str = "mailbag") -> None:
+    """Wait until ``proc`` (the server called ``what``) accepts connections on host:port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             err = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"mailbag exited early ({proc.returncode}): {err}")
+            raise RuntimeError(f"{what} exited early ({proc.returncode}): {err}")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"mailbag did not listen on {host}:{port}")
+    raise RuntimeError(f"{what} did not listen on {host}:{port}")
 
 
 @dataclass

@@ -18,7 +18,8 @@ import pytest
 import trustme
 
 from mailbag.cli.main import main
-from tests.client.pop3servers import Dovecot, Target, dovecot_available
+from tests.client.pop3servers import Dovecot, Target
+from tests.dovecot import dovecot_unavailable
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +38,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
 @pytest.fixture(scope="session")
 def dovecot(tls_files: tuple[Path, Path, Path]) -> Iterator[Dovecot]:
     """One private Dovecot for the whole session (each test gets its own user)."""
-    reason = dovecot_available()
+    reason = dovecot_unavailable()
     if reason:
         pytest.skip(reason)
     server = Dovecot(*tls_files)

@@ -1,17 +1,16 @@
-"""A tiny raw-socket POP3 driver for tests: send exact bytes, read exact replies."""
+"""Raw-socket test drivers: CRLF lines over a socket; POP3 by hand (exact bytes, exact replies)."""
 
 from __future__ import annotations
 
 import socket
 
 
-class RawPop3:
-    """Speak POP3 by hand, like the seed document's telnet session."""
+class RawLines:
+    """A connected socket read by CRLF lines; bytes after the last line read stay in ``buf``."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.buf = b""
-        self.greeting = self.line()
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -24,6 +23,17 @@ class RawPop3:
             self.buf += chunk
         line, self.buf = self.buf.split(b"\r\n", 1)
         return line
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RawPop3(RawLines):
+    """Speak POP3 by hand, like the seed document's telnet session."""
+
+    def __init__(self, host: str, port: int, timeout: float = 10) -> None:
+        super().__init__(socket.create_connection((host, port), timeout=timeout))
+        self.greeting = self.line()
 
     def multiline(self) -> bytes:
         """Read until CRLF.CRLF; return everything after the first line, terminator removed."""
@@ -49,9 +59,6 @@ class RawPop3:
             return self.sock.recv(1) == b""
         except OSError:
             return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def unstuff(body: bytes) -> bytes:

@@ -3,8 +3,9 @@
 Python's ``smtplib.LMTP`` reads a single reply after DATA (CPython
 bpo-32803), which hides exactly the behaviour LMTP exists for (RFC 2033
 section 4.2).  This client pipelines the envelope (RFC 2920), dot-stuffs the
-data itself and returns every reply, so tests can assert per-recipient
-outcomes.  The tests at the bottom check the client against the server.
+data itself (``mailbag.client.dotstuff.stuff``, the same rule as POP3) and
+returns every reply, so tests can assert per-recipient outcomes.  The tests
+at the bottom check the client against the server.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
+from mailbag.client.dotstuff import stuff
 from tests.conftest import MailbagServer
+from tests.net.pop3raw import RawLines
 
 
 @dataclass
@@ -25,17 +28,7 @@ class Transaction:
     per_recipient: list[tuple[int, str]] = field(default_factory=list)
 
 
-def stuff(message: bytes) -> bytes:
-    """Dot-stuff CRLF text and append the terminator (RFC 5321 section 4.5.2)."""
-    if message and not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    body = message.replace(b"\r\n.", b"\r\n..")
-    if body.startswith(b"."):
-        body = b"." + body
-    return body + b".\r\n"
-
-
-class LmtpClient:
+class LmtpClient(RawLines):
     """Speak LMTP by hand over TCP or a Unix socket."""
 
     def __init__(
@@ -43,25 +36,13 @@ class LmtpClient:
         timeout: float = 20,
     ) -> None:
         if unix is not None:
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.settimeout(timeout)
-            self.sock.connect(unix)
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(timeout)
+            sock.connect(unix)
         else:
-            self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.buf = b""
+            sock = socket.create_connection((host, port), timeout=timeout)
+        super().__init__(sock)
         self.greeting = self.reply()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed; buffer={self.buf!r}")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
 
     def reply(self) -> tuple[int, str]:
         """One (possibly multi-line) reply: code and the text lines joined by newlines."""
@@ -95,9 +76,6 @@ class LmtpClient:
             accepted = sum(1 for code, _ in rcpt if code // 100 == 2)
             result.per_recipient = [self.reply() for _ in range(accepted)]
         return result
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_lhlo_client_sees_extensions(mailbag_server: MailbagServer) -> None:

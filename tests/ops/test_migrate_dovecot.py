@@ -1,7 +1,7 @@
 """Migration from a real Dovecot: mailbag must report exactly the UIDLs Dovecot reported.
 
 Each test runs Dovecot from Debian's packages on loopback (own config and
-port, see ``tests/ops/dovecot.py``), records its UIDL and LIST listings over
+port, see ``tests/dovecot.py``), records its UIDL and LIST listings over
 POP3, stops it, runs ``mailbag migrate dovecot``, starts mailbag and
 compares the listings byte for byte.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MailbagServer, make_home
+from tests.dovecot import PrivateDovecot, dovecot_unavailable
 from tests.net.pop3raw import RawPop3
-from tests.ops.dovecot import PrivateDovecot, dovecot_unavailable
 
 MAILBAG = [sys.executable, "-m", "mailbag"]
 

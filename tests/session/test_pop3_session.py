@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
-import pytest
-
-from mailbag.auth.schemes import Argon2Params
 from mailbag.auth.users import UsersFile
 from mailbag.errors import MessageGone
 from mailbag.protocol.capabilities import Pop3Policy
@@ -23,16 +19,6 @@ from mailbag.session.throttle import FailureThrottle
 from mailbag.storage.memory import MemoryStore
 from mailbag.wireform import to_wire
 from tests.session.memstream import MemoryStream
-
-FAST = Argon2Params(time_cost=1, memory_cost=1024, parallelism=1)
-
-
-@pytest.fixture
-def users(tmp_path: Path) -> UsersFile:
-    db = UsersFile(tmp_path / "users", argon2_params=FAST)
-    db.add("demo", "demo")
-    db.add("other", "pw")
-    return db
 
 
 def make_session(

@@ -10,12 +10,9 @@ import asyncio
 import base64
 import ssl
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
-import pytest
 import scramp  # type: ignore[import-untyped]
 
-from mailbag.auth.schemes import Argon2Params
 from mailbag.auth.scram import ScramSecrets
 from mailbag.auth.users import UsersFile
 from mailbag.errors import AuthError
@@ -26,16 +23,7 @@ from mailbag.session.throttle import FailureThrottle
 from mailbag.storage.memory import MemoryStore
 from tests.session.memstream import MemoryStream
 
-FAST = Argon2Params(time_cost=1, memory_cost=1024, parallelism=1)
 POLICY = Pop3Policy(sasl_mechanisms=("SCRAM-SHA-256", "PLAIN"), stls=True)
-
-
-@pytest.fixture
-def users(tmp_path: Path) -> UsersFile:
-    db = UsersFile(tmp_path / "users", argon2_params=FAST)
-    db.add("demo", "demo")
-    db.add("other", "pw")
-    return db
 
 
 class Client:

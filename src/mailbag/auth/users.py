@@ -421,9 +421,16 @@ class UsersFile:
         return -1
 
     def _secrets(
-        self, password: str, scheme: str, with_scram: bool, params: Argon2Params | None
-    ) -> tuple[str, str | None]:
-        """The password field and the ``scram=`` value (None: none, or the field is SCRAM)."""
+        self, password: str, scheme: str, with_scram: bool, apop_secret: str | None,
+        params: Argon2Params | None,
+    ) -> tuple[str, dict[str, str | None]]:
+        """The password field and the ``scram=``/``apop=`` extras (a None value: left out).
+
+        Checks the APOP secret first.  ``scram`` is None when not wanted or when the
+        password field is SCRAM itself.
+        """
+        if apop_secret is not None:
+            _check_storable("the APOP secret", apop_secret, allow_colon=True)
         stored = hash_password(
             password,
             scheme,
@@ -434,7 +441,7 @@ class UsersFile:
         scram = None
         if with_scram and split_scheme(stored)[0] != SCRAM_SCHEME:
             scram = make_scram_secrets(password, iterations=self.scram_iterations).to_field()
-        return stored, scram
+        return stored, {"scram": scram, "apop": apop_secret or None}
 
     def add(
         self,
@@ -453,10 +460,8 @@ class UsersFile:
         ``params`` overrides the file's Argon2 parameters for this hash.
         """
         name = validate_username(name)
-        if apop_secret is not None:
-            _check_storable("the APOP secret", apop_secret, allow_colon=True)
-        stored, scram = self._secrets(password, scheme, with_scram, params)
-        line = _set_extras(f"{name}:{stored}", {"scram": scram, "apop": apop_secret or None})
+        stored, extras = self._secrets(password, scheme, with_scram, apop_secret, params)
+        line = _set_extras(f"{name}:{stored}", extras)
 
         def edit(lines: builtins.list[str]) -> None:
             if self._find(lines, name) >= 0:
@@ -499,14 +504,12 @@ class UsersFile:
         The APOP secret is *replaced* by ``apop_secret``, and removed when that is None:
         APOP secrets are often the old password, which must stop working after a change.
         """
-        if apop_secret is not None:
-            _check_storable("the APOP secret", apop_secret, allow_colon=True)
-        stored, scram = self._secrets(password, scheme, with_scram, params)
+        stored, extras = self._secrets(password, scheme, with_scram, apop_secret, params)
 
         def change(line: str) -> str:
             parts = line.split(":", 2)
             parts[1] = stored
-            return _set_extras(":".join(parts), {"scram": scram, "apop": apop_secret or None})
+            return _set_extras(":".join(parts), extras)
 
         return self._update(name, change)
 

@@ -1,11 +1,17 @@
-"""A private Dovecot POP3 server for the migration tests, with a chosen ``pop3_uidl_format``.
+"""A private Dovecot POP3 server for the tests (and the client benchmark).
 
-Same approach as ``tests/client/pop3servers.py`` (own config, base_dir and
-loopback port; Maildirs owned by the ``dovecot`` user when the tests run as
-root, because Dovecot refuses mail access as root), but one instance per
-test, because the UIDL format and ``pop3_save_uidl`` are server-wide
-settings and are exactly what the tests vary.  Plain POP3 only: the
-migration tests care about UIDL, not TLS.
+``PrivateDovecot`` runs ``dovecot -F`` with its own config file, base_dir and
+random 127.0.0.1 ports, serving the users of a ``{PLAIN}`` passwd-file from
+Maildirs at ``root/mail/<user>/Maildir``.  Dovecot refuses to access mail as
+root ("Mail access not allowed for root"), so when the tests run as root (CI)
+the Maildirs belong to the ``dovecot`` system user (the tree lives in a 0755
+temporary directory, since pytest's tmp_path is 0700 and unreachable for
+that user); as a normal user everything runs as that user.
+
+Options: a certificate for STLS and POP3S (plain POP3 only without one), the
+server-wide ``pop3_uidl_format`` and ``pop3_save_uidl`` settings, and users
+declared before the start (Dovecot re-reads a passwd-file at most once a
+second, so users added while it runs can fail to log in).
 """
 
 from __future__ import annotations
@@ -14,20 +20,14 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
+from collections.abc import Iterable
 from pathlib import Path
 
+from tests.conftest import free_port, wait_for_port
+
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def dovecot_unavailable() -> str | None:
@@ -43,13 +43,31 @@ def dovecot_unavailable() -> str | None:
     return None
 
 
-class PrivateDovecot:
-    """``dovecot -F`` on 127.0.0.1 serving ``root/mail/<user>/Maildir`` from a passwd-file."""
+def drop(maildir: Path, subdir: str, name: str, data: bytes,
+         owner: tuple[int, int] | None = None) -> None:
+    """Drop a message file as a delivery agent would (tmp/ then rename into ``subdir``)."""
+    tmp = maildir / "tmp" / name.split(":", 1)[0]
+    tmp.write_bytes(data)
+    if owner:
+        os.chown(tmp, *owner)
+    os.rename(tmp, maildir / subdir / name)
 
-    def __init__(self, *, uidl_format: str = "%08Xu%08Xv", save_uidl: bool = False) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="mailbag-migrate-dovecot-"))
+
+class PrivateDovecot:
+    """``dovecot -F`` on 127.0.0.1 serving ``root/mail/<user>/Maildir`` from a passwd-file.
+
+    ``tls`` is a (certificate, key) pair: with it the server also offers STLS
+    and POP3S on ``tls_port``.  ``users`` are (name, password) pairs declared
+    in the passwd-file up front; their Maildirs are made by ``maildir()``.
+    """
+
+    def __init__(self, *, tls: tuple[Path, Path] | None = None,
+                 uidl_format: str = "%08Xu%08Xv", save_uidl: bool = False,
+                 users: Iterable[tuple[str, str]] = ()) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="mailbag-dovecot-"))
         self.root.chmod(0o755)
         self.port = free_port()
+        self.tls_port = free_port() if tls else 0
         self.owner: tuple[int, int] | None = None
         if os.geteuid() == 0:
             pw = pwd.getpwnam("dovecot")
@@ -61,17 +79,18 @@ class PrivateDovecot:
         self.mail.mkdir()
         self._chown(self.mail)
         self.passwd = self.root / "passwd"
-        self.passwd.write_text("")
+        self.passwd.write_text("".join(self._passwd_line(*user) for user in users))
+        ssl = f"ssl = yes\nssl_cert = <{tls[0]}\nssl_key = <{tls[1]}" if tls else "ssl = no"
         self.log = self.root / "dovecot.log"
         self.conf = self.root / "dovecot.conf"
         self.conf.write_text(f"""\
 base_dir = {self.root}/run
 state_dir = {self.root}/state
-instance_name = mailbag-migrate-{os.getpid()}-{self.port}
+instance_name = mailbag-test-{os.getpid()}-{self.port}
 protocols = pop3
 listen = 127.0.0.1
 log_path = {self.log}
-ssl = no
+{ssl}
 auth_mechanisms = plain
 disable_plaintext_auth = no
 default_internal_user = {internal}
@@ -85,7 +104,7 @@ pop3_uidl_format = {uidl_format}
 pop3_save_uidl = {"yes" if save_uidl else "no"}
 passdb {{
   driver = passwd-file
-  args = username_format=%u {self.passwd}
+  args = scheme=PLAIN username_format=%u {self.passwd}
 }}
 userdb {{
   driver = static
@@ -96,7 +115,8 @@ service pop3-login {{
     port = {self.port}
   }}
   inet_listener pop3s {{
-    port = 0
+    port = {self.tls_port}
+    ssl = yes
   }}
 }}
 service imap-login {{
@@ -110,14 +130,22 @@ service imap-login {{
 """)
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @staticmethod
+    def _passwd_line(name: str, password: str) -> str:
+        return f"{name}:{{PLAIN}}{password}::::::\n"
+
     def _chown(self, path: Path) -> None:
         if self.owner:
             os.chown(path, *self.owner)
 
     def add_user(self, name: str, password: str) -> Path:
-        """A passwd-file line (``{PLAIN}``) and an empty Maildir; returns the Maildir."""
+        """A passwd-file line and an empty Maildir (before ``start()``); returns the Maildir."""
         with self.passwd.open("a") as f:
-            f.write(f"{name}:{{PLAIN}}{password}::::::\n")
+            f.write(self._passwd_line(name, password))
+        return self.maildir(name)
+
+    def maildir(self, name: str) -> Path:
+        """The user's Maildir, made empty (with tmp/, new/, cur/) if it is not there yet."""
         maildir = self.mail / name / "Maildir"
         for path in (maildir.parent, maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
             path.mkdir(exist_ok=True)
@@ -125,33 +153,23 @@ service imap-login {{
         return maildir
 
     def put(self, maildir: Path, subdir: str, name: str, data: bytes) -> None:
-        """Drop a message file as a delivery agent would (tmp/ then rename)."""
-        tmp = maildir / "tmp" / name.split(":", 1)[0]
-        tmp.write_bytes(data)
-        self._chown(tmp)
-        os.rename(tmp, maildir / subdir / name)
+        drop(maildir, subdir, name, data, self.owner)
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [DOVECOT, "-F", "-c", str(self.conf)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"dovecot exited: {err} {self.log_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("dovecot did not start listening")
+        try:
+            wait_for_port("127.0.0.1", self.port, self.proc, what="dovecot")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc} {self.log_text()}") from None
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self) -> None:
+        """Stop serving; the Maildirs, passwd-file and log stay for inspection."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -162,5 +180,6 @@ service imap-login {{
         self.proc = None
 
     def cleanup(self) -> None:
+        """Stop serving and remove everything."""
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
