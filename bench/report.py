@@ -219,7 +219,7 @@ def render(res: dict[str, Any], images: list[str]) -> str:
            if "load_before_capacity" in res else "")
         + f", at end {res['load_end'][0]:.2f} (after capacity this includes Dovecot's "
         "thousands of exiting mail processes); each run's load is in "
-        "and in `bench/results.json` (the capacity table shows it per level).",
+        "`bench/results.json`, and per level in the capacity table.",
         "",
     ]
     sections = (("sessions", "Sessions per second", rows_sessions, ["sessions-plain.png",
