@@ -434,3 +434,40 @@ def test_replies_are_single_line_where_expected() -> None:
         out = replies(drive(conn, command + b"\r\n"))
         assert out.count(b"\r\n") == 1, command
         assert len(out) <= 512
+
+
+def test_lang_lists_languages() -> None:
+    # RFC 6856 section 3: LANG without an argument lists the languages.
+    out = replies(drive(make(), b"LANG\r\n"))
+    assert out == "+OK Language listing follows.\r\nen English\r\nzh-CN 简体中文\r\n.\r\n".encode()
+
+
+def test_lang_zh_cn_translates_text_but_not_codes_or_numbers() -> None:
+    # RFC 6856 section 3: the +OK names the chosen tag; response codes stay parseable.
+    conn = logged_in()
+    out = replies(drive(conn, b"LANG zh-CN\r\nSTAT\r\nDELE 1\r\nRETR 1\r\nLIST 9\r\n"))
+    assert out == (
+        "+OK zh-CN 语言已改为简体中文。\r\n+OK 3 600\r\n+OK 第 1 封邮件已标记为删除。\r\n"
+        "-ERR 第 1 封邮件已被标记删除。\r\n-ERR 没有第 9 封邮件。\r\n"
+    ).encode()
+    drive(conn, b"QUIT\r\n")
+    assert conn.commit_finished(0, 1) == "-ERR [SYS/TEMP] 有 1 封邮件未能删除。\r\n".encode()
+
+
+def test_lang_in_authorization_translates_auth_failure_with_code() -> None:
+    conn = make()
+    drive(conn, b"LANG zh\r\nUSER a\r\nPASS b\r\n")
+    assert conn.login_failed() == "-ERR [AUTH] 认证失败。\r\n".encode()
+
+
+def test_lang_star_and_unknown() -> None:
+    conn = make()
+    assert replies(drive(conn, b"LANG *\r\n")) == b"+OK en Language changed to English.\r\n"
+    assert replies(drive(conn, b"LANG tlh\r\n")) == b"-ERR Invalid language.\r\n"
+
+
+def test_lang_announced_in_capa_and_disabled_by_policy() -> None:
+    assert b"\r\nLANG\r\n" in replies(drive(make(), b"CAPA\r\n"))
+    off = make(policy=Pop3Policy(languages=()))
+    assert b"\r\nLANG\r\n" not in replies(drive(off, b"CAPA\r\n"))
+    assert replies(drive(off, b"LANG\r\n")).startswith(b"-ERR")

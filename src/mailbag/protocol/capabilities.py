@@ -8,7 +8,7 @@ to check in one small pure function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 #: SASL mechanisms that send the password itself; offered only where plaintext is allowed.
 PLAINTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
@@ -36,7 +36,8 @@ class Pop3Policy:
     #: LOGIN-DELAY in seconds (RFC 2449 section 6.8); 0 means no policy, not announced.
     login_delay: int = 0
     #: Extra text for CAPA; hidden details such as versions stay out.
-    languages: tuple[str, ...] = field(default=())
+    #: RFC 6856 LANG: languages for response texts (first = default); () disables LANG.
+    languages: tuple[str, ...] = ("en", "zh-CN")
 
 
 def capability_lines(

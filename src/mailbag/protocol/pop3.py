@@ -40,6 +40,7 @@ from mailbag.protocol.events import (
     SendMessage,
     StartTls,
 )
+from mailbag.protocol.languages import DEFAULT_LANGUAGE, LANGUAGES, choose, translate
 from mailbag.protocol.lines import LineReader, LineTooLong
 
 #: TOP's line count is clamped to this; fetchmail sends ``TOP n 99999999`` for "everything".
@@ -139,6 +140,8 @@ class Pop3Connection:
         self.state = State.AUTHORIZATION
         self.user: str | None = None
         self.utf8 = False
+        #: RFC 6856 LANG: the language of response texts (English until LANG).
+        self.language = DEFAULT_LANGUAGE
         self._pending_user: str | None = None
         self._reader = LineReader(max(policy.max_command_line, policy.max_sasl_line))
         self._events: deque[Event] = deque()
@@ -162,7 +165,7 @@ class Pop3Connection:
         text = self.greeting_text
         if self.policy.apop:
             text = f"{text} {self.timestamp}"
-        return ok(text)
+        return self._ok(text)
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the client; ``b""`` means the client closed its side."""
@@ -207,12 +210,27 @@ class Pop3Connection:
     def _reply(self, data: bytes) -> None:
         self._events.append(Reply(data))
 
+    def _ok(self, text: str = "") -> bytes:
+        return ok(translate(text, self.language))
+
+    def _err(self, text: str) -> bytes:
+        return err(translate(text, self.language))
+
+    def _multiline(self, first: str, lines: Sequence[str]) -> bytes:
+        return multiline(translate(first, self.language), lines)
+
+    def error_reply(self, text: str) -> bytes:
+        """A ``-ERR`` line in the client's language (for the driver's own errors)."""
+        return self._err(text)
+
     def _error(self, text: str) -> None:
         """Queue ``-ERR``; close the connection after too many errors in a row."""
-        self._reply(err(text))
+        self._reply(self._err(text))
         self._errors_in_row += 1
         if self._errors_in_row >= self.policy.max_errors:
-            self._close_with(err("Too many bad commands, closing connection."), "too many errors")
+            self._close_with(
+                self._err("Too many bad commands, closing connection."), "too many errors"
+            )
 
     def _close_with(self, data: bytes, reason: str) -> None:
         self._reply(data)
@@ -283,7 +301,7 @@ class Pop3Connection:
             raise Pop3Error("Syntax: USER name")
         self._want_args(args, 1, 1, "USER name")
         self._pending_user = _decode_arg(args[0])
-        self._reply(ok())
+        self._reply(self._ok())
 
     def _cmd_pass(self, args: list[bytes], rest: bytes) -> None:
         if not self.plaintext_allowed:
@@ -312,7 +330,7 @@ class Pop3Connection:
         mechanisms = offered_mechanisms(self.policy, plaintext_allowed=self.plaintext_allowed)
         if not args:
             # Old Outlook sends a bare AUTH and expects the list (pre-RFC 5034 behaviour).
-            self._reply(multiline("", mechanisms))
+            self._reply(self._multiline("", mechanisms))
             return
         self._want_args(args, 1, 2, "AUTH mechanism [initial-response]")
         mechanism = args[0].decode("ascii", "replace").upper()
@@ -371,7 +389,7 @@ class Pop3Connection:
         if line.strip() == b"*":
             self._waiting = Waiting.NOTHING
             self._sasl_mechanism = ""
-            self._reply(err("Authentication cancelled."))
+            self._reply(self._err("Authentication cancelled."))
             self._events.append(SaslAbort())
             return
         data = self._b64decode(line.strip()) if line.strip() else b""
@@ -400,7 +418,7 @@ class Pop3Connection:
         self._want_args(args, 0, 0, "STLS")
         # RFC 2595 section 4: nothing said before STLS survives it.
         self._pending_user = None
-        self._reply(ok("Begin TLS negotiation now."))
+        self._reply(self._ok("Begin TLS negotiation now."))
         self._waiting = Waiting.NOTHING
         self._events.append(StartTls())
 
@@ -409,12 +427,27 @@ class Pop3Connection:
             raise Pop3Error("UTF8 is not available.")
         self._want_args(args, 0, 0, "UTF8")
         self.utf8 = True
-        self._reply(ok("UTF8 enabled."))
+        self._reply(self._ok("UTF8 enabled."))
+
+    def _cmd_lang(self, args: list[bytes], rest: bytes) -> None:
+        """RFC 6856 section 3: list languages, or choose one for response texts."""
+        if not self.policy.languages:
+            raise Pop3Error("Unknown command: LANG")
+        self._want_args(args, 0, 1, "LANG [language]")
+        if not args:
+            lines = [f"{tag} {LANGUAGES.get(tag, tag)}" for tag in self.policy.languages]
+            self._reply(self._multiline("Language listing follows.", lines))
+            return
+        chosen = choose(args[0].decode("ascii", "replace"))
+        if chosen is None or chosen not in self.policy.languages:
+            raise Pop3Error("Invalid language.")
+        self.language = chosen
+        self._reply(self._ok(f"{chosen} " + translate("Language changed to English.", chosen)))
 
     def _cmd_capa(self, args: list[bytes], rest: bytes) -> None:
         # RFC 2449 section 5: after login, still announce what was offered before it.
         lines = self._login_caps if self.state is State.TRANSACTION else self._current_caps()
-        self._reply(multiline("Capability list follows.", lines))
+        self._reply(self._multiline("Capability list follows.", lines))
 
     def _current_caps(self) -> list[str]:
         return capability_lines(
@@ -426,7 +459,7 @@ class Pop3Connection:
 
     def _cmd_quit(self, args: list[bytes], rest: bytes) -> None:
         if self.state is State.AUTHORIZATION:
-            self._close_with(ok("mailbag signing off."), "quit")
+            self._close_with(self._ok("mailbag signing off."), "quit")
             return
         # RFC 1939 section 6: QUIT from TRANSACTION enters UPDATE; only now is anything removed.
         self.state = State.UPDATE
@@ -443,7 +476,7 @@ class Pop3Connection:
     def _cmd_stat(self, args: list[bytes], rest: bytes) -> None:
         self._want_args(args, 0, 0, "STAT")
         count, octets = self.totals()
-        self._reply(ok(f"{count} {octets}"))
+        self._reply(self._ok(f"{count} {octets}"))
 
     def totals(self) -> tuple[int, int]:
         """Messages and octets not marked deleted."""
@@ -462,7 +495,7 @@ class Pop3Connection:
         self._want_args(args, 0, 1, f"{name} [message]")
         if args:
             idx = self._parse_msn(args[0])
-            self._reply(ok(f"{idx + 1} {value(idx)}"))
+            self._reply(self._ok(f"{idx + 1} {value(idx)}"))
             return
         deleted = self._deleted
         if deleted:
@@ -475,7 +508,7 @@ class Pop3Connection:
             first = f"{count} messages ({octets} octets)"
         else:
             first = ""
-        self._reply(multiline(first, lines))
+        self._reply(self._multiline(first, lines))
 
     def _cmd_retr(self, args: list[bytes], rest: bytes) -> None:
         self._want_args(args, 1, 1, "RETR message")
@@ -502,17 +535,17 @@ class Pop3Connection:
         self._want_args(args, 1, 1, "DELE message")
         idx = self._parse_msn(args[0])
         self._deleted.add(idx)
-        self._reply(ok(f"Message {idx + 1} marked to be deleted."))
+        self._reply(self._ok(f"Message {idx + 1} marked to be deleted."))
 
     def _cmd_rset(self, args: list[bytes], rest: bytes) -> None:
         self._want_args(args, 0, 0, "RSET")
         self._deleted.clear()
         count, octets = self.totals()
-        self._reply(ok(f"{count} messages ({octets} octets)."))
+        self._reply(self._ok(f"{count} messages ({octets} octets)."))
 
     def _cmd_noop(self, args: list[bytes], rest: bytes) -> None:
         self._want_args(args, 0, 0, "NOOP")
-        self._reply(ok())
+        self._reply(self._ok())
 
     # ------------------------------------------------------ driver callbacks
 
@@ -534,7 +567,7 @@ class Pop3Connection:
         self._deleted = set()
         self._errors_in_row = 0
         count, octets = self.totals()
-        return ok(f"Logged in, {count} messages ({octets} octets).")
+        return self._ok(f"Logged in, {count} messages ({octets} octets).")
 
     def login_failed(self, text: str = "[AUTH] Authentication failed.") -> bytes:
         """Stay in AUTHORIZATION; close after too many failures on this connection."""
@@ -545,7 +578,7 @@ class Pop3Connection:
         if self._auth_failures >= self.policy.max_auth_failures:
             self.state = State.CLOSED
             self._events.append(Close("too many authentication failures"))
-        return err(text)
+        return self._err(text)
 
     def sasl_challenge(self, data: bytes) -> bytes:
         """Send a SASL challenge (``+ base64``) and wait for the client's response line."""
@@ -563,15 +596,15 @@ class Pop3Connection:
         self._waiting = Waiting.NOTHING
         request, self._pending_message = self._pending_message, None
         if request is not None and request.body_lines is None:
-            return ok(f"{request.size} octets")
-        return ok()
+            return self._ok(f"{request.size} octets")
+        return self._ok()
 
     def message_failed(self, text: str) -> bytes:
         """The message could not be read before anything was sent."""
         self._expect(Waiting.MESSAGE)
         self._waiting = Waiting.NOTHING
         self._pending_message = None
-        return err(text)
+        return self._err(text)
 
     def commit_finished(self, removed: int, failed: int, text: str = "") -> bytes:
         """Answer QUIT after UPDATE; ``-ERR`` if any removal failed (RFC 1939 section 6)."""
@@ -580,10 +613,10 @@ class Pop3Connection:
         self.state = State.CLOSED
         self._events.append(Close("quit"))
         if failed:
-            return err(text or f"[SYS/TEMP] {failed} messages could not be deleted.")
+            return self._err(text or f"[SYS/TEMP] {failed} messages could not be deleted.")
         count, _ = self.totals()
         left = "maildrop empty" if count == 0 else f"{count} left"
-        return ok(f"mailbag signing off ({removed} deleted, {left}).")
+        return self._ok(f"mailbag signing off ({removed} deleted, {left}).")
 
     def tls_started(self) -> None:
         """TLS is up: forget everything from before (RFC 2595 section 4)."""
@@ -614,6 +647,7 @@ COMMANDS: dict[bytes, tuple[frozenset[State], Handler]] = {
     b"STLS": (_AUTH, Pop3Connection._cmd_stls),
     b"UTF8": (_AUTH, Pop3Connection._cmd_utf8),
     b"CAPA": (_BOTH, Pop3Connection._cmd_capa),
+    b"LANG": (_BOTH, Pop3Connection._cmd_lang),
     b"QUIT": (_BOTH, Pop3Connection._cmd_quit),
     b"STAT": (_TRANS, Pop3Connection._cmd_stat),
     b"LIST": (_TRANS, Pop3Connection._cmd_list),

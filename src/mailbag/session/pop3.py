@@ -41,7 +41,7 @@ from mailbag.protocol.events import (
     StartTls,
 )
 from mailbag.protocol.lines import MessageEncoder
-from mailbag.protocol.pop3 import Pop3Connection, State, err
+from mailbag.protocol.pop3 import Pop3Connection, State
 from mailbag.session.authenticate import Authenticator, AuthResult
 from mailbag.session.sasl import Challenge, Failure, SaslMechanism, Step, new_mechanism
 from mailbag.session.stream import Stream
@@ -201,7 +201,9 @@ class Pop3Session:
             logging.getLogger("mailbag").debug("session crash", exc_info=True)
             # Tell the client something generic rather than just hanging up.
             self._out.clear()
-            self.stream.write(err("[SYS/TEMP] Internal server error; closing connection."))
+            self.stream.write(
+                self.conn.error_reply("[SYS/TEMP] Internal server error; closing connection.")
+            )
         finally:
             await self._cleanup()
 
@@ -258,7 +260,7 @@ class Pop3Session:
             event = conn.next_event()
             if isinstance(event, NeedData):
                 if not await self._read_more():
-                    self._out += err("Autologout; idle for too long.")
+                    self._out += self.conn.error_reply("Autologout; idle for too long.")
                     await self._flush()
                     self.outcome = "timeout"
                     return
