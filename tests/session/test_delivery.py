@@ -230,3 +230,14 @@ def test_rcpt_session_unreadable_users_file_is_451() -> None:
     agent.users.broken = True  # type: ignore[attr-defined]
     out = run_session(agent, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<bob>\r\nQUIT\r\n")
     assert b"451 4.3.0 Temporary lookup failure" in out and b"550" not in out
+
+
+def test_deliver_reports_every_outcome_to_on_result() -> None:
+    """The hook metrics use: one call per delivery, with its outcome."""
+    seen: list[Outcome] = []
+    user = UserRecord("bob", "{PLAIN}x", quota_messages=1)
+    agent, _ = agent_with(user)
+    agent.on_result = seen.append
+    deliver(agent, user, b"one\r\n")
+    deliver(agent, user, b"two\r\n")
+    assert seen == [Outcome.DELIVERED, Outcome.OVER_QUOTA]

@@ -104,7 +104,7 @@ async def serve(
         address = parse_listen(config.metrics.listen, key="metrics.listen")
         ops = OpsEndpoint(address, metrics, service.health)
     await server.start(accept=False)
-    lmtp = build_lmtp_server(runtime)
+    lmtp = build_lmtp_server(runtime, metrics)
     try:
         if ops is not None:
             await ops.start(accept=False)

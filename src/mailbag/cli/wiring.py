@@ -20,9 +20,10 @@ from mailbag.protocol.capabilities import Pop3Policy
 from mailbag.protocol.lmtp import LmtpPolicy
 from mailbag.server.listeners import ConnectionLimits, Pop3Server, ServerObserver
 from mailbag.server.lmtp_listener import LmtpServer
+from mailbag.server.metrics import Metrics
 from mailbag.server.tls import TlsContext
 from mailbag.session.authenticate import Authenticator
-from mailbag.session.delivery import DeliveryAgent, QuotaDefaults
+from mailbag.session.delivery import DeliveryAgent, Outcome, QuotaDefaults
 from mailbag.session.lmtp import LmtpSessionSettings
 from mailbag.session.pop3 import SessionSettings
 from mailbag.session.sasl import DRIVER_MECHANISMS
@@ -138,7 +139,12 @@ def build_server(runtime: Runtime, observer: ServerObserver | None = None) -> Po
     )
 
 
-def build_delivery_agent(config: Config, users: UsersFile, store: MaildirStore) -> DeliveryAgent:
+def build_delivery_agent(
+    config: Config,
+    users: UsersFile,
+    store: MaildirStore,
+    on_result: Callable[[Outcome], None] | None = None,
+) -> DeliveryAgent:
     """The one delivery path shared by LMTP and ``mailbag deliver``."""
     return DeliveryAgent(
         store,
@@ -146,16 +152,31 @@ def build_delivery_agent(config: Config, users: UsersFile, store: MaildirStore) 
         hostname=config.hostname or socket.gethostname() or "localhost",
         max_message_size=config.storage.max_message_size,
         quota=QuotaDefaults(config.quota.bytes, config.quota.messages, config.quota.tempfail),
+        on_result=on_result,
     )
 
 
-def build_lmtp_server(runtime: Runtime) -> LmtpServer | None:
+def delivery_metric(outcome: Outcome) -> str:
+    """The ``mailbag_deliveries`` result label for a delivery outcome."""
+    if outcome is Outcome.DELIVERED:
+        return "delivered"
+    return "failed" if outcome is Outcome.TEMPORARY else "rejected"
+
+
+def build_lmtp_server(runtime: Runtime, metrics: Metrics | None = None) -> LmtpServer | None:
     """The LMTP listeners, or None when none is configured."""
     config = runtime.config
     lmtp = config.lmtp
     if not lmtp.listen and lmtp.socket is None:
         return None
-    agent = build_delivery_agent(config, runtime.users, runtime.store)
+    on_result = None
+    if metrics is not None:
+        count = metrics.delivery
+
+        def on_result(outcome: Outcome) -> None:
+            count(delivery_metric(outcome))
+
+    agent = build_delivery_agent(config, runtime.users, runtime.store, on_result)
     policy = LmtpPolicy(hostname=agent.hostname, max_message_size=agent.max_message_size)
     return LmtpServer(
         listen=lmtp.listen,

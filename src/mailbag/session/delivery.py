@@ -151,7 +151,10 @@ class DeliveryAgent:
         max_message_size: int = 0,
         quota: QuotaDefaults | None = None,
         clock: Callable[[], float] = time.time,
+        on_result: Callable[[Outcome], None] | None = None,
     ) -> None:
+        #: Told the outcome of every delivery (metrics); must not raise.
+        self.on_result = on_result
         self.store = store
         self.users = users
         self.hostname = hostname
@@ -191,6 +194,14 @@ class DeliveryAgent:
         self, record: UserRecord, message: bytes, envelope: Envelope
     ) -> DeliveryResult:
         """Store ``message`` for ``record`` with trace headers; never raises MailbagError."""
+        result = await self._deliver(record, message, envelope)
+        if self.on_result is not None:
+            self.on_result(result.outcome)
+        return result
+
+    async def _deliver(
+        self, record: UserRecord, message: bytes, envelope: Envelope
+    ) -> DeliveryResult:
         who = envelope.recipient or record.name
         if self.max_message_size and len(message) > self.max_message_size:
             return DeliveryResult(
