@@ -62,11 +62,6 @@ class CrlfNormalizer:
             self._at_line_start = True
         return tail
 
-    @property
-    def at_line_start(self) -> bool:
-        """True when the bytes emitted so far end with CRLF (or nothing was emitted)."""
-        return self._at_line_start and not self._pending_cr
-
 
 def to_wire(data: bytes) -> bytes:
     """Return the whole wire form of ``data`` (for small messages and tests)."""

@@ -28,7 +28,7 @@ from mailbag.session.lmtp import LmtpSessionSettings
 from mailbag.session.pop3 import SessionSettings
 from mailbag.session.sasl import DRIVER_MECHANISMS
 from mailbag.session.throttle import FailureThrottle
-from mailbag.storage.maildir import MaildirStore
+from mailbag.storage.maildir import MaildirStore, default_root
 
 
 @dataclass(slots=True)
@@ -43,9 +43,7 @@ class Runtime:
 
 def mail_root(config: Config) -> Path:
     """The fixed directory part of the maildir template (must exist or be creatable)."""
-    template = config.storage.maildir
-    prefix = template.split("{", 1)[0]
-    return Path(prefix if prefix.endswith(os.sep) else os.path.dirname(prefix))
+    return Path(default_root(config.storage.maildir))
 
 
 def check_mail_root(config: Config) -> None:

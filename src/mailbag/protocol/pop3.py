@@ -624,14 +624,6 @@ class Pop3Connection:
         self._pending_user = None
         self._reader.take_buffer()
 
-    def fail_in_update(self) -> None:
-        """Storage could not even start the commit; close without deleting."""
-        self.state = State.CLOSED
-
-    @property
-    def deleted_count(self) -> int:
-        """Messages currently marked for deletion."""
-        return len(self._deleted)
 
 
 _AUTH = frozenset({State.AUTHORIZATION})

@@ -81,6 +81,16 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def default_root(template: str) -> str:
+    """The directory no maildrop may escape: the template's fixed part before its first field.
+
+    ``/var/mail/{domain}/{local}`` -> ``/var/mail``; ``mail/{user}/Maildir`` -> ``mail``.
+    The CLI uses the same function to check (and create) the mail root at startup.
+    """
+    prefix = template.split("{", 1)[0]
+    return prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
+
+
 class MaildirStore:
     """Maildirs at ``root_template`` (``{user}``, ``{local}``, ``{domain}``).
 
@@ -103,10 +113,10 @@ class MaildirStore:
         tmp_max_age: float = TMP_MAX_AGE,
         cleanup_interval: float = CLEANUP_INTERVAL,
     ) -> None:
-        prefix = self._check_template(root_template)
+        self._check_template(root_template)
         self._template = root_template
         if root is None:
-            root = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
+            root = default_root(root_template)
         self._root = os.path.normpath(os.path.abspath(root or os.curdir))
         self._names = NameGenerator(hostname)
         self._trust_mtimes = trust_mtimes
@@ -115,8 +125,8 @@ class MaildirStore:
         self._cleanup_interval = cleanup_interval
 
     @staticmethod
-    def _check_template(template: str) -> str:
-        """Validate the template's fields; return the literal text before the first."""
+    def _check_template(template: str) -> None:
+        """Validate the template's fields (only known ones, at least one)."""
         try:
             parsed = list(string.Formatter().parse(template))
         except ValueError as exc:
@@ -126,7 +136,6 @@ class MaildirStore:
             raise ConfigError(f"maildir template {template!r} has no {{user}} field")
         if unknown := fields - _TEMPLATE_FIELDS:
             raise ConfigError(f"maildir template {template!r}: unknown fields {sorted(unknown)}")
-        return parsed[0][0] if parsed[0][1] is not None else ""
 
     # -- paths ---------------------------------------------------------------
 
