@@ -121,7 +121,9 @@ class MailbagServer:
         return code
 
 
-def make_home(tmp: Path, extra_config: str = "") -> MailbagServer:
+def make_home(tmp: Path, extra_config: str = "", *, workers: int = 1) -> MailbagServer:
+    """A fresh home; ``workers=1`` keeps the classic single process (tests/net/test_workers.py
+    runs several)."""
     port, tls_port, lmtp_port = free_port(), free_port(), free_port()
     config = init_home(
         tmp,
@@ -130,6 +132,7 @@ def make_home(tmp: Path, extra_config: str = "") -> MailbagServer:
         listen_tls=(f"127.0.0.1:{tls_port}",),
     )
     text = config.read_text()
+    text = text.replace('workers = "auto"', f"workers = {workers}")
     text = text.replace("failure_delay = 2.0", "failure_delay = 0.2")
     text = text.replace("max_failure_delay = 15.0", "max_failure_delay = 0.5")
     if os.geteuid() == 0:

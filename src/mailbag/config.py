@@ -21,6 +21,8 @@ from mailbag.errors import ConfigError
 CONFIG_ENV = "MAILBAG_CONFIG"
 DEFAULT_GREETING = "mailbag POP3 server ready."
 DEFAULT_CONFIG_NAME = "mailbag.toml"
+#: Upper bound of ``server.workers``; far beyond any core count, it only catches typos.
+MAX_WORKERS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,23 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log_level: str = "info"
     log_format: str = "text"
+    #: Worker processes sharing the listeners (``server.workers``); 0 means "auto":
+    #: one per CPU (see ``worker_count``).  1 is the classic single process.
+    workers: int = 0
+
+
+def worker_count(config: Config) -> int:
+    """How many worker processes ``mailbag serve`` runs (``auto``: one per CPU)."""
+    return config.workers or os.cpu_count() or 1
+
+
+def _parse_workers(value: object) -> int:
+    """``server.workers``: ``"auto"`` (stored as 0) or a whole number from 1 to 512."""
+    if value == "auto":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f'server.workers: expected "auto" or a whole number 1..{MAX_WORKERS}')
+    return value
 
 
 def parse_listen(value: str, *, tls: bool = False, key: str = "listen") -> ListenAddress:
@@ -275,7 +294,7 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         if key not in known_top:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known_top))})")
     server = _section(data, "server")
-    allowed_server = {"hostname", "greeting", "listen", "listen_tls"}
+    allowed_server = {"hostname", "greeting", "listen", "listen_tls", "workers"}
     for key in server:
         if key not in allowed_server:
             raise ConfigError(f"server.{key}: unknown setting")
@@ -335,4 +354,5 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         metrics=metrics,
         log_level=level,
         log_format=fmt,
+        workers=_parse_workers(server.get("workers", "auto")),
     )

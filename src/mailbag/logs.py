@@ -17,6 +17,16 @@ from typing import Any
 LOGGER_NAME = "mailbag"
 logger = logging.getLogger(LOGGER_NAME)
 
+#: Fields added to every line of this process (``worker=3`` in a worker process), so
+#: the one log stream that all workers share still says who wrote each line.
+_process_fields: dict[str, Any] = {}
+
+
+def set_process_fields(**fields: Any) -> None:
+    """Tag every later log line of this process with ``fields`` (e.g. ``worker=2``)."""
+    _process_fields.clear()
+    _process_fields.update(fields)
+
 
 def _quote(value: object) -> str:
     text = str(value)
@@ -62,4 +72,6 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event with structured fields."""
     if logger.isEnabledFor(level):
+        if _process_fields:
+            fields = {**fields, **_process_fields}
         logger.log(level, event, extra={"fields": fields})

@@ -24,6 +24,11 @@ greeting = "mailbag POP3 server ready."
 listen = [{listen}]
 # Implicit-TLS listeners (POP3S, RFC 8314), standard port 995.
 listen_tls = [{listen_tls}]
+# Worker processes that share the listeners: "auto" = one per CPU, 1 = a single
+# process. A small supervisor binds the ports, drops privileges and restarts a
+# worker that dies; connection caps, login throttling and the authentication
+# cache are shared by all workers (see docs/operations.md). Restart to change it.
+workers = "auto"
 
 [tls]
 # Certificate chain and private key (PEM). `mailbag init` made a self-signed

@@ -32,7 +32,7 @@ from mailbag.server.metrics import Metrics
 from mailbag.server.privileges import Account, describe, drop
 
 #: Settings a reload cannot apply; a change is reported and waits for a restart.
-RESTART_ONLY = ("listen", "process", "metrics")
+RESTART_ONLY = ("listen", "process", "metrics", "workers")
 
 
 def check_runtime_access(runtime: Runtime, *, after_drop: Account | None) -> None:
@@ -56,6 +56,21 @@ def check_runtime_access(runtime: Runtime, *, after_drop: Account | None) -> Non
                 "warning", logging.WARNING,
                 problem=f"{label}: {path} is not readable by {who}; a SIGHUP reload will fail",
             )
+
+
+def health_problems(config: Config) -> list[str]:
+    """What would keep this server from working now (for ``/healthz``); cheap."""
+    problems: list[str] = []
+    root = mail_root(config)
+    if not os.access(root, os.W_OK | os.X_OK):
+        problems.append(f"mail root {root} not writable")
+    users = config.auth.users_file
+    try:
+        if not os.access(users, os.R_OK):
+            problems.append(f"users file {users} not readable")
+    except OSError as exc:  # pragma: no cover - access() does not raise in practice
+        problems.append(f"users file {users}: {exc}")
+    return problems
 
 
 def drop_privileges(account: Account | None) -> None:
@@ -164,17 +179,7 @@ class Service:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """What ``/healthz`` reports; cheap (a few ``access`` calls) so it can be polled often."""
-        problems: list[str] = []
-        config = self.config
-        root = mail_root(config)
-        if not os.access(root, os.W_OK | os.X_OK):
-            problems.append(f"mail root {root} not writable")
-        users = config.auth.users_file
-        try:
-            if not os.access(users, os.R_OK):
-                problems.append(f"users file {users} not readable")
-        except OSError as exc:  # pragma: no cover - access() does not raise in practice
-            problems.append(f"users file {users}: {exc}")
+        problems = health_problems(self.config)
         status = "stopping" if self.stopping else ("degraded" if problems else "ok")
         details: dict[str, Any] = {
             "status": status,

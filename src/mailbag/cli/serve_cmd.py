@@ -23,12 +23,17 @@ from typing import Any
 
 from mailbag.cli.common import add_config_option, config_from_args
 from mailbag.cli.reload import Service, check_runtime_access, drop_privileges
-from mailbag.cli.wiring import build_lmtp_server, build_runtime, build_server
-from mailbag.config import Config, parse_listen
+from mailbag.cli.supervise import WorkerLink, supervise, worker_command, worker_config
+from mailbag.cli.wiring import Runtime, build_lmtp_server, build_runtime, build_server
+from mailbag.config import Config, parse_listen, worker_count
 from mailbag.errors import ConfigError
 from mailbag.logs import log_event, setup_logging
+from mailbag.server.listeners import Pop3Server
+from mailbag.server.lmtp_listener import LmtpServer
 from mailbag.server.metrics import Metrics, OpsEndpoint
 from mailbag.server.privileges import check_start
+from mailbag.server.supervisor import WorkerSpec
+from mailbag.server.worker_metrics import MULTIPROC_ENV
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -90,41 +95,38 @@ async def serve(
     *,
     ready: asyncio.Event | None = None,
     reload_config: Callable[[], Config] | None = None,
+    worker: WorkerSpec | None = None,
 ) -> None:
-    """Run until a stop signal arrives; ``reload_config`` re-reads the config on SIGHUP."""
+    """Run until a stop signal arrives; ``reload_config`` re-reads the config on SIGHUP.
+
+    ``worker``: run as one worker of a supervisor (``cli.supervise``), on the
+    sockets it bound, with the connection counts and login state it shares.
+    """
     os.umask(config.process.umask)
+    link = None
+    if worker is not None:
+        config = worker_config(config, worker)
+        link = await WorkerLink.open(worker)
     runtime = build_runtime(config)
     if any(a.tls for a in config.listen) and runtime.tls is None:
         raise ConfigError("server.listen_tls: needs tls.cert and tls.key")
-    metrics = Metrics() if config.metrics.listen else None
-    server = build_server(runtime, observer=metrics)
+    if link is not None:  # metrics on iff the supervisor gave us a directory to count in
+        metrics = Metrics(worker=link.spec.number) if os.environ.get(MULTIPROC_ENV) else None
+    else:
+        metrics = Metrics() if config.metrics.listen else None
+    server = build_server(runtime, observer=metrics, gate=link.gate if link else None)
     service = Service(runtime, server, load_config=reload_config, metrics=metrics)
     ops = None
-    if config.metrics.listen:
+    if config.metrics.listen and link is None:
         address = parse_listen(config.metrics.listen, key="metrics.listen")
         ops = OpsEndpoint(address, metrics, service.health)
-    await server.start(accept=False)
     lmtp = build_lmtp_server(runtime, metrics)
-    try:
-        if ops is not None:
-            await ops.start(accept=False)
+    if link is not None:
+        await server.start(sockets=link.pop3_sockets())
         if lmtp is not None:
-            await lmtp.start(accept=False)
-        account = check_start(config.process)
-        drop_privileges(account)
-        check_runtime_access(runtime, after_drop=account)
-        await server.accept()
-        if lmtp is not None:
-            await lmtp.accept()
-        if ops is not None:
-            await ops.accept()
-    except BaseException:
-        await server.close_listeners()
-        if ops is not None:
-            await ops.close()
-        if lmtp is not None:
-            await lmtp.close_listeners()
-        raise
+            await lmtp.start(sockets=link.lmtp_sockets())
+    else:
+        await _bind_drop_accept(runtime, server, lmtp, ops)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,6 +134,11 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, service.reload)
+    if link is not None:
+        # An orphaned worker (its supervisor killed) drains and exits like on SIGTERM.
+        lost = loop.create_task(link.state.lost.wait())
+        lost.add_done_callback(lambda _: stop.set())
+        await link.ready()
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -148,21 +155,69 @@ async def serve(
             server.shutdown(config.limits.shutdown_grace),
             lmtp.shutdown(config.limits.shutdown_grace),
         )
+    if link is not None:
+        await link.close()
 
 
-def run_event_loop(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
-    """Run ``serve`` on uvloop when installed, else the default loop."""
+async def _bind_drop_accept(
+    runtime: Runtime, server: Pop3Server, lmtp: LmtpServer | None, ops: OpsEndpoint | None
+) -> None:
+    """Bind every listener, drop root, check access, then accept (a single process)."""
+    await server.start(accept=False)
+    try:
+        if ops is not None:
+            await ops.start(accept=False)
+        if lmtp is not None:
+            await lmtp.start(accept=False)
+        account = check_start(runtime.config.process)
+        drop_privileges(account)
+        check_runtime_access(runtime, after_drop=account)
+        await server.accept()
+        if lmtp is not None:
+            await lmtp.accept()
+        if ops is not None:
+            await ops.accept()
+    except BaseException:
+        await server.close_listeners()
+        if ops is not None:
+            await ops.close()
+        if lmtp is not None:
+            await lmtp.close_listeners()
+        raise
+
+
+def run_event_loop(
+    config: Config,
+    reload_config: Callable[[], Config] | None = None,
+    *,
+    worker: WorkerSpec | None = None,
+    command: list[str] | None = None,
+) -> int:
+    """Run ``serve`` (or, with ``command``, the supervisor) on uvloop when installed."""
     setup_logging(config.log_level, config.log_format)
+    if command is not None:
+        main = supervise(config, command=command, reload_config=reload_config)
+    else:
+        main = serve(config, reload_config=reload_config, worker=worker)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config, reload_config=reload_config))
+        asyncio.run(main)
     else:
-        uvloop.run(serve(config, reload_config=reload_config))
+        uvloop.run(main)
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handle ``mailbag serve``."""
+    """Handle ``mailbag serve``: one process, a supervisor, or one of its workers."""
     config = apply_overrides(config_from_args(args), args)
-    return run_event_loop(config, lambda: apply_overrides(config_from_args(args), args))
+
+    def reload_config() -> Config:
+        return apply_overrides(config_from_args(args), args)
+
+    worker = WorkerSpec.from_env(os.environ)
+    if worker is not None:
+        return run_event_loop(config, reload_config, worker=worker)
+    if worker_count(config) > 1:
+        return run_event_loop(config, reload_config, command=worker_command(args, config))
+    return run_event_loop(config, reload_config)

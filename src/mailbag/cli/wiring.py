@@ -18,6 +18,7 @@ from mailbag.config import Config
 from mailbag.errors import ConfigError
 from mailbag.protocol.capabilities import Pop3Policy
 from mailbag.protocol.lmtp import LmtpPolicy
+from mailbag.server.gate import ConnectionGate
 from mailbag.server.listeners import ConnectionLimits, Pop3Server, ServerObserver
 from mailbag.server.lmtp_listener import LmtpServer
 from mailbag.server.metrics import Metrics
@@ -99,8 +100,13 @@ def plaintext_checker(config: Config) -> Callable[[str], bool]:
     return allowed
 
 
-def build_server(runtime: Runtime, observer: ServerObserver | None = None) -> Pop3Server:
-    """A ready-to-start POP3 server for this runtime (``observer``: metrics, if on)."""
+def build_server(
+    runtime: Runtime,
+    observer: ServerObserver | None = None,
+    gate: ConnectionGate | None = None,
+) -> Pop3Server:
+    """A ready-to-start POP3 server for this runtime (``observer``: metrics, if on;
+    ``gate``: the connection counts shared by all workers, in a worker)."""
     config = runtime.config
     limits = config.limits
     policy = Pop3Policy(
@@ -134,6 +140,7 @@ def build_server(runtime: Runtime, observer: ServerObserver | None = None) -> Po
         tls=runtime.tls,
         limits=ConnectionLimits(limits.max_connections, limits.max_connections_per_ip),
         observer=observer,
+        gate=gate,
     )
 
 

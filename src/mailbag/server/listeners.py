@@ -17,7 +17,6 @@ import secrets
 import socket
 import ssl
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +25,7 @@ from mailbag.config import ListenAddress
 from mailbag.errors import ConfigError
 from mailbag.logs import log_event
 from mailbag.server.connection import ConnectionStream
+from mailbag.server.gate import ConnectionGate, LocalGate
 from mailbag.server.tls import TlsContext
 from mailbag.session.authenticate import Authenticator
 from mailbag.session.pop3 import NULL_OBSERVER, Pop3Session, SessionObserver, SessionSettings
@@ -66,8 +66,11 @@ class Pop3Server:
         tls: TlsContext | None = None,
         limits: ConnectionLimits | None = None,
         observer: ServerObserver | None = None,
+        gate: ConnectionGate | None = None,
     ) -> None:
         self.listen = tuple(listen)
+        #: Counts connections against the caps (shared by all workers in a worker process).
+        self.gate: ConnectionGate = gate if gate is not None else LocalGate()
         self.observer = observer
         self.settings = settings
         self.authenticator = authenticator
@@ -76,7 +79,6 @@ class Pop3Server:
         self.limits = limits or ConnectionLimits()
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._per_address: Counter[str] = Counter()
         self._counter = itertools.count(1)
         self._hostname = settings.hostname or socket.gethostname() or "localhost"
         self.refused = 0
@@ -115,39 +117,59 @@ class Pop3Server:
         self.limits = limits
         self._hostname = settings.hostname or socket.gethostname() or "localhost"
 
+    def listening_sockets(self) -> list[socket.socket]:
+        """The bound listening sockets, in ``start`` order (for a supervisor to pass on)."""
+        result = []
+        for server in self._servers:
+            if len(server.sockets) != 1:
+                raise ConfigError(
+                    f"{server.sockets[0].getsockname()}: a name that resolves to several "
+                    "addresses cannot be shared with workers; list each address"
+                )
+            sock = server.sockets[0]
+            result.append(socket.fromfd(sock.fileno(), sock.family, sock.type))  # a dup
+        return result
+
     async def accept(self) -> None:
         """Start accepting on listeners bound with ``start(accept=False)``."""
         for server in self._servers:
             await server.start_serving()
 
-    async def start(self, *, accept: bool = True) -> None:
+    async def start(
+        self, *, accept: bool = True, sockets: Sequence[socket.socket] | None = None
+    ) -> None:
         """Bind every listener; a port in use is one clear ConfigError.
 
         ``accept=False`` binds without accepting, so privileges can be dropped
         before the first connection is read (see ``server.privileges``).
+        ``sockets``: already bound listening sockets, one per ``listen`` entry
+        in order (a worker's, inherited from the supervisor).
         """
         loop = asyncio.get_running_loop()
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(quiet_network_errors)
-        for address in self.listen:
+        for index, address in enumerate(self.listen):
             ssl_context = None
             if address.tls:
                 if self.tls is None:
                     raise ConfigError(f"server.listen_tls {address}: no TLS certificate configured")
                 # One live context per server: SIGHUP reloads the certificate *into* it.
                 ssl_context = self.tls.context
+            given = sockets[index] if sockets is not None else None
+            # A client that stalls mid-handshake is cut like one that stalls at login.
+            handshake = self._handshake_timeout() if ssl_context else None
             try:
-                server = await loop.create_server(
-                    lambda: ConnectionStream(self._accepted),
-                    address.host,
-                    address.port,
-                    ssl=ssl_context,
-                    # A client that stalls mid-handshake is cut like one that stalls at login.
-                    ssl_handshake_timeout=self._handshake_timeout() if ssl_context else None,
-                    reuse_address=True,
-                    backlog=1024,
-                    start_serving=accept,
-                )
+                if given is not None:
+                    server = await loop.create_server(
+                        lambda: ConnectionStream(self._accepted), sock=given, ssl=ssl_context,
+                        ssl_handshake_timeout=handshake, start_serving=accept,
+                    )
+                else:
+                    server = await loop.create_server(
+                        lambda: ConnectionStream(self._accepted), address.host, address.port,
+                        ssl=ssl_context, ssl_handshake_timeout=handshake, reuse_address=True,
+                        backlog=1024, start_serving=accept,
+                    )
             except OSError as exc:
                 await self.close_listeners()
                 reason = exc.strerror or str(exc)
@@ -169,9 +191,7 @@ class Pop3Server:
 
     def _accepted(self, stream: ConnectionStream) -> None:
         address = stream.peer[0]
-        if len(self._tasks) >= self.limits.total or (
-            self._per_address[address] >= self.limits.per_address
-        ):
+        if not self.gate.admit(address, self.limits.total, self.limits.per_address):
             self.refused += 1
             if self.observer is not None:
                 self.observer.connection_refused()
@@ -193,7 +213,6 @@ class Pop3Server:
         )
         if self.observer is not None:
             self.observer.connection_opened()
-        self._per_address[address] += 1
         task = asyncio.get_running_loop().create_task(session.run())
         self._tasks.add(task)
 
@@ -201,9 +220,7 @@ class Pop3Server:
             self._tasks.discard(t)
             if self.observer is not None:
                 self.observer.connection_closed()
-            self._per_address[address] -= 1
-            if self._per_address[address] <= 0:
-                del self._per_address[address]
+            self.gate.release(address)
 
         task.add_done_callback(done)
 

@@ -76,6 +76,8 @@ class LmtpServer:
         self._sessions: dict[asyncio.Task[None], LmtpSession] = {}
         self._counter = itertools.count(1)
         self.refused = 0
+        #: False in a worker: the supervisor created the socket file and removes it.
+        self.owns_socket_file = True
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -93,13 +95,32 @@ class LmtpServer:
         """Sessions currently running."""
         return len(self._sessions)
 
-    async def start(self, *, accept: bool = True) -> None:
+    async def start(
+        self, *, accept: bool = True, sockets: Sequence[socket.socket] | None = None
+    ) -> None:
         """Bind every listener; a port or socket in use is one clear ConfigError.
 
         ``accept=False`` binds without accepting (call ``accept`` later), so a
         server started as root can drop privileges before reading a byte.
+        ``sockets``: already bound sockets (a worker's), one per TCP listener in
+        order, then the Unix socket; the socket file then belongs to whoever bound it.
         """
         loop = asyncio.get_running_loop()
+        if sockets is not None:
+            self.owns_socket_file = False
+            for sock in sockets:
+                if sock.family == socket.AF_UNIX:
+                    server = await loop.create_unix_server(
+                        lambda: ConnectionStream(self._accepted), sock=sock,
+                        start_serving=accept,
+                    )
+                else:
+                    server = await loop.create_server(
+                        lambda: ConnectionStream(self._accepted), sock=sock,
+                        start_serving=accept,
+                    )
+                self._servers.append(server)
+            return
         try:
             for address in self.listen:
                 try:
@@ -144,6 +165,19 @@ class LmtpServer:
         os.chmod(path, self.socket_mode)
         log_event("listening", address=str(path), protocol="lmtp")
 
+    def listening_sockets(self) -> list[socket.socket]:
+        """The bound listening sockets, in ``start`` order (for a supervisor to pass on)."""
+        result = []
+        for server in self._servers:
+            if len(server.sockets) != 1:
+                raise ConfigError(
+                    f"{server.sockets[0].getsockname()}: a name that resolves to several "
+                    "addresses cannot be shared with workers; list each address"
+                )
+            sock = server.sockets[0]
+            result.append(socket.fromfd(sock.fileno(), sock.family, sock.type))  # a dup
+        return result
+
     async def accept(self) -> None:
         """Start accepting on listeners bound with ``start(accept=False)``."""
         for server in self._servers:
@@ -173,7 +207,7 @@ class LmtpServer:
         for server in self._servers:
             server.close()
         self._servers.clear()
-        if self.socket_path is not None:
+        if self.socket_path is not None and self.owns_socket_file:
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(self.socket_path.lstat().st_mode):
                     self.socket_path.unlink()

@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mailbag import __version__
 from mailbag.config import ListenAddress
@@ -45,6 +45,13 @@ REQUEST_TIMEOUT = 5.0
 
 #: A health probe: ``(healthy, details)``; details end up as the JSON body.
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+class Exposition(Protocol):
+    """Something that renders ``/metrics`` (``Metrics``, or the supervisor's sum over workers)."""
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
 
 
 def load_prometheus() -> ModuleType:
@@ -68,7 +75,7 @@ class Metrics:
     mechanism names from the offered list), never text a client chose.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int | None = None) -> None:
         prom = load_prometheus()
         self._prom = prom
         registry: CollectorRegistry = prom.CollectorRegistry(auto_describe=True)
@@ -77,8 +84,11 @@ class Metrics:
             prom.ProcessCollector(registry=registry)
         info = prom.Info("mailbag", "mailbag build information", registry=registry)
         info.info({"version": __version__})
+        # Gauges say how to add up over worker processes (prometheus-client's
+        # multiprocess mode, see server.worker_metrics); one process ignores it.
         self.connections_current = prom.Gauge(
-            "mailbag_connections_current", "POP3 connections open now", registry=registry
+            "mailbag_connections_current", "POP3 connections open now", registry=registry,
+            multiprocess_mode="livesum",
         )
         self.connections = prom.Counter(
             "mailbag_connections", "POP3 connections accepted", registry=registry
@@ -130,8 +140,16 @@ class Metrics:
         for result in ("ok", "failed"):
             self.reloads.labels(result=result)
         self.started = prom.Gauge(
-            "mailbag_start_time_seconds", "Unix time the server started", registry=registry
+            "mailbag_start_time_seconds", "Unix time the server started", registry=registry,
+            multiprocess_mode="min",
         )
+        #: In a worker process: connections per worker, to see how they spread.
+        self.worker_connections = None
+        if worker is not None:
+            self.worker_connections = prom.Counter(
+                "mailbag_worker_connections", "POP3 connections accepted, by worker",
+                ["worker"], registry=registry,
+            ).labels(worker=str(worker))
         self.started.set(time.time())
 
     # -- ServerObserver ------------------------------------------------------
@@ -140,6 +158,8 @@ class Metrics:
         """A connection was accepted and its session started."""
         self.connections.inc()
         self.connections_current.inc()
+        if self.worker_connections is not None:
+            self.worker_connections.inc()
 
     def connection_closed(self) -> None:
         """A session ended."""
@@ -209,7 +229,7 @@ class OpsEndpoint:
     """
 
     def __init__(
-        self, address: ListenAddress, metrics: Metrics | None, health: HealthCheck
+        self, address: ListenAddress, metrics: Exposition | None, health: HealthCheck
     ) -> None:
         self.address = address
         self.metrics = metrics
