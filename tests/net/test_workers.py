@@ -282,3 +282,21 @@ def test_sigterm_drains_every_worker(tmp_path: os.PathLike[str]) -> None:
     finally:
         server.stop()
     assert "outcome=shutdown" in server.log()
+
+
+def test_login_throttling_holds_over_all_workers(workers_server: MailbagServer) -> None:
+    # Guesses spread over workers count as if one process had seen them all.
+    server = workers_server
+    held = one_per_worker(server, 2)
+    (first_worker, first), (second_worker, second) = list(held.items())[:2]
+    for _ in range(2):
+        assert login(first, "demo", "wrong").startswith(b"-ERR [AUTH]")
+    wait_for_log(server, rf" login-failed .*worker={first_worker}\b", 2)
+    started = time.monotonic()
+    assert login(second, "demo", "wrong").startswith(b"-ERR [AUTH]")
+    # The other worker, never guessed at before, delays this attempt like the first one would.
+    line = wait_for_log(server, rf" throttled .*user=demo .*worker={second_worker}\b")[-1]
+    assert "peer=127.0.0.1" in line
+    assert time.monotonic() - started >= 0.2 + 0.2  # the throttle delay, then the failure delay
+    for conn in (first, second):
+        conn.cmd("QUIT")

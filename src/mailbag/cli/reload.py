@@ -30,6 +30,7 @@ from mailbag.logs import log_event, setup_logging
 from mailbag.server.listeners import Pop3Server
 from mailbag.server.metrics import Metrics
 from mailbag.server.privileges import Account, describe, drop
+from mailbag.session.throttle import FailureThrottle
 
 #: Settings a reload cannot apply; a change is reported and waits for a restart.
 RESTART_ONLY = ("listen", "process", "metrics", "workers")
@@ -102,6 +103,8 @@ class Service:
         self.stopping = False
         self.started = time.time()
         self.reloads = 0
+        #: In a worker: turns a reloaded throttle into the shared one (``cli.supervise``).
+        self.adopt_throttle: Callable[[FailureThrottle], FailureThrottle] | None = None
 
     @property
     def config(self) -> Config:
@@ -165,6 +168,8 @@ class Service:
         ):
             # Same policy: keep the failure counters, or a reload would reset an attack's delay.
             staged.authenticator.throttle = old_auth.throttle
+        if self.adopt_throttle is not None:
+            staged.authenticator.throttle = self.adopt_throttle(staged.authenticator.throttle)
         self.server.tls = candidate.tls
         self.server.reconfigure(
             settings=staged.settings,

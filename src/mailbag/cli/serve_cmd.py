@@ -116,6 +116,8 @@ async def serve(
         metrics = Metrics() if config.metrics.listen else None
     server = build_server(runtime, observer=metrics, gate=link.gate if link else None)
     service = Service(runtime, server, load_config=reload_config, metrics=metrics)
+    if link is not None:
+        link.share_login_state(service)
     ops = None
     if config.metrics.listen and link is None:
         address = parse_listen(config.metrics.listen, key="metrics.listen")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mailbag import __version__
-from mailbag.cli.reload import check_runtime_access, drop_privileges, health_problems
+from mailbag.cli.reload import Service, check_runtime_access, drop_privileges, health_problems
 from mailbag.cli.wiring import build_lmtp_server, build_runtime, build_server
 from mailbag.config import Config, ListenAddress, parse_listen, worker_count
 from mailbag.errors import ConfigError, MailbagError
@@ -37,6 +37,7 @@ from mailbag.logs import log_event, set_process_fields
 from mailbag.server.gate import SharedCounts, SharedGate
 from mailbag.server.metrics import OpsEndpoint
 from mailbag.server.privileges import check_start
+from mailbag.server.replicated_defence import ReplicatedThrottle
 from mailbag.server.shared_state import StateClient, StateServer
 from mailbag.server.supervisor import InheritedSocket, Supervisor, WorkerSpec
 from mailbag.server.worker_metrics import MULTIPROC_ENV, WorkersExposition
@@ -110,7 +111,8 @@ async def supervise(
     sockets = [InheritedSocket(s.fileno(), role) for s, role in zip(bound, _roles(config),
                                                                     strict=True)]
     counts = SharedCounts.create(count)
-    state = StateServer()
+    # Failure counters are replayed to a restarted worker for as long as they count.
+    state = StateServer(journal_age=lambda: current.auth.failure_window)
     exposition: WorkersExposition | None = None
     env = dict(os.environ)
     supervisor: Supervisor | None = None
@@ -233,6 +235,15 @@ class WorkerLink:
         """The LMTP listening sockets (TCP first, then the Unix socket)."""
         return [sock for sock, s in zip(self.sockets, self.spec.sockets, strict=True)
                 if s.role.startswith("lmtp")]
+
+    def share_login_state(self, service: Service) -> None:
+        """Make the failure counters global: this worker's throttle becomes a replica."""
+        authenticator = service.server.authenticator
+        local = authenticator.throttle
+        replica = ReplicatedThrottle(self.state, base=local.base, cap=local.cap,
+                                     window=local.window)
+        authenticator.throttle = replica
+        service.adopt_throttle = replica.adopt_policy
 
     async def ready(self) -> None:
         """Tell the supervisor this worker accepts connections."""

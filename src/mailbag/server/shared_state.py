@@ -1,23 +1,27 @@
-"""Login-defence state kept once, in the supervisor, and asked for by the workers.
+"""Login-defence state shared by every worker: local reads, mutations relayed by the supervisor.
 
 Failure counters, known-good networks and the authentication cache must be
 global: an attacker who spreads guesses over N workers must meet the same
 delay as one who hits a single worker, and a login cached by one worker
 should save Argon2 on every other.  These are maps with expiry and eviction,
-so rather than re-implement them in shared memory, the supervisor keeps the
-ordinary in-memory objects (the same classes a single process uses) and each
-worker calls them over its own Unix socketpair.  A call costs one local round
-trip (tens of microseconds), paid per login attempt, which already costs a
-password hash; the per-connection hot path (connection caps) uses shared
-memory instead (``server.gate``).
+so rather than re-implement them in shared memory, every worker keeps the
+ordinary in-memory objects (the same classes a single process uses) as a
+*replica*: a read (``delay_before_check``) is a local dict lookup with no
+round trip, and a change (``record_failure``) is applied locally and
+*published*: the supervisor relays it to every other worker over their
+socketpairs and keeps it in a journal that it replays to a worker started
+later (after a crash), so a restart forgets nothing.  Replicas are behind by
+one local message (tens of microseconds), far less than the failure delay
+an attacker waits for each answer.  Plain request/answer calls exist too
+(``call``: a worker reporting ready).
 
-Wire format, both directions: a 4-octet big-endian length, then a JSON array.
-Request ``[id, "target.method", [args...]]``; answer ``[id, true, result]`` or
-``[id, false, "error text"]``.  Only methods registered by name can be called,
-and arguments are plain JSON values, so a compromised worker can do no more
-than a worker legitimately can.  The socketpair is private to the two
-processes (no path on disk).  A worker whose supervisor has gone (EOF) stops
-its service (``StateClient.lost``).
+Wire format, both directions: a 4-octet big-endian length, then a JSON array
+``[id, "name", [args...]]``.  ``id`` 0 is a published change (no answer);
+otherwise the answer is ``[id, true, result]`` or ``[id, false, "error"]``.
+Only names registered in the supervisor can be called, and only names the
+worker registered are applied; arguments are plain JSON values.  The
+socketpairs are private to the two processes (no path on disk).  A worker
+whose supervisor has gone (EOF) stops its service (``StateClient.lost``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import json
 import logging
 import socket
 import struct
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,6 +42,8 @@ from mailbag.logs import log_event
 
 #: Largest message either side accepts (a few short strings per call).
 MAX_MESSAGE = 64 * 1024
+#: Changes kept for replay to a worker that starts later (oldest dropped first).
+MAX_JOURNAL = 200_000
 _LENGTH = struct.Struct(">I")
 
 Handler = Callable[..., Any]
@@ -61,9 +69,13 @@ def _frame(message: object) -> bytes:
 class StateServer:
     """The supervisor's side: named handlers, one connection per worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, journal_age: Callable[[], float] = lambda: 900.0) -> None:
         self._handlers: dict[str, Handler] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        #: Published changes (monotonic time, frame), replayed to workers that start later.
+        self._journal: deque[tuple[float, bytes]] = deque(maxlen=MAX_JOURNAL)
+        self._journal_age = journal_age
 
     def register(self, name: str, handler: Handler) -> None:
         """Make ``handler`` callable as ``name`` (e.g. ``throttle.record_failure``)."""
@@ -80,19 +92,42 @@ class StateServer:
 
     async def _serve(self, sock: socket.socket) -> None:
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_MESSAGE + 8)
+        self._trim_journal()
+        for _, frame in self._journal:  # catch up before anything else
+            writer.write(frame)
+        self._writers.add(writer)
         try:
             while True:
                 try:
                     request = await _read_message(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
-                writer.write(_frame(await self._answer(request)))
+                if isinstance(request, list) and request and request[0] == 0:
+                    self._relay(request, writer)
+                else:
+                    writer.write(_frame(await self._answer(request)))
         except (StateError, ValueError) as exc:
             log_event("state-protocol-error", logging.ERROR, error=str(exc))
         finally:
+            self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def _relay(self, change: Any, sender: asyncio.StreamWriter) -> None:
+        """A worker changed shared state: journal it and pass it to every other worker."""
+        if not (len(change) == 3 and isinstance(change[1], str) and isinstance(change[2], list)):
+            raise StateError("malformed change")
+        frame = _frame(change)
+        self._journal.append((time.monotonic(), frame))
+        for writer in self._writers:
+            if writer is not sender and not writer.is_closing():
+                writer.write(frame)
+
+    def _trim_journal(self) -> None:
+        oldest = time.monotonic() - self._journal_age()
+        while self._journal and self._journal[0][0] < oldest:
+            self._journal.popleft()
 
     async def _answer(self, request: Any) -> list[Any]:
         if not (isinstance(request, list) and len(request) == 3 and isinstance(request[2], list)):
@@ -130,7 +165,17 @@ class StateClient:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next = 0
         self._reader_task: asyncio.Task[None] | None = None
+        self._appliers: dict[str, Handler] = {}
         self.lost = asyncio.Event()
+
+    def on_change(self, name: str, apply: Handler) -> None:
+        """Apply changes named ``name`` that other workers publish (``apply(*args)``)."""
+        self._appliers[name] = apply
+
+    def publish(self, name: str, *args: Any) -> None:
+        """Tell every other worker (through the supervisor) about a local change."""
+        if self._writer is not None and not self.lost.is_set():
+            self._writer.write(_frame([0, name, list(args)]))
 
     async def start(self) -> None:
         """Connect the stream (in the worker's running loop)."""
@@ -143,6 +188,15 @@ class StateClient:
         try:
             while True:
                 number, ok, result = await _read_message(reader)
+                if number == 0:
+                    apply = self._appliers.get(ok) if isinstance(ok, str) else None
+                    if apply is not None and isinstance(result, list):
+                        try:
+                            apply(*result)
+                        except Exception as exc:  # one bad change must not cut the link
+                            log_event("state-apply-failed", logging.ERROR, change=ok,
+                                      error=repr(exc))
+                    continue
                 future = self._pending.pop(number, None)
                 if future is None or future.done():
                     continue
