@@ -109,6 +109,17 @@ class _Slot:
     waiter: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
+def restart_delay(quick_deaths: int) -> float:
+    """Seconds before restarting a worker that died young ``quick_deaths`` times in a row.
+
+    The first death is restarted at once; only a worker that keeps dying waits,
+    twice as long each time, up to ``BACKOFF_CAP``.
+    """
+    if quick_deaths <= 1:
+        return 0.0
+    return float(min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** min(quick_deaths - 2, 16)))
+
+
 class WorkerStartError(Exception):
     """A worker exited before it was ever ready (a start-up error, not a crash to retry)."""
 
@@ -219,11 +230,8 @@ class Supervisor:
             if self._failed is not None and not self._failed.done():
                 self._failed.set_result(slot.number)
             return
-        # The first death is restarted at once; only a worker that keeps dying young waits.
         slot.quick_deaths = slot.quick_deaths + 1 if lived < STABLE_AFTER else 0
-        delay = 0.0 if slot.quick_deaths <= 1 else min(
-            BACKOFF_CAP, BACKOFF_FIRST * 2 ** (slot.quick_deaths - 2)
-        )
+        delay = restart_delay(slot.quick_deaths)
         log_event("worker-died", logging.ERROR, number=slot.number, pid=process.pid,
                   status=how, lived=round(lived, 1), restart_in=delay)
         if delay:
