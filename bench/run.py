@@ -48,7 +48,8 @@ import report  # noqa: E402
 import servers  # noqa: E402
 
 LOAD = HERE / "load.py"
-SERVERS = ("mailbag", "dovecot")
+#: Servers in each A B ... rep; ``--mailbag-workers 1,2`` adds ``mailbag-w2`` after ``mailbag``.
+SERVERS: tuple[str, ...] = ("mailbag", "dovecot")
 
 
 def log(*parts: object) -> None:
@@ -177,7 +178,7 @@ class Bench:
 
     def _drop_index(self, name: str) -> None:
         box = self.paths["mail"] / "big"
-        pattern = "mailbag.index" if name == "mailbag" else "dovecot*"
+        pattern = "mailbag.index" if name.startswith("mailbag") else "dovecot*"
         for path in glob.glob(str(box / pattern)):
             if os.path.isfile(path):
                 os.unlink(path)
@@ -284,7 +285,7 @@ class Bench:
             started = time.monotonic()
             with self.holder(name) as ask:
                 for level in steps:
-                    if name == "mailbag" and level > fd_cap:
+                    if name.startswith("mailbag") and level > fd_cap:
                         level = fd_cap
                         if levels and levels[-1]["level"] >= level:
                             stop_reason = f"descriptor limit ({nofile})"
@@ -364,7 +365,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="Maildirs, configs and logs (data is reused between runs)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
     parser.add_argument("--no-report", action="store_true", help="print JSON, leave docs alone")
+    parser.add_argument(
+        "--mailbag-workers", default="1", metavar="N[,M...]",
+        help="server.workers for mailbag; several (e.g. 1,2) run side by side as mailbag, "
+        "mailbag-w2, ...; the report compares the first with Dovecot, results JSON has all",
+    )
     args = parser.parse_args(argv)
+    global SERVERS
+    worker_counts = [int(n) for n in args.mailbag_workers.split(",")]
+    variants = {("mailbag" if i == 0 else f"mailbag-w{n}"): n
+                for i, n in enumerate(worker_counts)}
+    SERVERS = (*variants, "dovecot")
     args.reps = args.reps or (2 if args.quick else 3)
     only = args.only.split(",") if args.only else list(report.ORDER)
 
@@ -381,11 +392,15 @@ def main(argv: list[str] | None = None) -> int:
     paths = data.build(workdir, layout, users, owner, log=log)
     max_conn = layout.hold_users + 500
     srv: dict[str, servers.Server] = {}
-    for name, cls in (("mailbag", servers.Mailbag), ("dovecot", servers.Dovecot)):
+    for name in SERVERS:
         home = workdir / name
         home.mkdir(exist_ok=True)
         home.chmod(0o755)
-        srv[name] = cls(home, paths["mail"], paths["users"], max_conn)
+        if name == "dovecot":
+            srv[name] = servers.Dovecot(home, paths["mail"], paths["users"], max_conn)
+        else:
+            srv[name] = servers.Mailbag(home, paths["mail"], paths["users"], max_conn,
+                                        workers=variants[name])
     env_machine = machine()
     results: dict[str, Any] = {
         "command": "python bench/run.py" + (" " + shlex.join(argv or sys.argv[1:])
@@ -393,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": env_machine,
         "quick": args.quick,
+        "mailbag_workers": variants,
         "reps": args.reps,
         "load_start": os.getloadavg(),
     }

@@ -113,6 +113,13 @@ def memory_of(pids: list[int]) -> dict[str, float]:
     return {"rss_kib": rss, "pss_kib": pss, "processes": counted}
 
 
+def can_run_python_as(user: str) -> bool:
+    """Can ``user`` run this interpreter (and import mailbag)?"""
+    result = subprocess.run(["runuser", "-u", user, "--", sys.executable, "-c", "import mailbag"],
+                            capture_output=True, check=False)
+    return result.returncode == 0
+
+
 class Server:
     """Common start/stop for a server subprocess."""
 
@@ -155,21 +162,28 @@ class Server:
 
 
 class Mailbag(Server):
-    """``python -m mailbag serve`` with a generated config."""
+    """``python -m mailbag serve`` with a generated config (``workers``: ``server.workers``)."""
 
     name = "mailbag"
 
-    def __init__(self, home: Path, mail_root: Path, users: Path, max_connections: int) -> None:
+    def __init__(self, home: Path, mail_root: Path, users: Path, max_connections: int,
+                 workers: int = 1) -> None:
         super().__init__(home)
+        self.workers = workers
         self.config = home / "mailbag.toml"
-        # As root, run as the Maildirs' owner, like Dovecot's mail processes.
-        process = f'\n[process]\nuser = "{pwd.getpwuid(mail_owner()[0]).pw_name}"\n' if (
-            os.geteuid() == 0) else ""
+        # As root, run as the Maildirs' owner, like Dovecot's mail processes.  With
+        # workers, that user must be able to run this interpreter (the supervisor execs
+        # workers after dropping root); if it cannot (a venv under /root), stay root.
+        owner = pwd.getpwuid(mail_owner()[0]).pw_name
+        process = f'\n[process]\nuser = "{owner}"\n' if os.geteuid() == 0 else ""
+        if process and workers > 1 and not can_run_python_as(owner):
+            process = "\n[process]\nallow_root = true\n"
         self.config.write_text(f"""\
 [server]
 hostname = "bench"
 listen = ["127.0.0.1:{self.port}"]
 listen_tls = []
+workers = {workers}
 
 [storage]
 maildir = "{mail_root}/{{user}}"

@@ -36,7 +36,7 @@ from mailbag.errors import ConfigError, MailbagError
 from mailbag.logs import log_event, set_process_fields
 from mailbag.server.gate import SharedCounts, SharedGate
 from mailbag.server.metrics import OpsEndpoint
-from mailbag.server.privileges import check_start
+from mailbag.server.privileges import Account, check_start
 from mailbag.server.replicated_defence import ReplicatedThrottle
 from mailbag.server.shared_state import StateClient, StateServer
 from mailbag.server.supervisor import InheritedSocket, Supervisor, WorkerSpec
@@ -62,6 +62,20 @@ def worker_command(args: argparse.Namespace, config: Config) -> list[str]:
 
 
 # -- the supervisor -------------------------------------------------------------------
+
+
+def check_can_start_workers(command: list[str], account: Account | None) -> None:
+    """After the drop: can this process still start (and later restart) a worker?
+
+    Workers are exec'd by the unprivileged supervisor, so the interpreter must
+    be executable by ``process.user``: a virtualenv under ``/root`` is not.
+    """
+    if not os.access(command[0], os.X_OK):
+        who = account.user if account is not None else "the server's user"
+        raise ConfigError(
+            f"server.workers: {who} cannot run {command[0]}, so no worker could start; "
+            "install mailbag where that user can run it, or set server.workers = 1"
+        )
 
 
 def _roles(config: Config) -> list[str]:
@@ -100,6 +114,7 @@ async def supervise(
         account = check_start(config.process)
         drop_privileges(account)
         check_runtime_access(runtime, after_drop=account)
+        check_can_start_workers(command, account)
         bound = server.listening_sockets() + (lmtp.listening_sockets() if lmtp else [])
     except BaseException:
         await server.close_listeners()
