@@ -16,6 +16,10 @@ Scenarios (see docs/benchmarks.md for the why of each):
   capacity  most concurrent authenticated sessions held while a trickle of new
             sessions still completes under 1 s at p99 (aim 10,000).
 
+``--mailbag-workers 1,2`` runs mailbag with ``server.workers = 1`` and ``= 2`` side by
+side (``mailbag``, ``mailbag-w2``) in the same A B C rotation; the written report
+compares the first with Dovecot, the raw JSON has every variant.
+
 Bounded: the full run takes about 12-15 minutes, ``--quick`` about 2-3 (plus a
 one-time data setup of under a minute, reused afterwards).  Run it as root
 (Dovecot's private instance needs to switch users), on an otherwise quiet
