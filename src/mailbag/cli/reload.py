@@ -125,8 +125,15 @@ class Service:
         new = dataclasses.replace(
             new, **{name: getattr(old_runtime.config, name) for name in RESTART_ONLY}
         )
-        # 1. Build and validate everything; nothing live changes yet.
-        candidate = build_runtime(new)
+        if new.auth.known_good_file != old_runtime.config.auth.known_good_file:
+            log_event("reload-needs-restart", logging.WARNING, setting="auth.known_good_file",
+                      note="changed in the file; takes effect after a restart")
+            new = dataclasses.replace(new, auth=dataclasses.replace(
+                new.auth, known_good_file=old_runtime.config.auth.known_good_file))
+        # 1. Build and validate everything; nothing live changes yet.  The login
+        # defence's state (failure counters, known-good networks) carries over, or a
+        # reload would reset an attack's delay; the new policy applies to it at once.
+        candidate = build_runtime(new, defence=old_runtime.defence)
         candidate.users.reload()  # AuthError now, not at the first login
         if candidate.users.problems:
             for problem in candidate.users.problems:
@@ -136,20 +143,14 @@ class Service:
             log_event("reload-needs-restart", logging.WARNING, setting="tls",
                       note="TLS cannot be switched off while TLS listeners run")
             candidate.tls = live_tls
-        staged = build_server(candidate)
+        # A new authenticator, so a new (empty) authentication cache: SIGHUP drops it.
+        staged = build_server(candidate, observer=self.metrics)
         # 2. Swap.  The live TLS context object is kept (listeners hold it) and
         # gets the new chain; the candidate context proved it loads.
         if live_tls is not None and candidate.tls is not None and candidate.tls is not live_tls:
             live_tls.cert, live_tls.key = candidate.tls.cert, candidate.tls.key
             live_tls.reload()
             candidate.tls = live_tls
-        old_auth = self.server.authenticator
-        throttle = staged.authenticator.throttle
-        if (throttle.base, throttle.cap, throttle.window) == (
-            old_auth.throttle.base, old_auth.throttle.cap, old_auth.throttle.window
-        ):
-            # Same policy: keep the failure counters, or a reload would reset an attack's delay.
-            staged.authenticator.throttle = old_auth.throttle
         self.server.tls = candidate.tls
         self.server.reconfigure(
             settings=staged.settings,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailbag.auth.cache import VerificationCache
 from mailbag.auth.users import UsersFile
 from mailbag.config import Config
 from mailbag.errors import ConfigError
@@ -22,12 +23,14 @@ from mailbag.server.listeners import ConnectionLimits, Pop3Server, ServerObserve
 from mailbag.server.lmtp_listener import LmtpServer
 from mailbag.server.metrics import Metrics
 from mailbag.server.tls import TlsContext
-from mailbag.session.authenticate import Authenticator
+from mailbag.session.authenticate import Authenticator, AuthObserver
+from mailbag.session.defence_state import MemoryFailureCounters
 from mailbag.session.delivery import DeliveryAgent, Outcome, QuotaDefaults
+from mailbag.session.known_good import KnownNetworksFile
 from mailbag.session.lmtp import LmtpSessionSettings
 from mailbag.session.pop3 import SessionSettings
 from mailbag.session.sasl import DRIVER_MECHANISMS
-from mailbag.session.throttle import FailureThrottle
+from mailbag.session.throttle import DefenceState, FailureThrottle
 from mailbag.storage.maildir import MaildirStore, default_root
 
 
@@ -39,6 +42,8 @@ class Runtime:
     users: UsersFile
     store: MaildirStore
     tls: TlsContext | None
+    #: Failure counters and known-good networks; kept across SIGHUP reloads.
+    defence: DefenceState
 
 
 def mail_root(config: Config) -> Path:
@@ -74,13 +79,24 @@ def build_users(config: Config) -> UsersFile:
     return UsersFile(path, default_domain=config.auth.default_domain or None)
 
 
-def build_runtime(config: Config) -> Runtime:
-    """Validate paths and build the long-lived objects."""
+def build_defence_state(config: Config) -> DefenceState:
+    """The login defence's state: counters in memory, known-good networks in a file."""
+    return DefenceState(MemoryFailureCounters(), KnownNetworksFile(config.auth.known_good_file))
+
+
+def build_runtime(config: Config, *, defence: DefenceState | None = None) -> Runtime:
+    """Validate paths and build the long-lived objects (``defence``: keep this state)."""
     check_mail_root(config)
     tls = None
     if config.tls.cert is not None and config.tls.key is not None:
         tls = TlsContext(config.tls.cert, config.tls.key)
-    return Runtime(config=config, users=build_users(config), store=build_store(config), tls=tls)
+    return Runtime(
+        config=config,
+        users=build_users(config),
+        store=build_store(config),
+        tls=tls,
+        defence=defence if defence is not None else build_defence_state(config),
+    )
 
 
 def plaintext_checker(config: Config) -> Callable[[str], bool]:
@@ -121,15 +137,26 @@ def build_server(runtime: Runtime, observer: ServerObserver | None = None) -> Po
         idle_timeout=limits.idle_timeout,
         plaintext_allowed=plaintext_checker(config),
     )
+    auth = config.auth
     throttle = FailureThrottle(
-        base=config.auth.failure_delay,
-        cap=config.auth.max_failure_delay,
-        window=config.auth.failure_window,
+        base=auth.failure_delay,
+        cap=auth.max_failure_delay,
+        window=auth.failure_window,
+        known_good_ttl=auth.known_good_ttl,
+        ipv4_prefix=auth.known_good_ipv4_prefix,
+        ipv6_prefix=auth.known_good_ipv6_prefix,
+        state=runtime.defence,
+    )
+    authenticator = Authenticator(
+        runtime.users,
+        throttle,
+        cache=VerificationCache(auth.cache_ttl, max_entries=auth.cache_size),
+        observer=observer if isinstance(observer, AuthObserver) else None,
     )
     return Pop3Server(
         listen=config.listen,
         settings=settings,
-        authenticator=Authenticator(runtime.users, throttle),
+        authenticator=authenticator,
         store=runtime.store,
         tls=runtime.tls,
         limits=ConnectionLimits(limits.max_connections, limits.max_connections_per_ip),
