@@ -27,7 +27,7 @@ from mailbag.auth.schemes import hash_password
 from mailbag.auth.users import UsersFile
 from tests.conftest import TEST_ARGON2, MailbagServer, free_port
 from tests.net.test_reload import hup_and_wait
-from tests.net.tlshelpers import TlsPop3, set_option, wait_until
+from tests.net.tlshelpers import TlsPop3, plain_blob, set_option, wait_until
 
 FAILURE_DELAY = 0.3
 CAP = 1.5
@@ -257,6 +257,17 @@ def test_auth_cache_hand_edited_users_file_honoured_at_sighup(
     assert attempt(server, HOME, "demo", "demo")[0].startswith(b"-ERR [AUTH]")
     assert ok(attempt(server, HOME, "demo", "edited-pw")[0])
     assert wait_until(lambda: cache_counts(port)["miss"] >= 3.0)
+
+
+def test_auth_cache_serves_sasl_plain_too(cached: tuple[MailbagServer, int]) -> None:
+    # RFC 4616 PLAIN carries the same password as USER/PASS, so it shares the cache.
+    server, port = cached
+    for _ in range(2):
+        c = TlsPop3(server.host, server.port, source=HOME)
+        assert ok(c.cmd(b"AUTH PLAIN " + plain_blob("demo", "demo")))
+        c.cmd("QUIT")
+        c.close()
+    assert cache_counts(port) == {"hit": 1.0, "miss": 1.0}
 
 
 def test_auth_cache_off_with_ttl_zero(mailbag_home: MailbagServer) -> None:
