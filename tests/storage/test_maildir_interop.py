@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -349,3 +350,28 @@ def test_usage_caches_sizes_unless_a_session_holds_the_maildrop(
         assert await store.usage("alice") == expected
 
     run(go())
+
+
+def test_import_keeps_source_names_flags_and_override_file(tmp_path: Path) -> None:
+    from mailbag.storage.base import ImportMessage, ImportOptions
+
+    store = MaildirStore(str(tmp_path / "mail" / "{user}"))
+    source = tmp_path / "src"
+    source.write_bytes(b"Subject: linked\n\n")
+
+    async def data() -> bytes:
+        return b"Subject: seen\n\n"
+
+    async def messages() -> AsyncIterator[ImportMessage]:
+        yield ImportMessage(key="1700000000.M1P1.h", uid="kept-1", read=data, flags="RS",
+                            received=1_700_000_000.0)
+        yield ImportMessage(key="1700000001.M1P1.h", uid=None, read=data, path=str(source))
+
+    result = run(store.import_messages("eve", messages(), ImportOptions(link=True)))
+    maildir = tmp_path / "mail" / "eve"
+    seen = maildir / "cur" / "1700000000.M1P1.h:2,RS"
+    assert seen.read_bytes() == b"Subject: seen\n\n" and seen.stat().st_mtime == 1_700_000_000
+    linked = maildir / "new" / "1700000001.M1P1.h"
+    assert linked.stat().st_nlink == 2 and source.stat().st_ino == linked.stat().st_ino
+    assert "1700000000.M1P1.h kept-1\n" in (maildir / "mailbag-uidl").read_text()
+    assert result.uids[0] == "kept-1" and not list((maildir / "tmp").iterdir())
