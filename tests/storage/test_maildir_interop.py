@@ -375,3 +375,36 @@ def test_import_keeps_source_names_flags_and_override_file(tmp_path: Path) -> No
     assert linked.stat().st_nlink == 2 and source.stat().st_ino == linked.stat().st_ino
     assert "1700000000.M1P1.h kept-1\n" in (maildir / "mailbag-uidl").read_text()
     assert result.uids[0] == "kept-1" and not list((maildir / "tmp").iterdir())
+
+
+def test_import_in_place_takes_the_source_order_and_uidls(tmp_path: Path) -> None:
+    # The Maildir to import is already where mailbag looks (Dovecot and mailbag
+    # share it) and mailbag never indexed it: numbering follows the source, not names.
+    from mailbag.storage.base import ImportMessage
+
+    store = MaildirStore(str(tmp_path / "mail" / "{user}"))
+    maildir = tmp_path / "mail" / "fay"
+    for sub in ("new", "cur", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    names = ["1700000300.M1P1.h", "1700000100.M1P1.h", "1700000200.M1P1.h"]
+    for name in names:
+        (maildir / "cur" / f"{name}:2,S").write_bytes(f"Subject: {name}\n\n".encode())
+
+    async def unused() -> bytes:
+        raise AssertionError("a message already there is not read again")
+
+    async def messages() -> AsyncIterator[ImportMessage]:
+        for n, name in enumerate(names):
+            yield ImportMessage(key=name, uid=f"dovecot-{n}", read=unused, flags="S")
+
+    result = run(store.import_messages("fay", messages()))
+    assert (result.imported, result.present) == (0, 3)
+
+    async def listed() -> list[str]:
+        md = await store.open_maildrop("fay")
+        try:
+            return [m.uid for m in md.messages]
+        finally:
+            await md.close()
+
+    assert run(listed()) == ["dovecot-0", "dovecot-1", "dovecot-2"]

@@ -139,6 +139,8 @@ class MaildirImport:
         self._used.update(self._served(pos) for pos in range(len(self.listing)))
         self._deleted_since = 0
         self._dirs_touched: set[str] = set()
+        #: Listing positions of the messages given, in the order given.
+        self._given: list[int] = []
 
     def _served(self, pos: int) -> str:
         key = unique_name(self.listing.filenames[pos])
@@ -162,6 +164,7 @@ class MaildirImport:
         pos = self._positions.get(name)
         if pos is not None:
             self.result.present += 1
+            self._given.append(pos)
             self._keep_uid_of_present(name, pos, uid)
             self.result.uids.append(self._served(pos))
             return None
@@ -218,6 +221,7 @@ class MaildirImport:
                 size = wire_size([data])
         self._dirs_touched.add(subdir)
         self._positions[name] = len(self.listing)
+        self._given.append(len(self.listing))
         self.listing.append(Entry(derive_uidl(name), subdir, filename, size))
 
     @property
@@ -270,6 +274,8 @@ class MaildirImport:
         if self._fsync:
             for subdir in sorted(self._dirs_touched):
                 fsync_dir(os.path.join(self.path, subdir))
+        if self._index_missing:
+            self._adopt_given_order()
         order = [unique_name(n) for n in self.listing.filenames]
         if self.overrides != self._old_overrides:
             self._write_overrides(format_uidl_overrides(self.overrides, order))
@@ -278,6 +284,18 @@ class MaildirImport:
             # Zero mtimes: the next open lists the directories (it keeps this order).
             _write_index(index_path, IndexData(self.listing, 0, 0, 0), fsync=self._fsync)
             self._chown(index_path)
+
+    def _adopt_given_order(self) -> None:
+        """No index yet, so no order any client saw from mailbag: take the source's.
+
+        (A Maildir imported in place, or files that were already there, would
+        otherwise be numbered by file name.)  Messages that were there and not
+        given (delivered before the import) keep their place in front.
+        """
+        given = list(dict.fromkeys(self._given))
+        taken = set(given)
+        order = [p for p in range(len(self.listing)) if p not in taken] + given
+        self.listing = Listing.of([self.listing.entry(p) for p in order])
 
     def _write_overrides(self, data: bytes) -> None:
         path = os.path.join(self.path, UIDL_OVERRIDE_FILE)
