@@ -20,7 +20,7 @@ from typing import Any
 from mailbag.client.account import ACCOUNT_ENV, PASSWORD_ENV, Account, parse_url, resolve_password
 from mailbag.client.connection import open_session
 from mailbag.client.fetch import default_state_path, fetch, open_store
-from mailbag.client.localstore import Journal, MboxStore
+from mailbag.client.localstore import Journal
 from mailbag.client.pop3 import POP3Client
 from mailbag.client.render import parse_file, render, safe_filename
 from mailbag.client.shell import Shell
@@ -214,9 +214,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             client.close()
             raise
     finally:
+        store.close()
         journal.close()
-        if isinstance(store, MboxStore):
-            store.close()
     if args.json:
         dump_json({"fetched": summary.fetched, "octets": summary.octets,
                    "skipped": summary.skipped, "deleted": summary.deleted,

@@ -24,7 +24,8 @@ import contextlib
 import re
 import socket
 import ssl
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,6 +88,8 @@ class POP3Client:
         self.greeting = ""
         self.capabilities: dict[str, list[str]] | None = None
         self.in_multiline = False
+        #: Commands sent with :meth:`send_pipelined` whose replies are not read yet.
+        self.inflight: deque[str] = deque()
 
     # -- connection -------------------------------------------------------------
 
@@ -214,6 +217,45 @@ class POP3Client:
                 self.in_multiline = False
                 return total
             data = self._recv()
+
+    def send_pipelined(self, commands: Iterable[str]) -> None:
+        """Send several commands in one write (RFC 2449 PIPELINING).
+
+        Only for servers that announce PIPELINING; the replies come back in
+        order and are read one by one with :meth:`next_reply`.
+        """
+        batch = list(commands)
+        if not batch:
+            return
+        for command in batch:
+            self._emit("C", _redact(command))
+        try:
+            self._sock.sendall(b"".join(c.encode("utf-8") + b"\r\n" for c in batch))
+        except OSError as exc:
+            raise POP3ProtocolError(f"connection lost while sending: {exc}") from exc
+        self.inflight.extend(batch)
+
+    def next_reply(self, sink: Sink | None = None) -> tuple[str, int | None]:
+        """Read the reply to the oldest pipelined command (its body into ``sink``).
+
+        Returns (status line, body octets or None); ``-ERR`` raises
+        :class:`POP3Error` -- the replies still in flight then make the
+        connection unusable for anything but closing it.
+        """
+        command = self.inflight.popleft()
+        line = self._read_status_line()
+        if line.startswith("+OK"):
+            if expects_body(command):
+                return line, self._read_body(sink or (lambda _b: None))
+            return line, None
+        if line.startswith("-ERR"):
+            raise POP3Error(line, _redact(command).split(" ")[0])
+        raise POP3ProtocolError(f"unexpected reply: {line[:200]!r}")
+
+    @property
+    def pipelining(self) -> bool:
+        """Whether the server allows several commands in flight (RFC 2449 section 6.6)."""
+        return self.has_capability("PIPELINING")
 
     def multiline(self, command: str, sink: Sink) -> tuple[str, int]:
         """Run a multi-line command, streaming its body; return (status, octets)."""
