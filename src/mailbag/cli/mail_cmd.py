@@ -23,6 +23,7 @@ from mailbag.client.fetch import default_state_path, fetch, open_store
 from mailbag.client.localstore import Journal
 from mailbag.client.pop3 import POP3Client
 from mailbag.client.render import parse_file, render, safe_filename
+from mailbag.client.sasl import MECHANISMS
 from mailbag.client.shell import Shell
 from mailbag.client.table import dump_json, list_rows, make_console, print_list, print_message
 from mailbag.errors import ConfigError
@@ -70,6 +71,9 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
                    help="refuse to log in without TLS")
     g.add_argument("--timeout", type=float, metavar="SEC", default=d(60.0),
                    help="network timeout in seconds (default 60)")
+    g.add_argument("--auth", choices=("auto", *MECHANISMS), default=d(None),
+                   help="login method (default auto: the best the server offers, in the "
+                        "order " + ", ".join(MECHANISMS) + ")")
     return p
 
 
@@ -77,7 +81,8 @@ def _account(args: argparse.Namespace) -> Account:
     url = args.account or os.environ.get(ACCOUNT_ENV)
     if not url:
         raise ConfigError(f"no account: use -a pop3://USER@HOST or set ${ACCOUNT_ENV}")
-    return parse_url(url)
+    account = parse_url(url)
+    return account.with_mechanism(args.auth) if args.auth else account
 
 
 def _session(args: argparse.Namespace) -> POP3Client:
