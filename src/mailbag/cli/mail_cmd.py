@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mailbag.client.account import ACCOUNT_ENV, PASSWORD_ENV, Account, parse_url, resolve_password
 from mailbag.client.connection import open_session
@@ -100,6 +101,25 @@ def _retr_spool(client: POP3Client, msn: int) -> tempfile.SpooledTemporaryFile[b
     return spool
 
 
+_TERMINAL_UNSAFE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\xc2[\x80-\x9f]")
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _unsafe_for_terminal(spool: IO[bytes]) -> bool:
+    """Whether raw bytes hold C0 controls (tab, CR, LF excepted), DEL or UTF-8 C1 controls."""
+    tail = b""
+    while chunk := spool.read(1 << 20):
+        if _TERMINAL_UNSAFE.search(tail + chunk):
+            spool.seek(0)
+            return True
+        tail = chunk[-1:]
+    spool.seek(0)
+    return False
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """Table (or JSON) of the mailbox from LIST, UIDL and TOP n 0."""
     client = _session(args)
@@ -122,6 +142,11 @@ def cmd_read(args: argparse.Namespace) -> int:
     try:
         with _retr_spool(client, args.msn) as spool:
             if args.raw:
+                if _stdout_is_terminal() and _unsafe_for_terminal(spool):
+                    raise ConfigError(
+                        f"message {args.msn} holds control characters or binary data that "
+                        "could drive your terminal; `read --raw` writes it only to a file or "
+                        f"a pipe (e.g. mailbag mail read {args.msn} --raw > message.eml)")
                 sys.stdout.flush()
                 shutil.copyfileobj(spool, sys.stdout.buffer)
                 sys.stdout.buffer.flush()

@@ -23,8 +23,8 @@ from mailbag.client.headers import decode_addresses, parse_date, short_date
 from mailbag.client.pop3 import POP3Client
 from mailbag.client.render import (
     Rendered,
-    body_charset_hint,
     has_attachments,
+    header_hints,
     header_text,
     parse_bytes,
     raw_header,
@@ -60,7 +60,7 @@ class ListRow:
 def row_from_headers(msn: int, size: int, uid: str | None, headers: bytes) -> ListRow:
     """Build a row from the header block TOP returned."""
     msg = parse_bytes(headers)
-    hint = body_charset_hint(msg)
+    hint = header_hints(msg)
     sender = decode_addresses(raw_header(msg, "from") or "", hint)
     name, addr = sender[0] if sender else ("", "")
     return ListRow(
@@ -151,7 +151,10 @@ def print_message(msg: Rendered, console: Console, msn: int | None = None) -> No
             notes.append("MIME defects: " + ", ".join(msg.defects))
         console.print(Text("(" + "; ".join(notes) + ")", style="dim"))
     console.rule(style="dim")
-    console.print(Text(msg.body.rstrip("\n")))
+    if msg.notice:
+        console.print(Text(f"({msg.notice})", style="dim"))
+    else:
+        console.print(Text(msg.body.rstrip("\n")))
     if msg.attachments:
         console.rule(style="dim")
         table = Table(box=None, pad_edge=False, show_header=False)
