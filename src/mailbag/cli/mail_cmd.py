@@ -38,8 +38,37 @@ account: -a pop3://USER@HOST[:PORT] (STLS when offered) or pop3s://USER@HOST (TL
 examples:
   mailbag mail -a pop3s://me%40example.com@pop.example.com list
   mailbag mail read 3            mailbag mail save 3 --to ~/Downloads
+  mailbag mail delete --uid 00000001a1b2c3d4   (UIDL from `list --json`)
   mailbag mail fetch --to ~/Maildir/ --delete
   mailbag mail shell
+"""
+
+
+LIST_JSON = """\
+list --json prints one object (UTF-8, stable keys):
+  {"count": int, "octets": int,              # STAT: messages and octets in the maildrop
+   "messages": [{"msn": int,                 # message number, valid for this session only
+                 "size": int,                # octets as the server counts them (LIST)
+                 "uid": str | null,          # UIDL: stable across sessions (delete --uid)
+                 "date": str | null,         # ISO 8601 with the sender's offset
+                 "from": {"name": str, "address": str},
+                 "subject": str,             # decoded
+                 "attachments": bool}]}      # guessed from the headers (TOP n 0)
+"""
+
+READ_JSON = """\
+read --json prints one object (UTF-8, stable keys):
+  {"msn": int, "subject": str, "from": str, "to": str, "cc": str,   # decoded
+   "date": str | null,            # ISO 8601
+   "message_id": str,
+   "body": str,                   # the text shown ("" when there is no text part)
+   "body_type": str,              # "text/plain" or "text/html" (converted), "" if none
+   "charset_note": str | null,    # e.g. "charset declared gb2312, detected gb18030"
+   "notice": str | null,          # e.g. "no text part: ..." for attachment-only mail
+   "attachments": [{"index": int,          # K for `save --part K`
+                    "filename": str, "content_type": str,
+                    "size": int}],         # decoded octets
+   "defects": [str]}              # MIME defects the parser recorded
 """
 
 
@@ -199,13 +228,29 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    """Mark the named messages, confirm, then QUIT (commit) or RSET (undo)."""
+    """Mark the named messages, confirm, then QUIT (commit) or RSET (undo).
+
+    ``--uid`` names messages by UIDL, which stays the same across sessions
+    while message numbers shift whenever something is deleted or arrives.
+    """
+    if not args.msns and not args.uid:
+        raise ConfigError("name the messages to delete: message numbers or --uid UIDL...")
     client = _session(args)
     try:
         rows = {r.msn: r for r in list_rows(client)}
-        missing = [n for n in args.msns if n not in rows]
+        msns = list(dict.fromkeys(args.msns))
+        if args.uid:
+            by_uid = {r.uid: r.msn for r in rows.values() if r.uid is not None}
+            if not by_uid and rows:
+                raise ConfigError("the server has no UIDL: delete by message number")
+            unknown = [u for u in args.uid if u not in by_uid]
+            if unknown:
+                raise ConfigError(f"no message with UIDL {', '.join(unknown)} on the server")
+            msns += [by_uid[u] for u in args.uid if by_uid[u] not in msns]
+        missing = [n for n in msns if n not in rows]
         if missing:
             raise ConfigError(f"no message {', '.join(map(str, missing))} on the server")
+        args.msns = msns
         console = make_console()
         for msn in args.msns:
             client.dele(msn)
@@ -283,17 +328,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = mail.add_subparsers(dest="mail_command", metavar="ACTION")
     common = _common(False)
 
-    def add(name: str, help_text: str, handler: Any) -> argparse.ArgumentParser:
+    def add(name: str, help_text: str, handler: Any, extra: str = "") -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_text, description=help_text,
-                           formatter_class=fmt, epilog=EPILOG)
+                           formatter_class=fmt, epilog=extra + EPILOG)
         p.set_defaults(handler=handler)
         return p
 
-    p = add("list", "list messages: number, date, sender, subject, size, attachments", cmd_list)
+    p = add("list", "list messages: number, date, sender, subject, size, attachments", cmd_list,
+            LIST_JSON)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-n", "--last", type=int, metavar="N", help="only the last N messages")
 
-    p = add("read", "show one message decoded (best text part, attachments listed)", cmd_read)
+    p = add("read", "show one message decoded (best text part, attachments listed)", cmd_read,
+            READ_JSON)
     p.add_argument("msn", type=_msn, metavar="N", help="message number from `list`")
     p.add_argument("--raw", action="store_true", help="print the exact bytes the server sent")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -306,7 +353,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = add("delete", "delete messages on the server (asks first; nothing else is touched)",
             cmd_delete)
-    p.add_argument("msns", type=_msn, nargs="+", metavar="N", help="message numbers")
+    p.add_argument("msns", type=_msn, nargs="*", metavar="N", help="message numbers")
+    p.add_argument("--uid", nargs="+", action="extend", metavar="UIDL",
+                   help="messages by unique id (from `list --json`), safe when numbers shift")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 
     p = add("fetch", "download new messages into a Maildir or mbox (UIDL state, resumable)",

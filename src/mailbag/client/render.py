@@ -27,6 +27,7 @@ from email.utils import unquote
 from typing import IO, Any
 
 from mailbag.client.charsets import Decoded, HeaderHints, decode_bytes, decode_header_bytes
+from mailbag.client.flowed import unflow
 from mailbag.client.headers import (
     Hints,
     decode_words,
@@ -271,6 +272,11 @@ def _attachments(msg: EmailMessage, body: Message | None, hint: Hints) -> list[A
     return found
 
 
+def _param(part: Message, name: str) -> str:
+    value = part.get_param(name)
+    return value.strip().lower() if isinstance(value, str) else ""
+
+
 def render(msg: EmailMessage) -> Rendered:
     """Decode ``msg`` into a :class:`Rendered`."""
     hint = header_hints(msg)
@@ -282,7 +288,10 @@ def render(msg: EmailMessage) -> Rendered:
         body_type, decoded = _decode_part(body_part)
         note = decoded.note
         body = html_to_text(decoded.text) if body_type == "text/html" else decoded.text
-        body = printable(body.replace("\r\n", "\n"))
+        body = body.replace("\r\n", "\n")
+        if body_type == "text/plain" and _param(body_part, "format") == "flowed":
+            body = unflow(body, delsp=_param(body_part, "delsp") == "yes")
+        body = printable(body)
     return Rendered(
         subject=header_text(msg, "subject", hint),
         sender=address_text(msg, "from", hint),
