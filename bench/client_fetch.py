@@ -12,7 +12,10 @@ alternate (the machine is shared and noisy) and the median of the first
 fetches is reported per combination.
 
 ``BENCH_LAUNCHER=path/to/script.py`` runs another client instead of
-``python -m mailbag`` (e.g. an older checkout, for before/after figures).
+``python -m mailbag``; ``--compare path/to/script.py`` runs that client
+("before") and this checkout ("after") back to back on fresh mailboxes of
+the same server, every round, and reports the median ratio per combination
+(paired samples hold up on a shared, noisy machine).
 """
 
 from __future__ import annotations
@@ -90,10 +93,11 @@ def fill(box: Target, count: int, size: int) -> None:
                     f"Message-ID: <{n}@bench>\r\n\r\n".encode() + body)
 
 
-def run_fetch(box: Target, dest: Path, fmt: str, show: bool) -> list[dict[str, float]]:
+def run_fetch(box: Target, dest: Path, fmt: str, show: bool,
+              launcher: str | None = None) -> list[dict[str, float]]:
     """First fetch and second (nothing new) fetch; returns both JSON summaries."""
     env = dict(os.environ, MAILBAG_PASSWORD=box.password)
-    launcher = os.environ.get("BENCH_LAUNCHER")
+    launcher = launcher or os.environ.get("BENCH_LAUNCHER")
     prefix = [sys.executable, launcher] if launcher else [sys.executable, "-m", "mailbag"]
     cmd = [*prefix, "mail", "-a", box.url, "--ca", box.ca,
            "fetch", "--to", str(dest), "--format", fmt, "--json"]
@@ -123,6 +127,8 @@ def main() -> int:
     parser.add_argument("--format", choices=("maildir", "mbox", "both"), default="maildir")
     parser.add_argument("--server", choices=("dovecot", "mailbag", "both"), default="dovecot")
     parser.add_argument("--rounds", type=int, default=1, help="alternating repetitions")
+    parser.add_argument("--compare", metavar="LAUNCHER",
+                        help="also run this client script (before) next to this checkout (after)")
     args = parser.parse_args()
     servers = ["dovecot", "mailbag"] if args.server == "both" else [args.server]
     formats = ["maildir", "mbox"] if args.format == "both" else [args.format]
@@ -133,7 +139,9 @@ def main() -> int:
             return 1
     work = Path(tempfile.mkdtemp(prefix="mailbag-bench-"))
     work.chmod(0o755)
-    rates: dict[tuple[str, str], list[float]] = {}
+    rates: dict[tuple[str, str, str], list[float]] = {}
+    clients: list[tuple[str, str | None]] = (
+        [("before", args.compare), ("after", None)] if args.compare else [("", None)])
     with ExitStack() as stack:
         makers: dict[str, Dovecot | MailbagBoxes] = {}
         if "dovecot" in servers:
@@ -144,17 +152,32 @@ def main() -> int:
         for rnd in range(args.rounds):
             for server in servers if rnd % 2 == 0 else servers[::-1]:
                 for fmt in formats:
-                    run += 1
-                    box = makers[server].add_user()
-                    fill(box, args.count, args.size)
-                    dest = work / f"out{run}" / ("Maildir" if fmt == "maildir" else "inbox.mbox")
-                    first, _second = run_fetch(box, dest, fmt, show=run == 1)
-                    rates.setdefault((server, fmt), []).append(
-                        first["fetched"] / max(first["seconds"], 1e-9))
+                    order = clients if (rnd + run) % 2 == 0 else clients[::-1]
+                    for label, launcher in order:
+                        run += 1
+                        box = makers[server].add_user()
+                        fill(box, args.count, args.size)
+                        dest = work / f"out{run}" / (
+                            "Maildir" if fmt == "maildir" else "inbox.mbox")
+                        if label:
+                            print(f"  [{label}]")
+                        first, _second = run_fetch(box, dest, fmt, show=run == 1,
+                                                   launcher=launcher)
+                        rates.setdefault((server, fmt, label), []).append(
+                            first["fetched"] / max(first["seconds"], 1e-9))
     print("median msg/s of the first fetch:")
-    for (server, fmt), values in rates.items():
-        print(f"  {server:8} {fmt:7} {statistics.median(values):6.0f}  "
+    for (server, fmt, label), values in rates.items():
+        print(f"  {server:8} {fmt:7} {label:6} {statistics.median(values):6.0f}  "
               f"(runs: {', '.join(f'{v:.0f}' for v in values)})")
+    if args.compare:
+        print("median after/before ratio of paired runs:")
+        for server in servers:
+            for fmt in formats:
+                pairs = zip(rates[(server, fmt, "after")], rates[(server, fmt, "before")],
+                            strict=True)
+                ratios = [a / b for a, b in pairs]
+                print(f"  {server:8} {fmt:7} {statistics.median(ratios):5.1f}x  "
+                      f"(pairs: {', '.join(f'{r:.1f}' for r in ratios)})")
     return 0
 
 
