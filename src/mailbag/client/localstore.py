@@ -76,7 +76,7 @@ class LocalLines:
 
     def _convert(self, data: bytes, at_start: bool) -> bytes:
         data = data.replace(b"\r\n", b"\n")
-        if self._mboxrd:
+        if self._mboxrd and b"From " in data:
             if at_start:
                 data = _FROM_LINE.sub(rb">\1", data)
             else:
@@ -327,6 +327,7 @@ class MboxStore:
         except OSError as exc:
             os.close(self._fd)
             raise ConfigError(f"{path} is locked by another program") from exc
+        self._size = os.fstat(self._fd).st_size  # we hold the lock: only we append
 
     @property
     def unsynced(self) -> int:
@@ -340,22 +341,27 @@ class MboxStore:
             if os.fstat(self._fd).st_size > offset:
                 os.ftruncate(self._fd, offset)
                 os.fsync(self._fd)
+                self._size = offset
             journal.pending.clear()
 
     def store(self, uid: str, produce: Producer, journal: Journal) -> str:
         """Append one message; on any failure the file is cut back."""
-        offset = os.fstat(self._fd).st_size
-        # Only the first append of a batch needs a durable B line: recovery
-        # truncates back to the earliest pending offset.
-        journal.begin(uid, str(offset), sync=not self._open)
+        offset = self._size
+        # Only the first append of a batch needs a B line, made durable before
+        # the mbox changes: recovery truncates back to the earliest pending offset.
+        first = not self._open
+        if first:
+            journal.begin(uid, str(offset), sync=True)
         try:
             stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime())
-            os.write(self._fd, f"From MAILER-DAEMON {stamp}\n".encode())
-            _write_stream(self._fd, produce, LocalLines(mboxrd=True))
-            os.write(self._fd, b"\n")
+            self._size += _write_stream(self._fd, produce, LocalLines(mboxrd=True),
+                                        prefix=f"From MAILER-DAEMON {stamp}\n".encode(),
+                                        suffix=b"\n")
         except BaseException:
             os.ftruncate(self._fd, offset)
-            journal.pending.pop(uid, None)
+            self._size = offset
+            if first:
+                journal.pending.pop(uid, None)
             raise
         self._open.append((uid, str(offset)))
         return str(offset)
@@ -389,24 +395,32 @@ class MboxStore:
             os.close(self._fd)
 
 
-def _write_stream(fd: int, produce: Producer, lines: LocalLines) -> int:
+#: Converted bytes collected before one write() (small messages: one write each).
+WRITE_BUFFER = 256 * 1024
+
+
+def _write_stream(fd: int, produce: Producer, lines: LocalLines, *, prefix: bytes = b"",
+                  suffix: bytes = b"") -> int:
     """Run ``produce`` with a sink that converts and writes; return bytes written."""
     written = 0
+    pending = bytearray(prefix)
 
     def sink(chunk: bytes) -> None:
         nonlocal written
-        out = lines.feed(chunk)
-        if out:
-            written += _write_all(fd, out)
+        pending.extend(lines.feed(chunk))
+        if len(pending) >= WRITE_BUFFER:
+            written += _write_all(fd, pending)
+            pending.clear()
 
     produce(sink)
-    tail = lines.finish()
-    if tail:
-        written += _write_all(fd, tail)
+    pending.extend(lines.finish())
+    pending.extend(suffix)
+    if pending:
+        written += _write_all(fd, pending)
     return written
 
 
-def _write_all(fd: int, data: bytes) -> int:
+def _write_all(fd: int, data: bytes | bytearray) -> int:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
