@@ -250,3 +250,10 @@ def test_login_dovecot_refusing_plaintext_without_tls(run_cli: Run,
         assert "Traceback" not in result.err
     finally:
         server.cleanup()
+
+
+def test_login_auto_scram_failure_suggests_plain(pop3: Target, run_cli: Run) -> None:
+    result = run_cli(pop3, "list", password="not-it")
+    assert result.code != 0 and "try --auth plain" in result.err
+    forced = run_cli(pop3, "--auth", "scram-sha-256", "list", password="not-it")
+    assert "try --auth plain" not in forced.err

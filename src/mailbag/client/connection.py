@@ -70,7 +70,7 @@ def open_session(
                 print(f"mailbag: warning: {account.host} offers no TLS; "
                       f"the password is sent in the clear ({sasl.WIRE_NAMES[mechanism]})",
                       file=sys.stderr)
-            client.login(account.user, account.password, mechanism)
+            client.login(account.user, account.password, account.mechanism)
     except BaseException:
         client.close()
         raise

@@ -313,7 +313,13 @@ class POP3Client:
                              tls=self.tls)
         self.mechanism = chosen
         if chosen == "scram-sha-256":
-            return self.auth_scram(user, password)
+            try:
+                return self.auth_scram(user, password)
+            except POP3Error as exc:
+                if mechanism == "auto":  # the right password can fail where no keys are kept
+                    exc.args = (f"{exc} (if the password is right, the server may keep no "
+                                "SCRAM keys for this account: try --auth plain)",)
+                raise
         if chosen == "plain":
             return self.auth_plain(user, password)
         if chosen == "apop":
