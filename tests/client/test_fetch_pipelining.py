@@ -119,3 +119,22 @@ def test_fetch_without_pipelining_sends_one_command_at_a_time(
     assert (result["fetched"], result["deleted"]) == (5, 5)
     assert groups and all(len(g) == 1 for g in groups)
     assert pop3.messages_on_disk() == 0
+
+
+def test_list_pipelines_top_commands(pop3: Target, run_cli: Run,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # RFC 2449 section 6.6: TOP n 0 for a long listing goes out in groups.
+    fill(pop3, 40)
+    groups: list[list[str]] = []
+    original_send = POP3Client.send_pipelined
+
+    def recording(self: POP3Client, commands: list[str]) -> None:
+        batch = list(commands)
+        groups.append(batch)
+        original_send(self, batch)
+
+    monkeypatch.setattr(POP3Client, "send_pipelined", recording)
+    data = json.loads(run_cli(pop3, "list", "--json").out)
+    assert [m["subject"] for m in data["messages"]] == [f"p{n}" for n in range(1, 41)]
+    assert [len(g) for g in groups] == [32, 8]
+    assert groups[0][0] == "TOP 1 0" and groups[1][-1] == "TOP 40 0"

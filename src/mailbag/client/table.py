@@ -70,14 +70,30 @@ def row_from_headers(msn: int, size: int, uid: str | None, headers: bytes) -> Li
     )
 
 
+#: TOP commands in flight when the server allows PIPELINING (RFC 2449).
+TOP_WINDOW = 32
+
+
 def list_rows(client: POP3Client, limit: int | None = None) -> list[ListRow]:
-    """LIST + UIDL + ``TOP n 0`` for each message (newest last, like the server)."""
+    """LIST + UIDL + ``TOP n 0`` for each message (newest last, like the server).
+
+    With PIPELINING the TOPs go out in groups, so a long listing costs a few
+    round trips instead of one per message.
+    """
     sizes = client.list()
     uids = client.uidl() or {}
     if limit is not None:
         sizes = sizes[-limit:] if limit > 0 else []
-    return [row_from_headers(msn, size, uids.get(msn), client.top_bytes(msn, 0))
-            for msn, size in sizes]
+    window = TOP_WINDOW if client.pipelining else 1
+    rows: list[ListRow] = []
+    for start in range(0, len(sizes), window):
+        group = sizes[start:start + window]
+        client.send_pipelined(f"TOP {msn} 0" for msn, _size in group)
+        for msn, size in group:
+            chunks: list[bytes] = []
+            client.next_reply(chunks.append)
+            rows.append(row_from_headers(msn, size, uids.get(msn), b"".join(chunks)))
+    return rows
 
 
 def human_size(octets: int) -> str:
