@@ -190,7 +190,7 @@ class _Written:
 
     uid: str
     fd: int
-    tmp: Path
+    tmp: str
     where: str
 
 
@@ -222,8 +222,11 @@ class MaildirStore:
         self._sealed: list[_Written] = []
         self._syncs: list[Future[None]] = []
         self._syncer = _Syncer()
+        self._host = _host_part()
+        self._pid = os.getpid()
         for sub in ("tmp", "new", "cur"):
             (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._tmp_dir, self._root_dir = str(root / "tmp"), str(root)
 
     @property
     def unsynced(self) -> int:
@@ -238,15 +241,15 @@ class MaildirStore:
     def store(self, uid: str, produce: Producer, journal: Journal) -> str:
         """Stream one message into tmp/; returns its future path relative to the Maildir."""
         now = time.time()
-        base = (f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_COUNTER)}"
-                f".{_host_part()}")
-        tmp = self.root / "tmp" / base
+        base = f"{int(now)}.M{int(now % 1 * 1e6)}P{self._pid}Q{next(_COUNTER)}.{self._host}"
+        tmp = f"{self._tmp_dir}/{base}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             size = _write_stream(fd, produce, LocalLines())
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         where = f"new/{base},S={size}"
         self._open.append(_Written(uid, fd, tmp, where))
@@ -286,8 +289,9 @@ class MaildirStore:
             if w.fd >= 0:
                 os.close(w.fd)
                 w.fd = -1
-            if w.tmp.exists():  # idempotent: an interrupted earlier attempt may have renamed
-                os.rename(w.tmp, self.root / w.where)
+            # Idempotent: an interrupted earlier attempt may have renamed it already.
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(w.tmp, f"{self._root_dir}/{w.where}")
         fsync_dir(self.root / "new")
         journal.commit(items)
         self._sealed, self._syncs = [], []
@@ -300,7 +304,8 @@ class MaildirStore:
                 with contextlib.suppress(OSError):
                     os.close(w.fd)
                 w.fd = -1
-            w.tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(w.tmp)
 
     def close(self) -> None:
         """Drop what never became durable (it is fetched again next time); stop the threads."""
