@@ -330,7 +330,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     def add(name: str, help_text: str, handler: Any, extra: str = "") -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_text, description=help_text,
-                           formatter_class=fmt, epilog=extra + EPILOG)
+                           formatter_class=fmt, epilog=(extra + "\n" if extra else "") + EPILOG)
         p.set_defaults(handler=handler)
         return p
 
