@@ -47,7 +47,8 @@ from mailbag.protocol.events import (
 )
 from mailbag.protocol.languages import DEFAULT_LANGUAGE, translate
 from mailbag.protocol.lines import LineReader, LineTooLong
-from mailbag.protocol.pop3_commands import COMMANDS, State, Waiting
+from mailbag.protocol.pop3_commands import COMMANDS, Waiting
+from mailbag.protocol.pop3_commands import State as State
 from mailbag.protocol.sasl import (
     Cancelled,
     Challenge,
