@@ -103,6 +103,7 @@ class Pop3Session(Driver):
         self.maildrop: Maildrop | None = None
         self.stats = SessionStats()
         self.deadline = self.started + settings.login_timeout
+        self._command_seen = False
         self._sasl: SaslMechanism | None = None
         self._sasl_verdict: AuthResult | None = None
         self._chunks: AsyncIterator[bytes] | None = None
@@ -114,6 +115,9 @@ class Pop3Session(Driver):
         super().log(event, level, peer=self.peer, **fields)
 
     def read_deadline(self) -> float:
+        if self._command_seen:
+            self._command_seen = False
+            self.deadline = time.monotonic() + self.settings.idle_timeout
         return self.deadline
 
     def send_timeout(self) -> float:
@@ -125,9 +129,10 @@ class Pop3Session(Driver):
         """After login the idle timer restarts per command; before it the deadline is absolute.
 
         So a client dribbling one byte a minute cannot hold a connection open (slowloris).
+        The restart itself happens at the next read (one clock call, not one per event).
         """
         if self.conn.state is State.TRANSACTION:
-            self.deadline = time.monotonic() + self.settings.idle_timeout
+            self._command_seen = True
 
     def sent(self, octets: int) -> None:
         self.observer.sent(octets)
@@ -284,7 +289,9 @@ class Pop3Session(Driver):
         assert self.maildrop is not None
         self._chunks = self.maildrop.read(request.uid).__aiter__()
         try:
-            self._first = await anext(self._chunks, b"")
+            self._first = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self._first = b""
         except (MessageGone, StorageError) as exc:
             await self._close_body()
             self.observer.storage_error("read")
@@ -297,7 +304,10 @@ class Pop3Session(Driver):
     async def _next_chunk(self) -> None:
         chunk, self._first = self._first, None
         if chunk is None and self._chunks is not None:
-            chunk = await anext(self._chunks, None)
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                pass
         if chunk is None:
             self.conn.send(BodyEnd())
             return
