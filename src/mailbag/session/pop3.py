@@ -15,6 +15,7 @@ make mail safe live here and in the core, nowhere else:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import ssl
@@ -304,10 +305,8 @@ class Pop3Session(Driver):
     async def _next_chunk(self) -> None:
         chunk, self._first = self._first, None
         if chunk is None and self._chunks is not None:
-            try:
+            with contextlib.suppress(StopAsyncIteration):
                 chunk = await self._chunks.__anext__()
-            except StopAsyncIteration:
-                pass
         if chunk is None:
             self.conn.send(BodyEnd())
             return
