@@ -6,10 +6,14 @@ else is here, once:
 
 * the loop: ``next_event`` -> write replies / hand requests to ``handle`` ->
   ``NeedData`` -> read under the current deadline;
-* bounded output: replies are batched and written at ``WRITE_HIGH_WATER`` or
-  before a read, large body pieces are written as they are (no copy into a
-  buffer), and waiting for the client to take them (``drain``) is bounded by
-  ``send_timeout``, so a client that stops reading cannot hold a session;
+* bounded output: replies are batched in one reused buffer and written at
+  ``WRITE_HIGH_WATER`` or before a read, and waiting for the client to take
+  them (``drain``) is bounded by ``send_timeout``, so a client that stops
+  reading cannot hold a session.  (Handing each encoded body chunk to the
+  transport as it is saves a copy but measured slower: every chunk then needs
+  fresh pages, and kernel time for a 1 MiB RETR rose about fourfold.  Copying
+  into a reused buffer keeps the encoder's output short-lived and its memory
+  warm; see docs/architecture.md.);
 * endings: a timeout or a shutdown request goes to the core as ``Abort`` so
   the client hears why in the protocol's words; after the last reply the
   stream closes with a linger (FIN, then input discarded for a moment), so
@@ -34,8 +38,6 @@ from mailbag.session.stream import Stream
 
 #: Flush batched output once it grows past this (a RETR body streams at this granularity).
 WRITE_HIGH_WATER = 256 * 1024
-#: Pieces at least this large are written on their own rather than joined (no extra copy).
-LARGE_PIECE = 16 * 1024
 #: After the last reply: how long the socket keeps reading (and discarding) for a clean close.
 LINGER_SECONDS = 2.0
 
@@ -54,8 +56,7 @@ class Driver:
         self.session_id = session_id
         self.outcome = "disconnected"
         self.started = time.monotonic()
-        self._out: list[bytes] = []
-        self._out_size = 0
+        self._out = bytearray()
         self._stop = asyncio.Event()
         self._stop_wait: asyncio.Future[Any] | None = None
         self._linger = 0.0
@@ -137,9 +138,8 @@ class Driver:
                 continue
             self.event_seen(event)
             if isinstance(event, Reply):
-                self._out.append(event.data)
-                self._out_size += len(event.data)
-                if self._out_size >= WRITE_HIGH_WATER:
+                self._out += event.data
+                if len(self._out) >= WRITE_HIGH_WATER:
                     await self.flush()
             elif isinstance(event, Close):
                 await self.flush()
@@ -184,20 +184,9 @@ class Driver:
     async def flush(self) -> None:
         """Write batched output and wait (bounded) until the client has taken enough of it."""
         if self._out:
-            small: list[bytes] = []
-            for piece in self._out:  # small replies joined, body pieces written as they are
-                if len(piece) < LARGE_PIECE:
-                    small.append(piece)
-                    continue
-                if small:
-                    self.stream.write(b"".join(small))
-                    small = []
-                self.stream.write(piece)
-            if small:
-                self.stream.write(small[0] if len(small) == 1 else b"".join(small))
-            self.sent(self._out_size)
+            self.stream.write(bytes(self._out))
+            self.sent(len(self._out))
             self._out.clear()
-            self._out_size = 0
         # A client that stops reading must not hold the session forever (slowloris on the
         # sending side): waiting for buffer space is bounded like waiting for input.
         async with asyncio.timeout(self.send_timeout()):
@@ -206,7 +195,6 @@ class Driver:
     async def _last_words(self) -> None:
         """After an internal error: the core's generic goodbye, if the core can still say it."""
         self._out.clear()
-        self._out_size = 0
         try:
             self.core.send(Abort("internal error"))
             while not isinstance(event := self.core.next_event(), Close | NeedData):
