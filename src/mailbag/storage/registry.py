@@ -60,5 +60,16 @@ def _memory(**options: Any) -> Store:
     return MemoryStore(**options)
 
 
+def _postgres(**options: Any) -> Store:
+    try:
+        from mailbag.storage.postgres import PostgresStore
+    except ImportError as exc:  # asyncpg is an optional extra
+        raise ConfigError(
+            f"storage backend 'postgres' needs asyncpg: pip install 'mailbag[postgres]' ({exc})"
+        ) from None
+    return PostgresStore(**options)
+
+
 register("maildir", _maildir)
 register("memory", _memory)
+register("postgres", _postgres)
