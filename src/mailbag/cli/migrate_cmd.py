@@ -20,6 +20,7 @@ from mailbag.errors import ConfigError
 from mailbag.migrate.dovecot import DEFAULT_UIDL_FORMAT, UidlFormat, read_passwd_file
 from mailbag.migrate.run import MigrationUsersFile, Options, UserReport, migrate_user
 from mailbag.server.privileges import resolve
+from mailbag.storage.maildir import MaildirStore
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -127,6 +128,8 @@ def run_dovecot(args: argparse.Namespace) -> int:
     opts = Options(args.maildir_template, fmt, mode=args.mode, dry_run=args.dry_run,
                    replace_uidls=args.replace_uidls, owner=owner)
     store = build_store(config)
+    if not isinstance(store, MaildirStore):  # until migration goes through Store (issue 10)
+        raise ConfigError("mailbag migrate writes only to storage.backend = \"maildir\" for now")
     users = None
     if not args.no_accounts:
         users_path = config.auth.users_file

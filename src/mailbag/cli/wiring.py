@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailbag.auth.users import UsersFile
 from mailbag.config import Config
@@ -28,7 +29,12 @@ from mailbag.session.lmtp import LmtpSessionSettings
 from mailbag.session.pop3 import SessionSettings
 from mailbag.session.sasl import DRIVER_MECHANISMS
 from mailbag.session.throttle import FailureThrottle
+from mailbag.storage import registry
+from mailbag.storage.base import Store
 from mailbag.storage.maildir import MaildirStore, default_root
+
+if TYPE_CHECKING:
+    from mailbag.database.pool import Database
 
 
 @dataclass(slots=True)
@@ -37,7 +43,7 @@ class Runtime:
 
     config: Config
     users: UsersFile
-    store: MaildirStore
+    store: Store
     tls: TlsContext | None
 
 
@@ -57,13 +63,49 @@ def check_mail_root(config: Config) -> None:
         raise ConfigError(f"storage.maildir: {root} is not writable")
 
 
-def build_store(config: Config) -> MaildirStore:
-    """The storage backend named in the config."""
-    if config.storage.backend != "maildir":
-        raise ConfigError(
-            f"storage.backend: unknown backend {config.storage.backend!r} (known: maildir)"
+_databases: dict[tuple[object, ...], Database] = {}
+
+
+def build_database(config: Config) -> Database:
+    """The node's one PostgreSQL pool, shared by the storage and users backends.
+
+    The same settings give the same pool, so a SIGHUP that changes nothing
+    in ``[database]`` does not open a second one.
+    """
+    from mailbag.database.pool import Database
+
+    db = config.database
+    key = (db.dsn, db.pool_min_size, db.pool_max_size, db.connect_timeout, db.command_timeout)
+    found = _databases.get(key)
+    if found is None:
+        found = _databases[key] = Database(
+            db.dsn,
+            min_size=db.pool_min_size,
+            max_size=db.pool_max_size,
+            connect_timeout=db.connect_timeout,
+            command_timeout=db.command_timeout,
         )
-    return MaildirStore(config.storage.maildir, root=str(mail_root(config)))
+    return found
+
+
+def build_store(config: Config) -> Store:
+    """The storage backend named in the config."""
+    backend = config.storage.backend
+    if backend == "maildir":
+        return MaildirStore(config.storage.maildir, root=str(mail_root(config)))
+    if backend == "postgres":
+        from mailbag.storage.postgres.leases import make_node_id
+
+        return registry.create(
+            "postgres",
+            database=build_database(config),
+            lease_time=config.database.lease_time,
+            node_id=make_node_id(config.database.node_name),
+            hostname=config.hostname or None,
+        )
+    raise ConfigError(
+        f"storage.backend: unknown backend {backend!r} (known: maildir, postgres)"
+    )
 
 
 def build_users(config: Config) -> UsersFile:
@@ -76,7 +118,8 @@ def build_users(config: Config) -> UsersFile:
 
 def build_runtime(config: Config) -> Runtime:
     """Validate paths and build the long-lived objects."""
-    check_mail_root(config)
+    if config.storage.backend == "maildir":
+        check_mail_root(config)
     tls = None
     if config.tls.cert is not None and config.tls.key is not None:
         tls = TlsContext(config.tls.cert, config.tls.key)
@@ -140,7 +183,7 @@ def build_server(runtime: Runtime, observer: ServerObserver | None = None) -> Po
 def build_delivery_agent(
     config: Config,
     users: UsersFile,
-    store: MaildirStore,
+    store: Store,
     on_result: Callable[[Outcome], None] | None = None,
 ) -> DeliveryAgent:
     """The one delivery path shared by LMTP and ``mailbag deliver``."""

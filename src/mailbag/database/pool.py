@@ -146,23 +146,31 @@ class Database:
                 pool.terminate()
 
     @contextlib.asynccontextmanager
-    async def connection(self, action: str) -> AsyncIterator[Connection]:
-        """Borrow a connection for one short piece of work; failures become ``self.error``."""
-        with failures_as(self.error, action):
+    async def connection(
+        self, action: str, *, error: type[MailbagError] | None = None
+    ) -> AsyncIterator[Connection]:
+        """Borrow a connection for one short piece of work.
+
+        Failures become ``error`` (default ``self.error``): one pool serves
+        storage (``StorageError``) and users (``AuthError``) alike.
+        """
+        with failures_as(error or self.error, action):
             pool = await self._get_pool()
             async with pool.acquire(timeout=self.connect_timeout + self.command_timeout) as conn:
                 yield conn
 
     @contextlib.asynccontextmanager
-    async def transaction(self, action: str) -> AsyncIterator[Connection]:
+    async def transaction(
+        self, action: str, *, error: type[MailbagError] | None = None
+    ) -> AsyncIterator[Connection]:
         """A connection inside one transaction: committed on success, rolled back otherwise.
 
         A cancelled task rolls back too (asyncpg resets a connection that was
         interrupted mid-query before the pool hands it out again), so a
         dropped POP3 session never commits half of anything.
         """
-        async with self.connection(action) as conn:
-            with failures_as(self.error, action):
+        async with self.connection(action, error=error) as conn:
+            with failures_as(error or self.error, action):
                 async with conn.transaction():
                     yield conn
 
