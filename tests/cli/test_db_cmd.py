@@ -1,4 +1,4 @@
-"""``mailbag db init|upgrade|status``, ``check`` on a database, and serve refusing a stale schema."""
+"""`mailbag db init|upgrade|status`, `check` on a database, serve refusing a stale schema."""
 
 from __future__ import annotations
 
