@@ -10,6 +10,7 @@ that need one are skipped with a reason saying so; in CI that never happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import uuid
@@ -83,3 +84,69 @@ def fresh_database(*, initialise: bool = True, admin: str = ADMIN_DSN) -> Iterat
         yield dsn
     finally:
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', admin))
+
+
+PG_BIN = os.environ.get("MAILBAG_PG_BIN", "/usr/lib/postgresql/15/bin")
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of our own in a temporary directory, on a loopback port.
+
+    For tests that stop and start the database (outages, failover): the
+    shared server must never be stopped.  Run as the ``postgres`` account
+    when we are root (PostgreSQL refuses to run as root).
+    """
+
+    def __init__(self) -> None:
+        import shutil
+        import socket
+        import subprocess
+        import tempfile
+
+        self._subprocess = subprocess
+        if not os.path.exists(os.path.join(PG_BIN, "initdb")):
+            pytest.skip(f"no initdb in {PG_BIN} (set MAILBAG_PG_BIN)")
+        self.root = tempfile.mkdtemp(prefix="mailbag-pg-")
+        self.data = os.path.join(self.root, "data")
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                shutil.rmtree(self.root)
+                pytest.skip("running as root and there is no postgres account")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+            os.chmod(self.root, 0o755)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
+        self.admin_dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        self._subprocess.run(
+            [*self._as, os.path.join(PG_BIN, tool), *args],
+            check=True,
+            capture_output=True,
+            timeout=60,
+            cwd=self.root,
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", self.data, "-o", options, "-l",
+                  os.path.join(self.root, "log"), "-w", "start")
+
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop; ``immediate`` is the closest to a crash that still leaves the files usable."""
+        self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        import shutil
+
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
