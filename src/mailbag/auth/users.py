@@ -55,6 +55,10 @@ __all__ = [
     "UserRecord",
     "UsersFile",
     "authenticate",
+    "login_candidates",
+    "lookup_user",
+    "make_secrets",
+    "user_key",
     "validate_username",
 ]
 
@@ -199,13 +203,70 @@ def _set_extras(line: str, updates: dict[str, str | None]) -> str:
     return ":".join(fields)
 
 
-def _check_storable(what: str, value: str, *, allow_colon: bool) -> None:
+def check_storable(what: str, value: str, *, allow_colon: bool) -> None:
     bad = [c for c in value if c.isspace() or unicodedata.category(c)[0] == "C"]
     if bad or (not allow_colon and ":" in value):
         raise AuthError(
             f"{what} cannot be stored in the users file (whitespace, ':' or a "
             "control character; for PLAIN use PLAIN.B64)"
         )
+
+
+def make_secrets(
+    password: str,
+    scheme: str,
+    *,
+    with_scram: bool,
+    apop_secret: str | None,
+    argon2_params: Argon2Params,
+    scram_iterations: int,
+) -> tuple[str, str | None, str | None]:
+    """What any user store keeps for a password: (hash, SCRAM field or None, APOP or None).
+
+    Checks the APOP secret first.  The SCRAM field is None when not wanted or when the
+    password field is SCRAM itself.  Values are checked to fit a users-file line, so an
+    account can always move between the file and the database.
+    """
+    if apop_secret is not None:
+        check_storable("the APOP secret", apop_secret, allow_colon=True)
+    stored = hash_password(
+        password, scheme, argon2_params=argon2_params, scram_iterations=scram_iterations
+    )
+    check_storable("the password hash", stored, allow_colon=False)
+    scram = None
+    if with_scram and split_scheme(stored)[0] != SCRAM_SCHEME:
+        scram = make_scram_secrets(password, iterations=scram_iterations).to_field()
+    return stored, scram, apop_secret or None
+
+
+def user_key(name: str) -> str:
+    """The lookup key of a name: the domain after the last ``@`` is case-insensitive."""
+    return _key(name)
+
+
+def login_candidates(login: str, default_domain: str | None) -> builtins.list[str]:
+    """Names ``login`` may mean, in order: itself, then via ``default_domain``."""
+    candidates = [login]
+    if default_domain:
+        local, at, domain = login.rpartition("@")
+        if not at:
+            candidates.append(f"{login}@{default_domain}")
+        elif domain.lower() == default_domain.lower():
+            candidates.append(local)
+    return candidates
+
+
+async def lookup_user(db: UserDatabase, login: str) -> UserRecord | None:
+    """Look ``login`` up without blocking the event loop.
+
+    A database-backed store offers ``lookup_async`` (a query); the users file
+    answers from memory through ``lookup``.  Callers in async code use this.
+    """
+    lookup_async = getattr(db, "lookup_async", None)
+    if lookup_async is not None:
+        found: UserRecord | None = await lookup_async(login)
+        return found
+    return db.lookup(login)
 
 
 class UsersFile:
@@ -335,13 +396,7 @@ class UsersFile:
         except InvalidUsername:
             return None
         self._refresh()
-        candidates = [login]
-        if self.default_domain:
-            local, at, domain = login.rpartition("@")
-            if not at:
-                candidates.append(f"{login}@{self.default_domain}")
-            elif domain.lower() == self.default_domain.lower():
-                candidates.append(local)
+        candidates = login_candidates(login, self.default_domain)
         index = self._index
         for candidate in candidates:
             record = index.get(_key(candidate))
@@ -424,24 +479,12 @@ class UsersFile:
         self, password: str, scheme: str, with_scram: bool, apop_secret: str | None,
         params: Argon2Params | None,
     ) -> tuple[str, dict[str, str | None]]:
-        """The password field and the ``scram=``/``apop=`` extras (a None value: left out).
-
-        Checks the APOP secret first.  ``scram`` is None when not wanted or when the
-        password field is SCRAM itself.
-        """
-        if apop_secret is not None:
-            _check_storable("the APOP secret", apop_secret, allow_colon=True)
-        stored = hash_password(
-            password,
-            scheme,
-            argon2_params=params or self.argon2_params,
-            scram_iterations=self.scram_iterations,
+        """The password field and the ``scram=``/``apop=`` extras (a None value: left out)."""
+        stored, scram, apop = make_secrets(
+            password, scheme, with_scram=with_scram, apop_secret=apop_secret,
+            argon2_params=params or self.argon2_params, scram_iterations=self.scram_iterations,
         )
-        _check_storable("the password hash", stored, allow_colon=False)
-        scram = None
-        if with_scram and split_scheme(stored)[0] != SCRAM_SCHEME:
-            scram = make_scram_secrets(password, iterations=self.scram_iterations).to_field()
-        return stored, {"scram": scram, "apop": apop_secret or None}
+        return stored, {"scram": scram, "apop": apop}
 
     def add(
         self,
@@ -516,7 +559,7 @@ class UsersFile:
     def set_apop_secret(self, name: str, secret: str | None) -> UserRecord:
         """Set (or with None, remove) the plaintext APOP secret."""
         if secret is not None:
-            _check_storable("the APOP secret", secret, allow_colon=True)
+            check_storable("the APOP secret", secret, allow_colon=True)
         return self._update(name, lambda line: _set_extras(line, {"apop": secret or None}))
 
     def set_quota(

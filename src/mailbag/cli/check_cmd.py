@@ -96,6 +96,9 @@ def _check_tls(config: Config, report: Report) -> None:
 
 
 def _check_users(config: Config, report: Report) -> None:
+    if config.auth.backend == "postgres":
+        report.ok("users: the users table of [database]")
+        return
     path = config.auth.users_file
     if not path.exists():
         report.warn(f"auth.users_file: {path} does not exist yet (no one can log in); "

@@ -109,7 +109,18 @@ def build_store(config: Config) -> Store:
 
 
 def build_users(config: Config) -> UsersFile:
-    """The users file, with the default domain for ``name`` == ``name@domain`` logins."""
+    """The user store of ``auth.backend``, with the default domain for ``name@domain`` logins.
+
+    Typed as ``UsersFile``: ``PostgresUsers`` has the same methods (lookup,
+    list and the admin operations), checked by the CLI tests on both.
+    """
+    if config.auth.backend == "postgres":
+        from mailbag.auth.pg_users import PostgresUsers
+
+        users: UsersFile = PostgresUsers(  # type: ignore[assignment]
+            database=build_database(config), default_domain=config.auth.default_domain or None
+        )
+        return users
     path = config.auth.users_file
     if path.exists() and not path.is_file():
         raise ConfigError(f"auth.users_file: {path} is not a file")

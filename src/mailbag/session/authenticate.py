@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from mailbag.auth.schemes import verify_dummy, verify_password
 from mailbag.auth.scram import ScramSecrets
-from mailbag.auth.users import UserDatabase, UserRecord
+from mailbag.auth.users import UserDatabase, UserRecord, lookup_user
 from mailbag.errors import AuthError, InvalidUsername
 from mailbag.logs import log_event
 from mailbag.session.throttle import FailureThrottle
@@ -65,6 +65,13 @@ class Authenticator:
         except InvalidUsername:
             return None
 
+    async def _lookup_async(self, login: str) -> UserRecord | None:
+        """``_lookup`` that never blocks the loop on a database-backed user store."""
+        try:
+            return await lookup_user(self.users, login)
+        except InvalidUsername:
+            return None
+
     async def _run(self, func: object, *args: object) -> object:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, func, *args)  # type: ignore[arg-type]
@@ -72,7 +79,7 @@ class Authenticator:
     async def check_password(self, login: str, password: str, address: str) -> AuthResult:
         """USER/PASS and SASL PLAIN."""
         await self._pre_delay(address, login)
-        record = self._lookup(login)
+        record = await self._lookup_async(login)
         if record is None:
             await self._run(verify_dummy, password)
             return await self._failed(address, login, "unknown user")
@@ -95,7 +102,7 @@ class Authenticator:
         fails exactly like a wrong password.
         """
         await self._pre_delay(address, login)
-        record = self._lookup(login)
+        record = await self._lookup_async(login)
         secret = record.apop_secret if record is not None else None
         expected = hashlib.md5(
             (timestamp + (secret or "\x00no-secret")).encode(), usedforsecurity=False

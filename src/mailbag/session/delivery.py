@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailbag.auth.users import UserDatabase, UserRecord
+from mailbag.auth.users import UserDatabase, UserRecord, lookup_user
 from mailbag.errors import (
     InvalidUsername,
     MailbagError,
@@ -39,7 +39,7 @@ from mailbag.errors import (
 )
 from mailbag.logs import log_event
 from mailbag.protocol.lmtp import Status
-from mailbag.storage.base import Store
+from mailbag.storage.base import Delivery, MultiDelivery, Store
 from mailbag.wireform import wire_size
 
 
@@ -177,6 +177,13 @@ class DeliveryAgent:
         except InvalidUsername:
             return None
 
+    async def lookup_async(self, address: str) -> UserRecord | None:
+        """``lookup`` without blocking the loop when users live in a database."""
+        try:
+            return await lookup_user(self.users, address)
+        except InvalidUsername:
+            return None
+
     def limits(self, record: UserRecord) -> tuple[int, int]:
         """(bytes, messages) limits for ``record``; a per-user value wins, 0 = unlimited."""
         qb = record.quota_bytes if record.quota_bytes is not None else self.quota.bytes
@@ -215,10 +222,23 @@ class DeliveryAgent:
         lock = self._lock(record.name)
         async with lock:
             try:
-                refusal = await self._check_quota(record, stored, who)
-                if refusal is not None:
-                    return refusal
-                uid = await self.store.deliver(record.name, stored)
+                if isinstance(self.store, MultiDelivery):
+                    # A shared store checks the quota in the write's own transaction,
+                    # so deliveries on other nodes cannot overshoot it together.
+                    max_bytes, max_messages = self.limits(record)
+                    (outcome,) = await self.store.deliver_many(
+                        [Delivery(record.name, stored, max_bytes, max_messages)]
+                    )
+                    if isinstance(outcome, QuotaExceeded):
+                        return self._over_quota(record, stored, who, max_bytes)
+                    if isinstance(outcome, StorageError):
+                        raise outcome
+                    uid = outcome
+                else:
+                    refusal = await self._check_quota(record, stored, who)
+                    if refusal is not None:
+                        return refusal
+                    uid = await self.store.deliver(record.name, stored)
             except MailbagError as exc:
                 result = self._failure(exc, who)
                 log_event("delivery-failed", logging.WARNING, user=record.name,
@@ -244,6 +264,13 @@ class DeliveryAgent:
             return None
         log_event("over-quota", user=record.name, messages=usage.messages,
                   octets=usage.octets, size=size)
+        return self._over_quota(record, stored, who, max_bytes)
+
+    def _over_quota(
+        self, record: UserRecord, stored: bytes, who: str, max_bytes: int
+    ) -> DeliveryResult:
+        """452 or 552 for a refusal by quota (``quota.tempfail``)."""
+        size = wire_size([stored])
         # Bigger than the whole quota: waiting cannot help, so never tempfail that.
         if self.quota.tempfail and not (max_bytes and size > max_bytes):
             return DeliveryResult(Outcome.OVER_QUOTA, Status(452, "4.2.2", f"<{who}> Mailbox full"))

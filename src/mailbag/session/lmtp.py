@@ -160,7 +160,7 @@ class LmtpSession:
             if isinstance(event, Reply):
                 self._out += event.data
             elif isinstance(event, CheckRecipient):
-                conn.recipient_checked(self._check_recipient(event.address))
+                conn.recipient_checked(await self._check_recipient(event.address))
             elif isinstance(event, DeliverMessage):
                 await self._flush()
                 conn.delivery_finished(await self._deliver(event))
@@ -171,9 +171,9 @@ class LmtpSession:
                 self.outcome = event.reason
                 return
 
-    def _check_recipient(self, address: str) -> Status:
+    async def _check_recipient(self, address: str) -> Status:
         try:
-            record = self.agent.lookup(address)
+            record = await self.agent.lookup_async(address)
         except AuthError as exc:
             self._log("auth-error", logging.ERROR, error=str(exc))
             return LOOKUP_FAILED
