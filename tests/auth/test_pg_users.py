@@ -1,4 +1,4 @@
-"""Users in PostgreSQL hold what a users-file line holds, and every instance sees changes at once."""
+"""Users in PostgreSQL hold what a users-file line holds; every instance sees changes at once."""
 
 from __future__ import annotations
 

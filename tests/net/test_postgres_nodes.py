@@ -71,7 +71,7 @@ def test_two_nodes_share_users_mail_and_locks(nodes: tuple[MailbagServer, Mailba
 
     with smtplib.LMTP(a.host, a.lmtp_port, timeout=10) as lmtp:
         lmtp.sendmail("sender@example.org", ["alice"], b"Subject: hello\r\n\r\nfrom node a\r\n")
-        refused = lmtp.sendmail("sender@example.org", ["alice", "nobody"], b"Subject: 2\r\n\r\nx\r\n")
+        refused = lmtp.sendmail("s@example.org", ["alice", "nobody"], b"Subject: 2\r\n\r\nx\r\n")
         assert set(refused) == {"nobody"}
 
     client = pop3(b, "alice", "s3cret")
