@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from mailbag.errors import InvalidUsername, MaildropLocked, QuotaExceeded, StorageError
-from mailbag.storage.base import Delivery, MultiDelivery, deliver_many
+from mailbag.storage.base import (
+    Delivery,
+    ImportMessage,
+    MultiDelivery,
+    SelfCheck,
+    Usage,
+    deliver_many,
+)
 from mailbag.storage.maildir_names import derive_uidl
 from mailbag.storage.postgres import PostgresStore
 from mailbag.storage.postgres.leases import LeaseLost
@@ -271,5 +278,58 @@ def test_idle_sessions_hold_no_connections(dsn: str) -> None:
         await asyncio.gather(*(md.close() for md in drops))
         (leases,) = await fetch(a, "SELECT count(*) AS n FROM leases")
         assert leases["n"] == 0
+
+    run(go())
+
+
+def test_self_check_reports_a_failing_heartbeat(dsn: str) -> None:
+    """``/healthz`` (SelfCheck.problems) turns unhealthy once leases go unrenewed a lease time."""
+
+    async def go() -> None:
+        a = node(dsn, "a", lease_time=1.0)
+        assert isinstance(a, SelfCheck)
+        assert a.check() == "storage: postgres (lease time 1 s)"
+        assert a.problems() == []  # no lease held: nothing to renew
+        md = await a.open_maildrop("alice")
+        assert a.problems() == []  # just acquired
+        await a.leases.stop()  # the node can no longer reach the database, as far as leases go
+        await asyncio.sleep(1.2)
+        assert a.problems() == ["database unreachable: maildrop lease heartbeat failing"]
+        await md.close()
+        assert a.problems() == []
+
+    run(go())
+
+
+def test_import_of_a_stopped_run_commits_whole_batches(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration killed part-way leaves whole batches, which the next run finds present."""
+    from mailbag.storage.postgres import importer
+
+    monkeypatch.setattr(importer, "BATCH_MESSAGES", 3)
+
+    async def source(n: int, fail_at: int | None = None) -> AsyncIterator[ImportMessage]:
+        for i in range(n):
+            if i == fail_at:
+                raise OSError("source went away")
+
+            async def read(i: int = i) -> bytes:
+                return b"Subject: %d\n\nbody\n" % i
+
+            yield ImportMessage(key=f"k{i}", uid=f"uid-{i}", read=read)
+
+    async def go() -> None:
+        a = node(dsn, "a")
+        with pytest.raises(OSError):
+            await a.import_messages("alice", source(8, fail_at=7))
+        md = await a.open_maildrop("alice")  # the lease was released
+        assert [m.uid for m in md.messages] == [f"uid-{i}" for i in range(6)]
+        await md.close()
+        again = await a.import_messages("alice", source(8))
+        assert (again.imported, again.present) == (2, 6)
+        assert again.uids == [f"uid-{i}" for i in range(8)]
+        assert await a.usage("alice") == Usage(8, sum(len(b"Subject: %d\r\n\r\nbody\r\n" % i)
+                                                     for i in range(8)))
 
     run(go())

@@ -21,7 +21,7 @@ STORAGE = Path(registry.__file__).parent
 def test_builtin_backends_by_name(tmp_path: Path) -> None:
     assert {"maildir", "memory"} <= set(registry.available())
     assert isinstance(registry.create("memory"), MemoryStore)
-    store = registry.create("maildir", root_template=str(tmp_path / "{user}"))
+    store = registry.create("maildir", maildir=str(tmp_path / "{user}"))
     assert isinstance(store, MaildirStore)
 
 
@@ -36,7 +36,7 @@ def test_postgres_backend_by_name_is_lazy() -> None:
     """Choosing Maildir never imports asyncpg; choosing postgres needs a DSN."""
     code = (
         "import sys; from mailbag.storage import registry; "
-        "registry.create('maildir', root_template='/tmp/x/{user}'); "
+        "registry.create('maildir', maildir='/tmp/x/{user}'); "
         "assert 'asyncpg' not in sys.modules, 'maildir imported asyncpg'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env())

@@ -1,17 +1,17 @@
 """The composition root: the one place that turns a ``Config`` into concrete objects.
 
-Only here are backends named (DESIGN.md): the Maildir store, the users file,
-the throttle, the TLS context.  Everything else receives interfaces.
+Only here are concrete objects built (DESIGN.md): the users file, the
+throttle, the TLS context, and the store, which the storage registry builds
+from ``storage.backend`` (this module never names a storage backend).
+Everything else receives interfaces.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailbag.auth.users import UsersFile
@@ -30,8 +30,7 @@ from mailbag.session.pop3 import SessionSettings
 from mailbag.session.sasl import DRIVER_MECHANISMS
 from mailbag.session.throttle import FailureThrottle
 from mailbag.storage import registry
-from mailbag.storage.base import Store
-from mailbag.storage.maildir import MaildirStore, default_root
+from mailbag.storage.base import SelfCheck, Store
 
 if TYPE_CHECKING:
     from mailbag.database.pool import Database
@@ -47,65 +46,35 @@ class Runtime:
     tls: TlsContext | None
 
 
-def mail_root(config: Config) -> Path:
-    """The fixed directory part of the maildir template (must exist or be creatable)."""
-    return Path(default_root(config.storage.maildir))
+def build_store(config: Config) -> Store:
+    """The storage backend named by ``storage.backend``, built by the registry.
 
-
-def check_mail_root(config: Config) -> None:
-    """Fail early, naming the path, if mail cannot be stored."""
-    root = mail_root(config)
-    try:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ConfigError(f"storage.maildir: cannot create {root}: {exc.strerror}") from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise ConfigError(f"storage.maildir: {root} is not writable")
-
-
-_databases: dict[tuple[object, ...], Database] = {}
+    The typed settings (``storage.maildir``, the ``[database]`` section, the
+    host name) are offered to every backend and passed to those that declare
+    them; any other ``[storage]`` key must be one the chosen backend declares.
+    """
+    storage = config.storage
+    common = {"maildir": storage.maildir, "database": config.database,
+              "hostname": config.hostname}
+    return registry.create_from_settings(storage.backend, common, dict(storage.options))
 
 
 def build_database(config: Config) -> Database:
-    """The node's one PostgreSQL pool, shared by the storage and users backends.
+    """The node's one PostgreSQL pool (``[database]``), shared by storage and users."""
+    from mailbag.database.pool import shared_database
 
-    The same settings give the same pool, so a SIGHUP that changes nothing
-    in ``[database]`` does not open a second one.
-    """
-    from mailbag.database.pool import Database
-
-    db = config.database
-    key = (db.dsn, db.pool_min_size, db.pool_max_size, db.connect_timeout, db.command_timeout)
-    found = _databases.get(key)
-    if found is None:
-        found = _databases[key] = Database(
-            db.dsn,
-            min_size=db.pool_min_size,
-            max_size=db.pool_max_size,
-            connect_timeout=db.connect_timeout,
-            command_timeout=db.command_timeout,
-        )
-    return found
+    return shared_database(config.database)
 
 
-def build_store(config: Config) -> Store:
-    """The storage backend named in the config."""
-    backend = config.storage.backend
-    if backend == "maildir":
-        return MaildirStore(config.storage.maildir, root=str(mail_root(config)))
-    if backend == "postgres":
-        from mailbag.storage.postgres.leases import make_node_id
+def prepare_store(store: Store) -> None:
+    """Fail early, naming the setting, if mail cannot be stored (creates the mail root)."""
+    if isinstance(store, SelfCheck):
+        store.prepare()
 
-        return registry.create(
-            "postgres",
-            database=build_database(config),
-            lease_time=config.database.lease_time,
-            node_id=make_node_id(config.database.node_name),
-            hostname=config.hostname or None,
-        )
-    raise ConfigError(
-        f"storage.backend: unknown backend {backend!r} (known: maildir, postgres)"
-    )
+
+def store_problems(store: Store) -> list[str]:
+    """Cheap health probe of the store (``/healthz``, after a privilege drop)."""
+    return store.problems() if isinstance(store, SelfCheck) else []
 
 
 def build_users(config: Config) -> UsersFile:
@@ -129,12 +98,12 @@ def build_users(config: Config) -> UsersFile:
 
 def build_runtime(config: Config) -> Runtime:
     """Validate paths and build the long-lived objects."""
-    if config.storage.backend == "maildir":
-        check_mail_root(config)
+    store = build_store(config)
+    prepare_store(store)
     tls = None
     if config.tls.cert is not None and config.tls.key is not None:
         tls = TlsContext(config.tls.cert, config.tls.key)
-    return Runtime(config=config, users=build_users(config), store=build_store(config), tls=tls)
+    return Runtime(config=config, users=build_users(config), store=store, tls=tls)
 
 
 def plaintext_checker(config: Config) -> Callable[[str], bool]:

@@ -30,7 +30,8 @@ from typing import Any
 
 import asyncpg
 
-from mailbag.errors import MailbagError, StorageError
+from mailbag.config import DatabaseSettings
+from mailbag.errors import ConfigError, MailbagError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +185,42 @@ class Database:
         if pool is not None:
             with contextlib.suppress(Exception):  # its loop may be closed already
                 pool.terminate()
+
+
+def shared_settings(settings: object) -> DatabaseSettings:
+    """``settings`` if it is the ``[database]`` section (defaults for None), else ConfigError.
+
+    A backend chosen by name receives it from the wiring; a ``database`` key
+    written in ``[storage]`` instead arrives as a plain value and is refused.
+    """
+    if settings is None:
+        return DatabaseSettings()
+    if not isinstance(settings, DatabaseSettings):
+        raise ConfigError("storage.database: the postgres backend takes its settings from "
+                          "the [database] section, not from [storage]")
+    return settings
+
+
+_shared: dict[tuple[object, ...], Database] = {}
+
+
+def shared_database(settings: DatabaseSettings) -> Database:
+    """The node's one pool for ``settings`` (the ``[database]`` section).
+
+    Storage and users share it, and a SIGHUP that changes nothing in
+    ``[database]`` gets the same pool back instead of opening a second one.
+    """
+    if not settings.dsn:
+        raise ConfigError("database.dsn: the postgres backends need a dsn ([database] dsn)")
+    key = (settings.dsn, settings.pool_min_size, settings.pool_max_size,
+           settings.connect_timeout, settings.command_timeout)
+    found = _shared.get(key)
+    if found is None:
+        found = _shared[key] = Database(
+            settings.dsn,
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            connect_timeout=settings.connect_timeout,
+            command_timeout=settings.command_timeout,
+        )
+    return found

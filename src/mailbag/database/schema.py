@@ -98,9 +98,33 @@ CREATE TABLE users (
 );
 """
 
+_V2 = """
+-- Store.import_messages (mailbag migrate): what each source key became, kept
+-- after the message is deleted, so a re-run neither stores it twice nor
+-- brings back what a client deleted since.  No foreign key to messages for
+-- that reason; ``seq`` tells whether the message is still there.
+CREATE TABLE imported_keys (
+    maildrop_id bigint NOT NULL REFERENCES maildrops (id) ON DELETE CASCADE,
+    key         text NOT NULL,
+    seq         bigint NOT NULL,
+    -- True when the UIDL was given by the source (not chosen by mailbag).
+    kept        boolean NOT NULL,
+    PRIMARY KEY (maildrop_id, key)
+);
+
+-- Every UIDL import ever served in a maildrop (also after deletion and after
+-- a --replace-uidls), so no later message of that maildrop is given one.
+CREATE TABLE reserved_uids (
+    maildrop_id bigint NOT NULL REFERENCES maildrops (id) ON DELETE CASCADE,
+    uid         text NOT NULL,
+    PRIMARY KEY (maildrop_id, uid)
+);
+"""
+
 #: Every migration, in order; version N is ``MIGRATIONS[N - 1]``.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "maildrops, messages, chunked bodies, leases, users", _V1),
+    Migration(2, "imported keys and reserved UIDLs (mailbag migrate)", _V2),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -74,6 +74,11 @@ class LeaseKeeper:
         #: ``time.monotonic()`` of the last renewal that reached the database.
         self.last_renewal = 0.0
 
+    @property
+    def holding(self) -> bool:
+        """Whether any session of this node holds a lease (the heartbeat has work)."""
+        return bool(self._held)
+
     # -- acquire / release ------------------------------------------------------
 
     async def acquire(self, conn: Connection, maildrop_id: int, user: str) -> int:
@@ -100,6 +105,8 @@ class LeaseKeeper:
         )
         if row is None:
             raise MaildropLocked(f"maildrop of {user!r} is in use")
+        if not self._held:  # the heartbeat's clock starts with its first lease
+            self.last_renewal = time.monotonic()
         self._held.add(token)
         self._ensure_heartbeat()
         return token

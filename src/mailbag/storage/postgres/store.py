@@ -25,18 +25,65 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterable, Sequence
 
 from mailbag.database import schema
 from mailbag.database.pool import Connection, Database
 from mailbag.errors import ConfigError, QuotaExceeded, StorageError
-from mailbag.storage.base import Delivery, Usage
+from mailbag.storage.base import (
+    Delivery,
+    ImportMessage,
+    ImportOptions,
+    ImportResult,
+    Usage,
+)
 from mailbag.storage.maildir_names import NameGenerator, derive_uidl, split_user
 from mailbag.storage.postgres.leases import DEFAULT_LEASE_TIME, LeaseKeeper
 from mailbag.storage.postgres.maildrop import CHUNK_SIZE, PostgresMaildrop, Stored
 from mailbag.wireform import wire_size
 
 log = logging.getLogger(__name__)
+
+
+async def insert_message(
+    conn: Connection,
+    maildrop_id: int,
+    name: str,
+    uid: str,
+    wire: int,
+    chunks: list[bytes],
+    received: float | None = None,
+) -> int:
+    """Insert one message and its body rows (inside the caller's transaction); its ``seq``.
+
+    The caller updates the maildrop's running totals in the same transaction.
+    """
+    seq = await conn.fetchval(
+        """
+        INSERT INTO messages
+            (maildrop_id, unique_name, uid, stored_size, wire_size, chunks, delivered_at)
+        VALUES ($1, $2, $3, $4, $5, $6, coalesce(to_timestamp($7::float8), now()))
+        RETURNING seq
+        """,
+        maildrop_id,
+        name,
+        uid,
+        sum(map(len, chunks)),
+        wire,
+        len(chunks),
+        received,
+    )
+    await conn.execute(
+        """
+        INSERT INTO message_chunks (maildrop_id, seq, n, data)
+        SELECT $1, $2, n - 1, data FROM unnest($3::bytea[]) WITH ORDINALITY AS c(data, n)
+        """,
+        maildrop_id,
+        seq,
+        chunks,
+    )
+    return int(seq)
 
 
 class PostgresStore:
@@ -98,11 +145,32 @@ class PostgresStore:
         await self.leases.stop()
         await self.db.close()
 
+    # -- SelfCheck (``mailbag check``, start-up, ``/healthz``) --------------------
+
+    def prepare(self) -> None:
+        """Nothing to create: the schema is applied by ``mailbag db init`` (checked at serve)."""
+
+    def check(self) -> str:
+        """The line ``mailbag check`` prints (the schema is reported under ``database:``)."""
+        return f"storage: postgres (lease time {self.leases.lease_time:g} s)"
+
+    def problems(self) -> list[str]:
+        """Unhealthy when leases are held and the heartbeat has not reached the database.
+
+        Cheap (no query: ``/healthz`` runs in the metrics thread): after a
+        lease time without a renewal, this node's sessions are about to lose
+        their locks and cannot commit a QUIT.
+        """
+        leases = self.leases
+        if leases.holding and time.monotonic() - leases.last_renewal > leases.lease_time:
+            return ["database unreachable: maildrop lease heartbeat failing"]
+        return []
+
     # -- helpers ---------------------------------------------------------------
 
     @staticmethod
-    async def _maildrop_id(conn: Connection, user: str, *, create: bool) -> int | None:
-        """The maildrop's row id, created on first use when ``create``."""
+    async def maildrop_id(conn: Connection, user: str, *, create: bool) -> int | None:
+        """The maildrop's row id, created on first use when ``create`` (else None if none)."""
         found = await conn.fetchval("SELECT id FROM maildrops WHERE name = $1", user)
         if found is not None or not create:
             return None if found is None else int(found)
@@ -125,7 +193,7 @@ class PostgresStore:
         maildrop_id = 0
         try:
             async with self.db.connection("open maildrop") as conn:
-                found = await self._maildrop_id(conn, user, create=True)
+                found = await self.maildrop_id(conn, user, create=True)
                 assert found is not None
                 maildrop_id = found
                 token = await self.leases.acquire(conn, maildrop_id, user)
@@ -159,7 +227,7 @@ class PostgresStore:
         """
         for d in deliveries:
             split_user(d.user)
-        prepared = [(d, self._prepare(d.message)) for d in deliveries]
+        prepared = [(d, self.prepare_body(d.message)) for d in deliveries]
         results: dict[int, str | StorageError] = {}
         order = sorted(range(len(prepared)), key=lambda i: prepared[i][0].user)
         async with self.db.transaction("deliver") as conn:
@@ -168,7 +236,8 @@ class PostgresStore:
                 results[i] = await self._insert(conn, d, name, wire, chunks)
         return [results[i] for i in range(len(prepared))]
 
-    def _prepare(self, message: bytes) -> tuple[str, int, list[bytes]]:
+    def prepare_body(self, message: bytes) -> tuple[str, int, list[bytes]]:
+        """A new unique name, the wire size and the body rows of ``message``."""
         wire = wire_size([message])
         name = self._names.make(len(message), wire)
         size = self._chunk_size
@@ -178,7 +247,7 @@ class PostgresStore:
     async def _insert(
         self, conn: Connection, d: Delivery, name: str, wire: int, chunks: list[bytes]
     ) -> str | StorageError:
-        maildrop_id = await self._maildrop_id(conn, d.user, create=True)
+        maildrop_id = await self.maildrop_id(conn, d.user, create=True)
         accepted = await conn.fetchval(
             """
             UPDATE maildrops SET messages = messages + 1, octets = octets + $2
@@ -195,27 +264,7 @@ class PostgresStore:
         if accepted is None:
             return QuotaExceeded(f"{d.user}: delivery of {wire} octets would exceed the quota")
         uid = derive_uidl(name)
-        seq = await conn.fetchval(
-            """
-            INSERT INTO messages (maildrop_id, unique_name, uid, stored_size, wire_size, chunks)
-            VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq
-            """,
-            maildrop_id,
-            name,
-            uid,
-            sum(map(len, chunks)),
-            wire,
-            len(chunks),
-        )
-        await conn.execute(
-            """
-            INSERT INTO message_chunks (maildrop_id, seq, n, data)
-            SELECT $1, $2, n - 1, data FROM unnest($3::bytea[]) WITH ORDINALITY AS c(data, n)
-            """,
-            maildrop_id,
-            seq,
-            chunks,
-        )
+        await insert_message(conn, int(accepted), name, uid, wire, chunks)
         return uid
 
     async def usage(self, user: str) -> Usage:
@@ -227,3 +276,14 @@ class PostgresStore:
             )
         return Usage(0, 0) if row is None else Usage(int(row["messages"]), int(row["octets"]))
 
+
+    async def import_messages(
+        self,
+        user: str,
+        messages: AsyncIterable[ImportMessage],
+        options: ImportOptions | None = None,
+    ) -> ImportResult:
+        """Bring messages in keeping their UIDLs (``Store.import_messages``; see ``importer``)."""
+        from mailbag.storage.postgres.importer import run_import
+
+        return await run_import(self, user, messages, options or ImportOptions())
