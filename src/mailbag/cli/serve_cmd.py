@@ -23,7 +23,14 @@ from typing import Any
 
 from mailbag.cli.common import add_config_option, config_from_args
 from mailbag.cli.reload import Service, check_runtime_access, drop_privileges
-from mailbag.cli.wiring import Runtime, build_lmtp_server, build_runtime, build_server
+from mailbag.cli.wiring import (
+    Runtime,
+    build_lmtp_server,
+    build_runtime,
+    build_server,
+    check_backend_schema,
+    close_backend,
+)
 from mailbag.config import Config, parse_listen
 from mailbag.errors import ConfigError
 from mailbag.logs import log_event, setup_logging
@@ -155,17 +162,13 @@ async def serve(
 async def prepare_backends(runtime: Runtime) -> None:
     """Refuse to start on a database schema that is behind or ahead (never upgrade it here)."""
     for backend in (runtime.store, runtime.users):
-        check = getattr(backend, "check_schema", None)
-        if check is not None:
-            await check()
+        await check_backend_schema(backend)
 
 
 async def close_backends(runtime: Runtime) -> None:
     """Close database pools and stop lease heartbeats (leases still held then expire)."""
     for backend in (runtime.store, runtime.users):
-        close = getattr(backend, "close", None)
-        if close is not None and asyncio.iscoroutinefunction(close):
-            await close()
+        await close_backend(backend)
 
 
 def run_event_loop(config: Config, reload_config: Callable[[], Config] | None = None) -> int:

@@ -8,6 +8,7 @@ Everything else receives interfaces.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from collections.abc import Callable
@@ -46,16 +47,22 @@ class Runtime:
     tls: TlsContext | None
 
 
-def build_store(config: Config) -> Store:
-    """The storage backend named by ``storage.backend``, built by the registry.
+def build_store(config: Config, backend: str | None = None) -> Store:
+    """The storage backend named by ``storage.backend`` (or ``backend``), built by the registry.
 
     The typed settings (``storage.maildir``, the ``[database]`` section, the
     host name) are offered to every backend and passed to those that declare
     them; any other ``[storage]`` key must be one the chosen backend declares.
+
+    ``backend`` builds another one from the same config (``mailbag migrate
+    maildir postgres``): it gets the typed settings only, since the other
+    ``[storage]`` keys belong to ``storage.backend``.
     """
     storage = config.storage
     common = {"maildir": storage.maildir, "database": config.database,
               "hostname": config.hostname}
+    if backend is not None and backend != storage.backend:
+        return registry.create_from_settings(backend, common, {})
     return registry.create_from_settings(storage.backend, common, dict(storage.options))
 
 
@@ -64,6 +71,20 @@ def build_database(config: Config) -> Database:
     from mailbag.database.pool import shared_database
 
     return shared_database(config.database)
+
+
+async def check_backend_schema(backend: object) -> None:
+    """Refuse a database schema that is behind or ahead (backends with ``check_schema``)."""
+    check = getattr(backend, "check_schema", None)
+    if check is not None:
+        await check()
+
+
+async def close_backend(backend: object) -> None:
+    """Close a backend's pool and heartbeat, if it has any (an async ``close``)."""
+    close = getattr(backend, "close", None)
+    if close is not None and asyncio.iscoroutinefunction(close):
+        await close()
 
 
 def prepare_store(store: Store) -> None:
