@@ -36,7 +36,7 @@ from mailbag.protocol.lmtp import (
     LmtpPolicy,
     Status,
 )
-from mailbag.session.delivery import DeliveryAgent, DeliveryResult, Envelope, Outcome
+from mailbag.session.delivery import INTERNAL_ERROR, DeliveryAgent, Envelope, Outcome
 from mailbag.session.stream import Stream
 
 #: RFC 5321 section 4.5.3.2.7: a server should wait at least 5 minutes for a command.
@@ -44,7 +44,6 @@ DEFAULT_TIMEOUT = 300.0
 
 RECIPIENT_OK = Status(250, "2.1.5", "Recipient OK")
 LOOKUP_FAILED = Status(451, "4.3.0", "Temporary lookup failure, try again later")
-INTERNAL_ERROR = Status(451, "4.3.0", "Temporary failure, try again later")
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,34 +184,40 @@ class LmtpSession:
         return RECIPIENT_OK
 
     async def _deliver(self, event: DeliverMessage) -> list[Status]:
-        """Deliver once per account, in parallel; reply once per RCPT, in order."""
+        """Deliver once per account (one transaction where the store can); reply per RCPT.
+
+        RFC 2033 section 4.2: one reply per successful RCPT, in RCPT order,
+        each saying what became of that recipient's copy; size and quota are
+        checked per recipient.
+        """
         name_of = {address: self._records[address].name for address in event.recipients}
         first_address: dict[str, str] = {}
         for address in event.recipients:
             first_address.setdefault(name_of[address], address)
-        names = list(first_address)
-        records = self._records
-        tasks = [
-            self._deliver_one(records[first_address[name]], first_address[name], event)
-            for name in names
+        copies = [
+            (self._records[address], self._envelope(address, event))
+            for address in first_address.values()
         ]
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-        by_name: dict[str, Status] = {}
-        for name, outcome in zip(names, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
-                self._log("error", logging.ERROR, user=name, error=repr(outcome))
-                by_name[name] = INTERNAL_ERROR
-            else:
-                by_name[name] = outcome.status
         self._records.clear()
+        try:
+            results = await self.agent.deliver_all(event.message, copies)
+        except Exception as exc:  # a bug: every recipient gets a temporary failure
+            self._log("error", logging.ERROR, error=repr(exc))
+            return [INTERNAL_ERROR for _ in event.recipients]
+        by_name: dict[str, Status] = {}
+        for (record, _), result in zip(copies, results, strict=True):
+            by_name[record.name] = result.status
+            if result.outcome is Outcome.DELIVERED:
+                self.delivered += 1
+                self._log("lmtp-delivered", user=record.name, sender=event.sender,
+                          size=len(event.message), uid=result.uid)
+            else:
+                self._log("lmtp-rejected", user=record.name, sender=event.sender,
+                          reason=result.outcome.value, reply=result.status.code)
         return [by_name[name_of[address]] for address in event.recipients]
 
-    async def _deliver_one(
-        self, record: UserRecord, address: str, event: DeliverMessage
-    ) -> DeliveryResult:
-        envelope = Envelope(
+    def _envelope(self, address: str, event: DeliverMessage) -> Envelope:
+        return Envelope(
             sender=event.sender,
             recipient=address,
             protocol="LMTP",
@@ -220,12 +225,3 @@ class LmtpSession:
             peer=f"[{self.peer_ip}]" if self.peer_ip else "",
             id=self.session_id,
         )
-        result = await self.agent.deliver(record, event.message, envelope)
-        if result.outcome is Outcome.DELIVERED:
-            self.delivered += 1
-            self._log("lmtp-delivered", user=record.name, sender=event.sender,
-                      size=len(event.message), uid=result.uid)
-        else:
-            self._log("lmtp-rejected", user=record.name, sender=event.sender,
-                      reason=result.outcome.value, reply=result.status.code)
-        return result
