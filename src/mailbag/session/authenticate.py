@@ -14,8 +14,10 @@ import functools
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from mailbag.auth.schemes import verify_dummy, verify_password
 from mailbag.auth.scram import ScramSecrets
@@ -23,6 +25,8 @@ from mailbag.auth.users import UserDatabase, UserRecord, lookup_user
 from mailbag.errors import AuthError, InvalidUsername
 from mailbag.logs import log_event
 from mailbag.session.throttle import FailureThrottle
+
+T = TypeVar("T")
 
 
 @functools.cache
@@ -114,6 +118,19 @@ class Authenticator:
             return await self._failed(address, login, reason)
         self.throttle.record_success(address, login)
         return AuthResult(record.name, "ok")
+
+    async def sasl_step(self, step: Callable[[], T]) -> T:
+        """Run one SASL mechanism step, which may look a user up synchronously.
+
+        SCRAM's mechanism is sans-IO and calls ``scram_credentials`` from
+        inside ``step``.  With the users file that is a dictionary lookup, run
+        in place; with a store that answers over the network (one that offers
+        ``lookup_async``, e.g. PostgreSQL) the step runs in a worker thread,
+        so one slow query never stalls every other session on the loop.
+        """
+        if getattr(self.users, "lookup_async", None) is None:
+            return step()
+        return await asyncio.to_thread(step)
 
     def scram_credentials(self, login: str) -> tuple[str, ScramSecrets | None] | None:
         """SCRAM-SHA-256 keys for ``login`` (``session.sasl.ScramLookup``); None: no such user.
