@@ -186,7 +186,7 @@ class Authenticator:
         await self.throttle.record_success(admission, user)
         return AuthResult(user, "ok")
 
-    def _account(self, login: str) -> tuple[str, bool]:
+    async def _account(self, login: str) -> tuple[str, bool]:
         """The account an attempt is about, and whether it exists.
 
         Canonical for a known user, so ``alice`` and ``alice@default.domain`` share
@@ -196,13 +196,13 @@ class Authenticator:
         not tell the two apart.
         """
         try:
-            record = self._lookup(login)
+            record = await self._lookup_async(login)
         except AuthError:  # reported by the check itself, after the delay
             return login, False
         return (record.name, True) if record is not None else (login, False)
 
     async def _admit(self, address: str, login: str) -> Admission:
-        account, exists = self._account(login)
+        account, exists = await self._account(login)
         admission = await self.throttle.admit(address, account, may_be_known=exists)
         if admission.delay > 0:
             # Logged so an administrator can see guessing being slowed down (never the secret).
