@@ -7,13 +7,14 @@ stats socket in the temp dir so the test can wait for the health checks.
 
 from __future__ import annotations
 
-import re
 import shutil
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from scripts.cluster import render_haproxy
 
 from tests.conftest import MailbagServer, free_port
 
@@ -34,28 +35,8 @@ class Front:
 
 def render_config(nodes: list[MailbagServer], front: Front, stats: Path) -> str:
     """The shipped config with loopback addresses for ``nodes`` (at most 3)."""
-    text = SHIPPED.read_text()
-    text = re.sub(r"(?m)^    (chroot|user|group|daemon|stats socket)\b.*\n", "", text)
-    text = text.replace("log /dev/log local0", "log stdout format raw local0")
-    # A test machine's file limit is lower than what 50000 connections need.
-    text = text.replace("    maxconn 50000\n",
-                        f"    maxconn 2000\n    stats socket {stats} mode 600 level admin\n")
-    text = text.replace("bind :110", f"bind 127.0.0.1:{front.pop3}")
-    text = text.replace("bind :995", f"bind 127.0.0.1:{front.pop3s}")
-    text = text.replace("bind 10.0.0.10:24", f"bind 127.0.0.1:{front.lmtp}")
-    lines = []
-    for line in text.splitlines():
-        match = re.search(r"10\.0\.0\.1(\d):(\d+)", line)
-        if match:
-            index = int(match.group(1)) - 1
-            if index >= len(nodes):
-                continue
-            node = nodes[index]
-            port = {"110": node.port, "995": node.tls_port, "24": node.lmtp_port}[match.group(2)]
-            line = line.replace(match.group(0), f"127.0.0.1:{port}")
-            line = line.replace(" port 110", f" port {node.port}")
-        lines.append(line)
-    return "\n".join(lines) + "\n"
+    ports = [(node.port, node.tls_port, node.lmtp_port) for node in nodes]
+    return render_haproxy(SHIPPED.read_text(), ports, (front.pop3, front.pop3s, front.lmtp), stats)
 
 
 class HaProxy:
