@@ -81,8 +81,10 @@ def listening(port: int) -> bool:
 class Cluster:
     """Start the pieces in order; ``stop`` undoes whatever was started, in reverse."""
 
-    def __init__(self, root: Path, nodes: int, front: tuple[int, int, int]) -> None:
+    def __init__(self, root: Path, nodes: int, front: tuple[int, int, int],
+                 private: bool = False) -> None:
         self.root = root
+        self.private = private
         self.count = nodes
         self.front = front
         self._undo: list[Callable[[], None]] = []
@@ -90,7 +92,7 @@ class Cluster:
 
     # ------------------------------------------------------------ database
     def database(self) -> str:
-        if listening(5432):
+        if listening(5432) and not self.private:
             admin = "postgresql://postgres@127.0.0.1:5432/postgres"
         else:
             admin = self._private_postgres()
@@ -255,10 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pop3", type=int, default=2110, help="HAProxy POP3 port (2110)")
     parser.add_argument("--pop3s", type=int, default=2995, help="HAProxy POP3S port (2995)")
     parser.add_argument("--lmtp", type=int, default=2024, help="HAProxy LMTP port (2024)")
+    parser.add_argument("--private-postgres", action="store_true",
+                        help="start a PostgreSQL of our own even if one runs on 5432")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="mailbag-cluster-"))
     os.chmod(root, 0o755)
-    cluster = Cluster(root, args.nodes, (args.pop3, args.pop3s, args.lmtp))
+    cluster = Cluster(root, args.nodes, (args.pop3, args.pop3s, args.lmtp),
+                      private=args.private_postgres)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:

@@ -59,6 +59,8 @@ class Limits:
 class AuthSettings:
     """Where users come from and how logins are defended."""
 
+    #: "file": the users file; "postgres": the ``users`` table of [database].
+    backend: str = "file"
     users_file: Path = Path("users")
     #: Login as ``name`` or ``name@default_domain`` reaches the same account.
     default_domain: str = ""
@@ -104,6 +106,24 @@ class StorageSettings:
     max_message_size: int = 50 * 1024 * 1024
     #: Backend-specific settings (``[storage]`` keys not listed above), as given in the file.
     options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    """PostgreSQL, used when storage.backend or auth.backend is "postgres"."""
+
+    #: libpq URI; several hosts + ``target_session_attrs=read-write`` follow a failover.
+    dsn: str = ""
+    #: Connections per node: a few, however many sessions the node serves.
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    connect_timeout: float = 5.0
+    #: A statement running longer is abandoned (the client gets a temporary error).
+    command_timeout: float = 30.0
+    #: A node that stops heartbeating loses its maildrop locks after this long.
+    lease_time: float = 30.0
+    #: Prefix of this node's lock-owner id ("" = the host name).
+    node_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +191,7 @@ class Config:
     quota: QuotaSettings = field(default_factory=QuotaSettings)
     process: ProcessSettings = field(default_factory=ProcessSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
     log_level: str = "info"
     log_format: str = "text"
 
@@ -283,11 +304,30 @@ def _lmtp_settings(section: dict[str, Any], base: Path) -> LmtpSettings:
     )
 
 
+def _database_settings(
+    section: dict[str, Any], base: Path, storage: StorageSettings, auth: AuthSettings
+) -> DatabaseSettings:
+    """``[database]``, checked against the backends that need it."""
+    db: DatabaseSettings = _build(DatabaseSettings, section, "database", base)
+    if auth.backend not in ("file", "postgres"):
+        raise ConfigError(f'auth.backend: expected "file" or "postgres", not {auth.backend!r}')
+    users = [name for name, value in (("storage", storage.backend), ("auth", auth.backend))
+             if value == "postgres"]
+    if users and not db.dsn:
+        raise ConfigError(f"database.dsn: needed because {users[0]}.backend is \"postgres\"")
+    if db.pool_max_size < 1 or db.pool_min_size > db.pool_max_size:
+        raise ConfigError("database.pool_max_size: must be >= 1 and >= database.pool_min_size")
+    if not 1.0 <= db.lease_time <= 300.0:
+        raise ConfigError("database.lease_time: expected 1 to 300 seconds")
+    return db
+
+
 def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Config:
     """Build a ``Config`` from parsed TOML (also used by tests and the demo)."""
     base = path.parent if path is not None else Path.cwd()
     known_top = {
         "server", "tls", "storage", "auth", "limits", "log", "lmtp", "quota", "process", "metrics",
+        "database",
     }
     for key in data:
         if key not in known_top:
@@ -344,6 +384,7 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         parse_listen(metrics.listen, key="metrics.listen")
     lmtp = _lmtp_settings(_section(data, "lmtp"), base)
     quota: QuotaSettings = _build(QuotaSettings, _section(data, "quota"), "quota", base)
+    database = _database_settings(_section(data, "database"), base, storage, auth)
     return Config(
         path=path,
         hostname=server.get("hostname", ""),
@@ -358,6 +399,7 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         quota=quota,
         process=process,
         metrics=metrics,
+        database=database,
         log_level=level,
         log_format=fmt,
     )

@@ -43,6 +43,8 @@ stls = true
 
 [storage]
 # Storage backend, by name. "maildir": one Maildir per user on local disk.
+# "postgres": the database of [database], shared by any number of nodes
+# (create its schema first with `mailbag db init`; see docs/postgres.md).
 # Other backends take their own settings as further keys of this section
 # (a key the chosen backend does not know is an error naming it).
 backend = "maildir"
@@ -53,6 +55,9 @@ maildir = "mail/{{user}}/Maildir"
 max_message_size = 52428800
 
 [auth]
+# Where accounts live: "file" (the users file below) or "postgres" (the users
+# table of [database]; every node sees a change at once).
+backend = "file"
 # Users file: "name:{{SCHEME}}hash" per line, compatible with Dovecot's passwd-file.
 # Manage it with `mailbag user add|passwd|del|list`.
 users_file = "users"
@@ -129,6 +134,27 @@ messages = 0
 # Over quota: false = refuse permanently (552 5.2.2, the sender gets a bounce);
 # true = refuse temporarily (452 4.2.2, the MTA retries until mail is collected).
 tempfail = false
+
+[database]
+# PostgreSQL, used only when storage.backend or auth.backend is "postgres".
+# A libpq URI; the password may also come from ~/.pgpass or PGPASSWORD.
+# Several hosts with target_session_attrs=read-write follow a failover, e.g.
+# "postgresql://mailbag@db1,db2/mailbag?target_session_attrs=read-write".
+dsn = ""
+# Connections per node (each node needs only a few, however many sessions it
+# serves: a session holds a connection only while a query runs).
+pool_min_size = 2
+pool_max_size = 10
+# Seconds to wait for a connection, and for one statement, before giving up
+# with a temporary error (-ERR [SYS/TEMP], 451 4.3.0).
+connect_timeout = 5.0
+command_timeout = 30.0
+# Maildrop locks are leases renewed by one heartbeat per node: a node that
+# dies or loses the database frees its locks after this many seconds, and
+# can never commit a QUIT after it.
+lease_time = 30.0
+# Prefix of this node's lock-owner id in the leases table ("" = host name).
+node_name = ""
 
 [log]
 # debug, info, warning or error.

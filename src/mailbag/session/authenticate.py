@@ -14,15 +14,19 @@ import functools
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from mailbag.auth.schemes import verify_dummy, verify_password
 from mailbag.auth.scram import ScramSecrets
-from mailbag.auth.users import UserDatabase, UserRecord
+from mailbag.auth.users import UserDatabase, UserRecord, lookup_user
 from mailbag.errors import AuthError, InvalidUsername
 from mailbag.logs import log_event
 from mailbag.session.throttle import FailureThrottle
+
+T = TypeVar("T")
 
 
 @functools.cache
@@ -65,6 +69,13 @@ class Authenticator:
         except InvalidUsername:
             return None
 
+    async def _lookup_async(self, login: str) -> UserRecord | None:
+        """``_lookup`` that never blocks the loop on a database-backed user store."""
+        try:
+            return await lookup_user(self.users, login)
+        except InvalidUsername:
+            return None
+
     async def _run(self, func: object, *args: object) -> object:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, func, *args)  # type: ignore[arg-type]
@@ -72,7 +83,7 @@ class Authenticator:
     async def check_password(self, login: str, password: str, address: str) -> AuthResult:
         """USER/PASS and SASL PLAIN."""
         await self._pre_delay(address, login)
-        record = self._lookup(login)
+        record = await self._lookup_async(login)
         if record is None:
             await self._run(verify_dummy, password)
             return await self._failed(address, login, "unknown user")
@@ -95,7 +106,7 @@ class Authenticator:
         fails exactly like a wrong password.
         """
         await self._pre_delay(address, login)
-        record = self._lookup(login)
+        record = await self._lookup_async(login)
         secret = record.apop_secret if record is not None else None
         expected = hashlib.md5(
             (timestamp + (secret or "\x00no-secret")).encode(), usedforsecurity=False
@@ -107,6 +118,19 @@ class Authenticator:
             return await self._failed(address, login, reason)
         self.throttle.record_success(address, login)
         return AuthResult(record.name, "ok")
+
+    async def sasl_step(self, step: Callable[[], T]) -> T:
+        """Run one SASL mechanism step, which may look a user up synchronously.
+
+        SCRAM's mechanism is sans-IO and calls ``scram_credentials`` from
+        inside ``step``.  With the users file that is a dictionary lookup, run
+        in place; with a store that answers over the network (one that offers
+        ``lookup_async``, e.g. PostgreSQL) the step runs in a worker thread,
+        so one slow query never stalls every other session on the loop.
+        """
+        if getattr(self.users, "lookup_async", None) is None:
+            return step()
+        return await asyncio.to_thread(step)
 
     def scram_credentials(self, login: str) -> tuple[str, ScramSecrets | None] | None:
         """SCRAM-SHA-256 keys for ``login`` (``session.sasl.ScramLookup``); None: no such user.
