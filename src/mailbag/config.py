@@ -193,6 +193,8 @@ class Config:
     hostname: str = ""
     greeting: str = DEFAULT_GREETING
     listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 1110),)
+    #: ``server.trusted_proxies``: load balancers whose connections start with a PROXY header.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     tls: TlsSettings = field(default_factory=TlsSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -216,6 +218,18 @@ def parse_listen(value: str, *, tls: bool = False, key: str = "listen") -> Liste
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:1110)")
     return ListenAddress(host, int(port), tls)
+
+
+def _networks(
+    value: object, name: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of addresses or networks (``"10.0.0.0/8"``, ``"::1"``)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name}: expected a list of strings")
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
@@ -250,12 +264,7 @@ def _build(cls: type, section: dict[str, Any], prefix: str, base: Path) -> Any:
                 raise ConfigError(f"{name}: expected a path")
             value = (base / value).resolve() if value else None
         elif isinstance(default, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{name}: expected a list of strings")
-            try:
-                value = tuple(ipaddress.ip_network(v, strict=False) for v in value)
-            except ValueError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
+            value = _networks(value, name)
         elif isinstance(default, str) and not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string")
         values[key] = value
@@ -336,7 +345,7 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         if key not in known_top:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known_top))})")
     server = _section(data, "server")
-    allowed_server = {"hostname", "greeting", "listen", "listen_tls"}
+    allowed_server = {"hostname", "greeting", "listen", "listen_tls", "trusted_proxies"}
     for key in server:
         if key not in allowed_server:
             raise ConfigError(f"server.{key}: unknown setting")
@@ -349,6 +358,7 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
     for key in ("hostname", "greeting"):
         if key in server and not isinstance(server[key], str):
             raise ConfigError(f"server.{key}: expected a string")
+    trusted_proxies = _networks(server.get("trusted_proxies", []), "server.trusted_proxies")
     log = _section(data, "log")
     level = log.get("level", "info")
     fmt = log.get("format", "text")
@@ -396,6 +406,7 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         hostname=server.get("hostname", ""),
         greeting=server.get("greeting", DEFAULT_GREETING),
         listen=tuple(listen),
+        trusted_proxies=trusted_proxies,
         tls=tls_settings,
         storage=storage,
         auth=auth,

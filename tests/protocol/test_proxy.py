@@ -18,6 +18,7 @@ from mailbag.protocol.proxy import (
     encode_v1,
     encode_v2,
     parse_v1,
+    starts_with_header,
 )
 
 
@@ -190,3 +191,12 @@ def test_garbage_gives_proxy_error_or_waits_never_anything_else(data: bytes) -> 
 def test_parse_v1_requires_the_whole_line() -> None:
     with pytest.raises(ProxyError):
         parse_v1(b"PROXY UNKNOWN")
+
+
+def test_starts_with_header_spots_both_versions_and_nothing_else() -> None:
+    v2 = encode_v2(ProxyHeader(2, True, "UNSPEC"))
+    assert starts_with_header(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n")
+    assert starts_with_header(v2 + b"rest")
+    assert not starts_with_header(b"USER demo\r\n")
+    assert not starts_with_header(b"PROXYX\r\n")
+    assert not starts_with_header(v2[:11])

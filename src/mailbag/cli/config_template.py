@@ -24,6 +24,14 @@ greeting = "mailbag POP3 server ready."
 listen = [{listen}]
 # Implicit-TLS listeners (POP3S, RFC 8314), standard port 995.
 listen_tls = [{listen_tls}]
+# Load balancers (HAProxy with send-proxy / send-proxy-v2) in front of this
+# node: addresses or networks, e.g. ["10.0.0.5", "10.1.0.0/24"]. A connection
+# from one of them must start with a PROXY protocol header (v1 or v2, before
+# TLS on listen_tls); the client address in it is then used for throttling,
+# plaintext_networks, connection caps and logs (POP3, POP3S and LMTP).
+# A connection from them without a valid header is closed; a header from
+# anyone else is refused. Empty: no proxies, every header is refused.
+trusted_proxies = []
 
 [tls]
 # Certificate chain and private key (PEM). `mailbag init` made a self-signed

@@ -205,6 +205,7 @@ def pop3_service(runtime: Runtime, metrics: Metrics | None = None) -> Pop3Servic
         limits=ConnectionLimits(limits.max_connections, limits.max_connections_per_ip),
         tls=runtime.tls,
         observer=metrics or NULL_OBSERVER,
+        trusted_proxies=config.trusted_proxies,
     )
 
 
@@ -259,6 +260,7 @@ def lmtp_service(runtime: Runtime, metrics: Metrics | None = None) -> LmtpServic
         settings=LmtpSessionSettings(policy=policy, timeout=config.lmtp.timeout),
         agent=agent,
         limits=ConnectionLimits(total=total, per_address=total),
+        trusted_proxies=config.trusted_proxies,
     )
 
 

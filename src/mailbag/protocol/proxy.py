@@ -147,6 +147,15 @@ def _check_tlvs(tlvs: memoryview) -> None:
             raise ProxyError("v2 TLV longer than the header")
 
 
+def starts_with_header(data: bytes) -> bool:
+    """True if ``data`` opens with a PROXY header (v1 ``PROXY `` or the v2 signature).
+
+    For refusing a header where none is expected: a client that is not a
+    trusted proxy must not get to choose the address we believe it has.
+    """
+    return data.startswith(V1_PREFIX) or data.startswith(V2_SIGNATURE)
+
+
 class ProxyParser:
     """Incremental detection and parsing of one PROXY header at the start of a connection."""
 
