@@ -61,6 +61,8 @@ class Limits:
 class AuthSettings:
     """Where users come from and how logins are defended."""
 
+    #: "file": the users file; "postgres": the ``users`` table of [database].
+    backend: str = "file"
     users_file: Path = Path("users")
     #: Login as ``name`` or ``name@default_domain`` reaches the same account.
     default_domain: str = ""
@@ -76,6 +78,18 @@ class AuthSettings:
     max_failure_delay: float = 15.0
     #: How long failure counters remember an address or account.
     failure_window: float = 900.0
+    #: Seconds a network stays known-good for an account after its last successful
+    #: login from there (NIST SP 800-63B 5.2.2); 0 turns known-good networks off.
+    known_good_ttl: float = 30 * 24 * 3600.0
+    #: Prefix lengths that make one "network" for known-good sources.
+    known_good_ipv4_prefix: int = 24
+    known_good_ipv6_prefix: int = 64
+    #: Where known-good networks are kept across restarts (None: in memory only).
+    known_good_file: Path | None = Path("known-good.json")
+    #: Seconds a successful password verification is remembered (0 = no cache).
+    cache_ttl: float = 300.0
+    #: Accounts the authentication cache holds at most (least recently used go first).
+    cache_size: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +104,40 @@ class TlsSettings:
 
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
-    """Which backend stores mail, and where."""
+    """Which backend stores mail, and where.
+
+    ``backend`` names a backend of ``storage.registry``.  ``maildir`` is the
+    built-in Maildir backend's location (typed and resolved here because it
+    is the zero-setup default); every other key of ``[storage]`` lands in
+    ``options`` and is handed to the backend, which rejects what it does not
+    know (``registry.create_from_settings``).
+    """
 
     backend: str = "maildir"
     #: Maildir location; ``{user}``, ``{local}`` and ``{domain}`` are substituted.
     maildir: str = "mail/{user}/Maildir"
     #: Largest message accepted for delivery, in octets (0 = unlimited).
     max_message_size: int = 50 * 1024 * 1024
+    #: Backend-specific settings (``[storage]`` keys not listed above), as given in the file.
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    """PostgreSQL, used when storage.backend or auth.backend is "postgres"."""
+
+    #: libpq URI; several hosts + ``target_session_attrs=read-write`` follow a failover.
+    dsn: str = ""
+    #: Connections per node: a few, however many sessions the node serves.
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    connect_timeout: float = 5.0
+    #: A statement running longer is abandoned (the client gets a temporary error).
+    command_timeout: float = 30.0
+    #: A node that stops heartbeating loses its maildrop locks after this long.
+    lease_time: float = 30.0
+    #: Prefix of this node's lock-owner id ("" = the host name).
+    node_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +195,8 @@ class Config:
     hostname: str = ""
     greeting: str = DEFAULT_GREETING
     listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 1110),)
+    #: ``server.trusted_proxies``: load balancers whose connections start with a PROXY header.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     tls: TlsSettings = field(default_factory=TlsSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -162,6 +205,7 @@ class Config:
     quota: QuotaSettings = field(default_factory=QuotaSettings)
     process: ProcessSettings = field(default_factory=ProcessSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
     log_level: str = "info"
     log_format: str = "text"
     #: Worker processes sharing the listeners (``server.workers``); 0 means "auto":
@@ -193,6 +237,18 @@ def parse_listen(value: str, *, tls: bool = False, key: str = "listen") -> Liste
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:1110)")
     return ListenAddress(host, int(port), tls)
+
+
+def _networks(
+    value: object, name: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of addresses or networks (``"10.0.0.0/8"``, ``"::1"``)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name}: expected a list of strings")
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
@@ -227,12 +283,7 @@ def _build(cls: type, section: dict[str, Any], prefix: str, base: Path) -> Any:
                 raise ConfigError(f"{name}: expected a path")
             value = (base / value).resolve() if value else None
         elif isinstance(default, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{name}: expected a list of strings")
-            try:
-                value = tuple(ipaddress.ip_network(v, strict=False) for v in value)
-            except ValueError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
+            value = _networks(value, name)
         elif isinstance(default, str) and not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string")
         values[key] = value
@@ -284,17 +335,36 @@ def _lmtp_settings(section: dict[str, Any], base: Path) -> LmtpSettings:
     )
 
 
+def _database_settings(
+    section: dict[str, Any], base: Path, storage: StorageSettings, auth: AuthSettings
+) -> DatabaseSettings:
+    """``[database]``, checked against the backends that need it."""
+    db: DatabaseSettings = _build(DatabaseSettings, section, "database", base)
+    if auth.backend not in ("file", "postgres"):
+        raise ConfigError(f'auth.backend: expected "file" or "postgres", not {auth.backend!r}')
+    users = [name for name, value in (("storage", storage.backend), ("auth", auth.backend))
+             if value == "postgres"]
+    if users and not db.dsn:
+        raise ConfigError(f"database.dsn: needed because {users[0]}.backend is \"postgres\"")
+    if db.pool_max_size < 1 or db.pool_min_size > db.pool_max_size:
+        raise ConfigError("database.pool_max_size: must be >= 1 and >= database.pool_min_size")
+    if not 1.0 <= db.lease_time <= 300.0:
+        raise ConfigError("database.lease_time: expected 1 to 300 seconds")
+    return db
+
+
 def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Config:
     """Build a ``Config`` from parsed TOML (also used by tests and the demo)."""
     base = path.parent if path is not None else Path.cwd()
     known_top = {
         "server", "tls", "storage", "auth", "limits", "log", "lmtp", "quota", "process", "metrics",
+        "database",
     }
     for key in data:
         if key not in known_top:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known_top))})")
     server = _section(data, "server")
-    allowed_server = {"hostname", "greeting", "listen", "listen_tls", "workers"}
+    allowed_server = {"hostname", "greeting", "listen", "listen_tls", "trusted_proxies", "workers"}
     for key in server:
         if key not in allowed_server:
             raise ConfigError(f"server.{key}: unknown setting")
@@ -307,6 +377,7 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
     for key in ("hostname", "greeting"):
         if key in server and not isinstance(server[key], str):
             raise ConfigError(f"server.{key}: expected a string")
+    trusted_proxies = _networks(server.get("trusted_proxies", []), "server.trusted_proxies")
     log = _section(data, "log")
     level = log.get("level", "info")
     fmt = log.get("format", "text")
@@ -318,14 +389,23 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         if key not in ("level", "format"):
             raise ConfigError(f"log.{key}: unknown setting")
     tls_settings: TlsSettings = _build(TlsSettings, _section(data, "tls"), "tls", base)
-    storage: StorageSettings = _build(StorageSettings, _section(data, "storage"), "storage", base)
+    storage_table = _section(data, "storage")
+    typed = {"backend", "maildir", "max_message_size"}
+    storage: StorageSettings = _build(
+        StorageSettings, {k: v for k, v in storage_table.items() if k in typed}, "storage", base
+    )
     if "{user}" not in storage.maildir and "{local}" not in storage.maildir:
         raise ConfigError("storage.maildir: must contain {user} (or {local})")
     maildir = storage.maildir
     if not os.path.isabs(maildir):
         maildir = str(base / maildir)
-    storage = StorageSettings(storage.backend, maildir, storage.max_message_size)
+    options = tuple(sorted((k, v) for k, v in storage_table.items() if k not in typed))
+    storage = StorageSettings(storage.backend, maildir, storage.max_message_size, options)
     auth: AuthSettings = _build(AuthSettings, _section(data, "auth"), "auth", base)
+    if auth.known_good_ipv4_prefix > 32:
+        raise ConfigError("auth.known_good_ipv4_prefix: expected 0 to 32")
+    if auth.known_good_ipv6_prefix > 128:
+        raise ConfigError("auth.known_good_ipv6_prefix: expected 0 to 128")
     limits: Limits = _build(Limits, _section(data, "limits"), "limits", base)
     if limits.max_command_line < 64:
         raise ConfigError("limits.max_command_line: must be at least 64")
@@ -339,11 +419,13 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         parse_listen(metrics.listen, key="metrics.listen")
     lmtp = _lmtp_settings(_section(data, "lmtp"), base)
     quota: QuotaSettings = _build(QuotaSettings, _section(data, "quota"), "quota", base)
+    database = _database_settings(_section(data, "database"), base, storage, auth)
     return Config(
         path=path,
         hostname=server.get("hostname", ""),
         greeting=server.get("greeting", DEFAULT_GREETING),
         listen=tuple(listen),
+        trusted_proxies=trusted_proxies,
         tls=tls_settings,
         storage=storage,
         auth=auth,
@@ -352,6 +434,7 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         quota=quota,
         process=process,
         metrics=metrics,
+        database=database,
         log_level=level,
         log_format=fmt,
         workers=_parse_workers(server.get("workers", "auto")),

@@ -14,9 +14,11 @@ from mailbag.cli.config_template import render
 from mailbag.config import config_from_dict, worker_count
 from mailbag.errors import ConfigError
 from mailbag.server.gate import LocalGate, SharedCounts, SharedGate
-from mailbag.server.replicated_defence import ReplicatedThrottle
+from mailbag.server.replicated_defence import ReplicatedCounters, ReplicatedKnownNetworks
 from mailbag.server.shared_state import StateClient, StateError, StateServer
 from mailbag.server.supervisor import InheritedSocket, WorkerSpec, restart_delay
+from mailbag.session.defence_state import MemoryFailureCounters
+from mailbag.session.known_good import KnownNetworksFile
 
 
 def test_local_gate_caps_total_and_per_address() -> None:
@@ -68,22 +70,26 @@ def test_state_relay_reaches_other_workers_and_replays_to_late_ones() -> None:
         first, second = StateClient(server.connect_worker()), StateClient(server.connect_worker())
         await first.start()
         await second.start()
-        throttles = [ReplicatedThrottle(c, base=1.0, cap=8.0, window=60.0)
-                     for c in (first, second)]
+        counters = [ReplicatedCounters(c, MemoryFailureCounters()) for c in (first, second)]
+        known = [ReplicatedKnownNetworks(c, KnownNetworksFile(None)) for c in (first, second)]
         assert await first.call("echo.twice", 21) == 42
         with pytest.raises(StateError):
             await first.call("os.system", "true")
-        throttles[0].record_failure("192.0.2.1", "alice")
-        throttles[0].record_failure("192.0.2.1", "alice")
+        keys = ("addr:192.0.2.1", "acct:alice")
+        await counters[0].add(keys, 60.0)
+        await counters[0].add(keys, 60.0)
+        await known[0].remember("alice", "192.0.2.0/24", 3600.0)
         await asyncio.sleep(0.1)
-        expected = throttles[0].delay_before_check("192.0.2.1", "bob")
-        assert expected > 0
-        assert throttles[1].delay_before_check("192.0.2.1", "bob") == expected
+        assert await counters[1].counts(keys, 60.0) == [2, 2]  # the other worker sees them
+        assert await known[1].is_known("alice", "192.0.2.0/24", 3600.0)
+        await counters[1].reset("addr:192.0.2.1")
+        await asyncio.sleep(0.1)
+        assert await counters[0].counts(keys, 60.0) == [0, 2]
         late = StateClient(server.connect_worker())  # a worker restarted after a crash
         await late.start()
-        replica = ReplicatedThrottle(late, base=1.0, cap=8.0, window=60.0)
+        replica = ReplicatedCounters(late, MemoryFailureCounters())
         await asyncio.sleep(0.1)
-        assert replica.delay_before_check("198.51.100.7", "alice") == expected  # by account
+        assert await replica.counts(["acct:alice"], 60.0) == [2]  # replayed from the journal
         for client in (first, second, late):
             await client.close()
         await server.close()

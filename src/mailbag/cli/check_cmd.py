@@ -12,18 +12,20 @@ failed (warnings allowed), 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import os
 from pathlib import Path
 
 from mailbag.auth.users import UsersFile
 from mailbag.cli.common import add_config_option, config_from_args
-from mailbag.cli.wiring import mail_root
+from mailbag.cli.wiring import build_store
 from mailbag.config import Config
-from mailbag.errors import AuthError, ConfigError
+from mailbag.errors import AuthError, ConfigError, MailbagError
 from mailbag.server.metrics import load_prometheus
 from mailbag.server.privileges import resolve
 from mailbag.server.tls import TlsContext
+from mailbag.storage.base import SelfCheck
 
 #: Warn when the certificate expires within this many days.
 CERT_WARN_DAYS = 14
@@ -95,6 +97,9 @@ def _check_tls(config: Config, report: Report) -> None:
 
 
 def _check_users(config: Config, report: Report) -> None:
+    if config.auth.backend == "postgres":
+        report.ok("users: the users table of [database]")
+        return
     path = config.auth.users_file
     if not path.exists():
         report.warn(f"auth.users_file: {path} does not exist yet (no one can log in); "
@@ -118,23 +123,45 @@ def _check_users(config: Config, report: Report) -> None:
     report.ok(f"users: {path} ({count} accounts)")
 
 
-def _check_storage(config: Config, report: Report) -> None:
-    if config.storage.backend != "maildir":
-        report.fail(f"storage.backend: unknown backend {config.storage.backend!r} "
-                    "(known: maildir)")
+def _check_database(config: Config, report: Report) -> None:
+    """Reach the database and compare its schema version with this mailbag's."""
+    if "postgres" not in (config.storage.backend, config.auth.backend):
         return
-    root = mail_root(config)
-    existing = root
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        report.fail(f"storage.maildir: {existing} is not a directory")
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        report.fail(f"storage.maildir: {existing} is not writable")
-    elif existing != root:
-        report.ok(f"storage: {root} (will be created)")
+    try:
+        from mailbag.cli.wiring import build_database
+        from mailbag.database import schema
+    except ImportError as exc:
+        report.fail(f"database: the postgres backend needs asyncpg "
+                    f"(pip install 'mailbag[postgres]'): {exc}")
+        return
+
+    async def version() -> int:
+        db = build_database(config)
+        try:
+            return await schema.version(db)
+        finally:
+            await db.close()
+
+    try:
+        found = asyncio.run(version())
+    except MailbagError as exc:
+        report.fail(f"database: {exc}")
+        return
+    problem = schema.problem(found)
+    if problem is not None:
+        report.fail(f"database: {problem}")
     else:
-        report.ok(f"storage: {root}")
+        report.ok(f"database: schema version {found} (current)")
+
+
+def _check_storage(config: Config, report: Report) -> None:
+    try:
+        store = build_store(config)
+        line = store.check() if isinstance(store, SelfCheck) else None
+    except ConfigError as exc:
+        report.fail(str(exc))
+        return
+    report.ok(line or f"storage: {config.storage.backend}")
 
 
 def _check_process(config: Config, report: Report) -> None:
@@ -178,6 +205,7 @@ def check_config(config: Config) -> Report:
     _check_tls(config, report)
     _check_users(config, report)
     _check_storage(config, report)
+    _check_database(config, report)
     _check_process(config, report)
     _check_metrics(config, report)
     return report

@@ -24,12 +24,18 @@ from typing import Any
 from mailbag.cli.common import add_config_option, config_from_args
 from mailbag.cli.reload import Service, check_runtime_access, drop_privileges
 from mailbag.cli.supervise import WorkerLink, supervise, worker_command, worker_config
-from mailbag.cli.wiring import Runtime, build_lmtp_server, build_runtime, build_server
+from mailbag.cli.wiring import (
+    Runtime,
+    build_lmtp_server,
+    build_runtime,
+    build_server,
+    check_backend_schema,
+    close_backend,
+)
 from mailbag.config import Config, parse_listen, worker_count
 from mailbag.errors import ConfigError
 from mailbag.logs import log_event, setup_logging
-from mailbag.server.listeners import Pop3Server
-from mailbag.server.lmtp_listener import LmtpServer
+from mailbag.server.listeners import Listener
 from mailbag.server.metrics import Metrics, OpsEndpoint
 from mailbag.server.privileges import check_start
 from mailbag.server.supervisor import WorkerSpec
@@ -107,26 +113,26 @@ async def serve(
     if worker is not None:
         config = worker_config(config, worker)
         link = await WorkerLink.open(worker)
-    runtime = build_runtime(config)
+    runtime = build_runtime(config, defence=link.defence_state(config) if link else None)
+    await prepare_backends(runtime)
     if any(a.tls for a in config.listen) and runtime.tls is None:
         raise ConfigError("server.listen_tls: needs tls.cert and tls.key")
     if link is not None:  # metrics on iff the supervisor gave us a directory to count in
         metrics = Metrics(worker=link.spec.number) if os.environ.get(MULTIPROC_ENV) else None
     else:
         metrics = Metrics() if config.metrics.listen else None
-    server = build_server(runtime, observer=metrics, gate=link.gate if link else None)
-    service = Service(runtime, server, load_config=reload_config, metrics=metrics)
-    if link is not None:
-        link.share_login_state(service)
+    server = build_server(runtime, metrics, gate=link.gate if link else None,
+                          sockets=link.pop3_sockets() if link else None)
+    lmtp = build_lmtp_server(runtime, metrics, sockets=link.lmtp_sockets() if link else None)
+    service = Service(runtime, server, load_config=reload_config, metrics=metrics, lmtp=lmtp)
     ops = None
     if config.metrics.listen and link is None:
         address = parse_listen(config.metrics.listen, key="metrics.listen")
         ops = OpsEndpoint(address, metrics, service.health)
-    lmtp = build_lmtp_server(runtime, metrics)
-    if link is not None:
-        await server.start(sockets=link.pop3_sockets())
+    if link is not None:  # the supervisor bound the sockets and dropped privileges
+        await server.start()
         if lmtp is not None:
-            await lmtp.start(sockets=link.lmtp_sockets())
+            await lmtp.start()
     else:
         await _bind_drop_accept(runtime, server, lmtp, ops)
     loop = asyncio.get_running_loop()
@@ -152,17 +158,19 @@ async def serve(
     if lmtp is None:
         await server.shutdown(config.limits.shutdown_grace)
     else:
-        # LMTP sessions finish their transaction first (see server.lmtp_listener).
+        # LMTP sessions finish their transaction first (see server.listeners).
         await asyncio.gather(
             server.shutdown(config.limits.shutdown_grace),
             lmtp.shutdown(config.limits.shutdown_grace),
         )
+    await service.runtime.defence.close()  # known-good networks written before exit
+    await close_backends(service.runtime)
     if link is not None:
         await link.close()
 
 
 async def _bind_drop_accept(
-    runtime: Runtime, server: Pop3Server, lmtp: LmtpServer | None, ops: OpsEndpoint | None
+    runtime: Runtime, server: Listener, lmtp: Listener | None, ops: OpsEndpoint | None
 ) -> None:
     """Bind every listener, drop root, check access, then accept (a single process)."""
     await server.start(accept=False)
@@ -186,6 +194,18 @@ async def _bind_drop_accept(
         if lmtp is not None:
             await lmtp.close_listeners()
         raise
+
+
+async def prepare_backends(runtime: Runtime) -> None:
+    """Refuse to start on a database schema that is behind or ahead (never upgrade it here)."""
+    for backend in (runtime.store, runtime.users):
+        await check_backend_schema(backend)
+
+
+async def close_backends(runtime: Runtime) -> None:
+    """Close database pools and stop lease heartbeats (leases still held then expire)."""
+    for backend in (runtime.store, runtime.users):
+        await close_backend(backend)
 
 
 def run_event_loop(

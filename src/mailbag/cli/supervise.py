@@ -29,18 +29,24 @@ from pathlib import Path
 from typing import Any
 
 from mailbag import __version__
-from mailbag.cli.reload import Service, check_runtime_access, drop_privileges, health_problems
-from mailbag.cli.wiring import build_lmtp_server, build_runtime, build_server
+from mailbag.cli.reload import check_runtime_access, drop_privileges, health_problems
+from mailbag.cli.wiring import (
+    build_defence_state,
+    build_lmtp_server,
+    build_runtime,
+    build_server,
+)
 from mailbag.config import Config, ListenAddress, parse_listen, worker_count
 from mailbag.errors import ConfigError, MailbagError
 from mailbag.logs import log_event, set_process_fields
 from mailbag.server.gate import SharedCounts, SharedGate
 from mailbag.server.metrics import OpsEndpoint
 from mailbag.server.privileges import Account, check_start
-from mailbag.server.replicated_defence import ReplicatedThrottle
+from mailbag.server.replicated_defence import ReplicatedCounters, ReplicatedKnownNetworks
 from mailbag.server.shared_state import StateClient, StateServer
 from mailbag.server.supervisor import InheritedSocket, Supervisor, WorkerSpec
 from mailbag.server.worker_metrics import MULTIPROC_ENV, WorkersExposition
+from mailbag.session.throttle import DefenceState
 
 
 def worker_command(args: argparse.Namespace, config: Config) -> list[str]:
@@ -149,7 +155,7 @@ async def supervise(
 
     def health() -> tuple[bool, dict[str, Any]]:
         assert supervisor is not None
-        problems = health_problems(current)
+        problems = health_problems(runtime)
         if supervisor.running < count:
             problems.append(f"{count - supervisor.running} of {count} workers not running")
         status_text = "stopping" if stopping else ("degraded" if problems else "ok")
@@ -181,7 +187,7 @@ async def supervise(
     try:
         await supervisor.start()
         if ops is not None:
-            ops.metrics, ops.health = exposition, health
+            ops.use(exposition, health)
             await ops.accept()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -251,14 +257,14 @@ class WorkerLink:
         return [sock for sock, s in zip(self.sockets, self.spec.sockets, strict=True)
                 if s.role.startswith("lmtp")]
 
-    def share_login_state(self, service: Service) -> None:
-        """Make the failure counters global: this worker's throttle becomes a replica."""
-        authenticator = service.server.authenticator
-        local = authenticator.throttle
-        replica = ReplicatedThrottle(self.state, base=local.base, cap=local.cap,
-                                     window=local.window)
-        authenticator.throttle = replica
-        service.adopt_throttle = replica.adopt_policy
+    def defence_state(self, config: Config) -> DefenceState:
+        """The login defence's state, shared with every other worker (see
+        ``server.replicated_defence``): failure counters and known-good networks."""
+        local = build_defence_state(config)
+        return DefenceState(
+            ReplicatedCounters(self.state, local.counters),
+            ReplicatedKnownNetworks(self.state, local.known),
+        )
 
     async def ready(self) -> None:
         """Tell the supervisor this worker accepts connections."""

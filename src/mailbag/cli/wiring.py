@@ -1,35 +1,45 @@
 """The composition root: the one place that turns a ``Config`` into concrete objects.
 
-Only here are backends named (DESIGN.md): the Maildir store, the users file,
-the throttle, the TLS context.  Everything else receives interfaces.
+Only here are concrete objects built (DESIGN.md): the users file, the
+throttle, the TLS context, and the store, which the storage registry builds
+from ``storage.backend`` (this module never names a storage backend).
+Everything else receives interfaces.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
-import os
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
+from mailbag.auth.cache import VerificationCache
 from mailbag.auth.users import UsersFile
 from mailbag.config import Config
 from mailbag.errors import ConfigError
 from mailbag.protocol.capabilities import Pop3Policy
 from mailbag.protocol.lmtp import LmtpPolicy
 from mailbag.server.gate import ConnectionGate
-from mailbag.server.listeners import ConnectionLimits, Pop3Server, ServerObserver
-from mailbag.server.lmtp_listener import LmtpServer
+from mailbag.server.listeners import ConnectionLimits, Endpoint, Listener
 from mailbag.server.metrics import Metrics
+from mailbag.server.services import LmtpService, Pop3Service
 from mailbag.server.tls import TlsContext
 from mailbag.session.authenticate import Authenticator
+from mailbag.session.defence_state import MemoryFailureCounters
 from mailbag.session.delivery import DeliveryAgent, Outcome, QuotaDefaults
+from mailbag.session.known_good import KnownNetworksFile
 from mailbag.session.lmtp import LmtpSessionSettings
+from mailbag.session.observer import NULL_OBSERVER
 from mailbag.session.pop3 import SessionSettings
 from mailbag.session.sasl import DRIVER_MECHANISMS
-from mailbag.session.throttle import FailureThrottle
-from mailbag.storage.maildir import MaildirStore, default_root
+from mailbag.session.throttle import DefenceState, FailureThrottle
+from mailbag.storage import registry
+from mailbag.storage.base import SelfCheck, Store
+
+if TYPE_CHECKING:
+    from mailbag.database.pool import Database
 
 
 @dataclass(slots=True)
@@ -38,50 +48,101 @@ class Runtime:
 
     config: Config
     users: UsersFile
-    store: MaildirStore
+    store: Store
     tls: TlsContext | None
+    #: Failure counters and known-good networks; kept across SIGHUP reloads.
+    defence: DefenceState
 
 
-def mail_root(config: Config) -> Path:
-    """The fixed directory part of the maildir template (must exist or be creatable)."""
-    return Path(default_root(config.storage.maildir))
+def build_store(config: Config, backend: str | None = None) -> Store:
+    """The storage backend named by ``storage.backend`` (or ``backend``), built by the registry.
+
+    The typed settings (``storage.maildir``, the ``[database]`` section, the
+    host name) are offered to every backend and passed to those that declare
+    them; any other ``[storage]`` key must be one the chosen backend declares.
+
+    ``backend`` builds another one from the same config (``mailbag migrate
+    maildir postgres``): it gets the typed settings only, since the other
+    ``[storage]`` keys belong to ``storage.backend``.
+    """
+    storage = config.storage
+    common = {"maildir": storage.maildir, "database": config.database,
+              "hostname": config.hostname}
+    if backend is not None and backend != storage.backend:
+        return registry.create_from_settings(backend, common, {})
+    return registry.create_from_settings(storage.backend, common, dict(storage.options))
 
 
-def check_mail_root(config: Config) -> None:
-    """Fail early, naming the path, if mail cannot be stored."""
-    root = mail_root(config)
-    try:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ConfigError(f"storage.maildir: cannot create {root}: {exc.strerror}") from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise ConfigError(f"storage.maildir: {root} is not writable")
+def build_database(config: Config) -> Database:
+    """The node's one PostgreSQL pool (``[database]``), shared by storage and users."""
+    from mailbag.database.pool import shared_database
+
+    return shared_database(config.database)
 
 
-def build_store(config: Config) -> MaildirStore:
-    """The storage backend named in the config."""
-    if config.storage.backend != "maildir":
-        raise ConfigError(
-            f"storage.backend: unknown backend {config.storage.backend!r} (known: maildir)"
-        )
-    return MaildirStore(config.storage.maildir, root=str(mail_root(config)))
+async def check_backend_schema(backend: object) -> None:
+    """Refuse a database schema that is behind or ahead (backends with ``check_schema``)."""
+    check = getattr(backend, "check_schema", None)
+    if check is not None:
+        await check()
+
+
+async def close_backend(backend: object) -> None:
+    """Close a backend's pool and heartbeat, if it has any (an async ``close``)."""
+    close = getattr(backend, "close", None)
+    if close is not None and asyncio.iscoroutinefunction(close):
+        await close()
+
+
+def prepare_store(store: Store) -> None:
+    """Fail early, naming the setting, if mail cannot be stored (creates the mail root)."""
+    if isinstance(store, SelfCheck):
+        store.prepare()
+
+
+def store_problems(store: Store) -> list[str]:
+    """Cheap health probe of the store (``/healthz``, after a privilege drop)."""
+    return store.problems() if isinstance(store, SelfCheck) else []
 
 
 def build_users(config: Config) -> UsersFile:
-    """The users file, with the default domain for ``name`` == ``name@domain`` logins."""
+    """The user store of ``auth.backend``, with the default domain for ``name@domain`` logins.
+
+    Typed as ``UsersFile``: ``PostgresUsers`` has the same methods (lookup,
+    list and the admin operations), checked by the CLI tests on both.
+    """
+    if config.auth.backend == "postgres":
+        from mailbag.auth.pg_users import PostgresUsers
+
+        users: UsersFile = PostgresUsers(  # type: ignore[assignment]
+            database=build_database(config), default_domain=config.auth.default_domain or None
+        )
+        return users
     path = config.auth.users_file
     if path.exists() and not path.is_file():
         raise ConfigError(f"auth.users_file: {path} is not a file")
     return UsersFile(path, default_domain=config.auth.default_domain or None)
 
 
-def build_runtime(config: Config) -> Runtime:
-    """Validate paths and build the long-lived objects."""
-    check_mail_root(config)
+def build_defence_state(config: Config) -> DefenceState:
+    """The login defence's state: counters in memory, known-good networks in a file."""
+    return DefenceState(MemoryFailureCounters(), KnownNetworksFile(config.auth.known_good_file))
+
+
+def build_runtime(config: Config, *, defence: DefenceState | None = None) -> Runtime:
+    """Validate paths and build the long-lived objects (``defence``: keep this state)."""
+    store = build_store(config)
+    prepare_store(store)
     tls = None
     if config.tls.cert is not None and config.tls.key is not None:
         tls = TlsContext(config.tls.cert, config.tls.key)
-    return Runtime(config=config, users=build_users(config), store=build_store(config), tls=tls)
+    return Runtime(
+        config=config,
+        users=build_users(config),
+        store=store,
+        tls=tls,
+        defence=defence if defence is not None else build_defence_state(config),
+    )
 
 
 def plaintext_checker(config: Config) -> Callable[[str], bool]:
@@ -100,13 +161,8 @@ def plaintext_checker(config: Config) -> Callable[[str], bool]:
     return allowed
 
 
-def build_server(
-    runtime: Runtime,
-    observer: ServerObserver | None = None,
-    gate: ConnectionGate | None = None,
-) -> Pop3Server:
-    """A ready-to-start POP3 server for this runtime (``observer``: metrics, if on;
-    ``gate``: the connection counts shared by all workers, in a worker)."""
+def pop3_service(runtime: Runtime, metrics: Metrics | None = None) -> Pop3Service:
+    """What new POP3 connections get under this runtime (rebuilt at every SIGHUP)."""
     config = runtime.config
     limits = config.limits
     policy = Pop3Policy(
@@ -127,19 +183,57 @@ def build_server(
         idle_timeout=limits.idle_timeout,
         plaintext_allowed=plaintext_checker(config),
     )
+    auth = config.auth
     throttle = FailureThrottle(
-        base=config.auth.failure_delay,
-        cap=config.auth.max_failure_delay,
-        window=config.auth.failure_window,
+        base=auth.failure_delay,
+        cap=auth.max_failure_delay,
+        window=auth.failure_window,
+        known_good_ttl=auth.known_good_ttl,
+        ipv4_prefix=auth.known_good_ipv4_prefix,
+        ipv6_prefix=auth.known_good_ipv6_prefix,
+        state=runtime.defence,
     )
-    return Pop3Server(
-        listen=config.listen,
+    authenticator = Authenticator(
+        runtime.users,
+        throttle,
+        cache=VerificationCache(auth.cache_ttl, max_entries=auth.cache_size),
+        observer=metrics,
+    )
+    return Pop3Service(
         settings=settings,
-        authenticator=Authenticator(runtime.users, throttle),
+        authenticator=authenticator,
         store=runtime.store,
-        tls=runtime.tls,
         limits=ConnectionLimits(limits.max_connections, limits.max_connections_per_ip),
-        observer=observer,
+        tls=runtime.tls,
+        observer=metrics or NULL_OBSERVER,
+        trusted_proxies=config.trusted_proxies,
+    )
+
+
+def _inherit(endpoints: list[Endpoint], sockets: Sequence[socket.socket] | None) -> list[Endpoint]:
+    """Endpoints on already-bound sockets (a worker's, in endpoint order), or as they are."""
+    if sockets is None:
+        return endpoints
+    return [replace(e, sock=s) for e, s in zip(endpoints, sockets, strict=True)]
+
+
+def build_server(
+    runtime: Runtime,
+    metrics: Metrics | None = None,
+    *,
+    gate: ConnectionGate | None = None,
+    sockets: Sequence[socket.socket] | None = None,
+) -> Listener:
+    """The POP3 listeners (plain and implicit TLS) for this runtime (``metrics``, if on).
+
+    In a worker, ``gate`` holds the connection counts shared by every worker and
+    ``sockets`` are the listening sockets the supervisor bound.
+    """
+    return Listener(
+        _inherit([Endpoint.tcp(address) for address in runtime.config.listen], sockets),
+        pop3_service(runtime, metrics),
+        tls=runtime.tls,
+        observer=metrics,
         gate=gate,
     )
 
@@ -147,7 +241,7 @@ def build_server(
 def build_delivery_agent(
     config: Config,
     users: UsersFile,
-    store: MaildirStore,
+    store: Store,
     on_result: Callable[[Outcome], None] | None = None,
 ) -> DeliveryAgent:
     """The one delivery path shared by LMTP and ``mailbag deliver``."""
@@ -168,12 +262,9 @@ def delivery_metric(outcome: Outcome) -> str:
     return "failed" if outcome is Outcome.TEMPORARY else "rejected"
 
 
-def build_lmtp_server(runtime: Runtime, metrics: Metrics | None = None) -> LmtpServer | None:
-    """The LMTP listeners, or None when none is configured."""
+def lmtp_service(runtime: Runtime, metrics: Metrics | None = None) -> LmtpService:
+    """What new LMTP connections get under this runtime (rebuilt at every SIGHUP)."""
     config = runtime.config
-    lmtp = config.lmtp
-    if not lmtp.listen and lmtp.socket is None:
-        return None
     on_result = None
     if metrics is not None:
         count = metrics.delivery
@@ -183,11 +274,26 @@ def build_lmtp_server(runtime: Runtime, metrics: Metrics | None = None) -> LmtpS
 
     agent = build_delivery_agent(config, runtime.users, runtime.store, on_result)
     policy = LmtpPolicy(hostname=agent.hostname, max_message_size=agent.max_message_size)
-    return LmtpServer(
-        listen=lmtp.listen,
-        socket_path=lmtp.socket,
-        socket_mode=lmtp.socket_mode,
-        settings=LmtpSessionSettings(policy=policy, timeout=lmtp.timeout),
+    total = config.lmtp.max_connections
+    return LmtpService(
+        settings=LmtpSessionSettings(policy=policy, timeout=config.lmtp.timeout),
         agent=agent,
-        max_connections=lmtp.max_connections,
+        limits=ConnectionLimits(total=total, per_address=total),
+        trusted_proxies=config.trusted_proxies,
     )
+
+
+def build_lmtp_server(
+    runtime: Runtime,
+    metrics: Metrics | None = None,
+    *,
+    sockets: Sequence[socket.socket] | None = None,
+) -> Listener | None:
+    """The LMTP listeners (TCP and Unix socket), or None when none is configured."""
+    lmtp = runtime.config.lmtp
+    if not lmtp.listen and lmtp.socket is None:
+        return None
+    endpoints = [Endpoint.tcp(address) for address in lmtp.listen]
+    if lmtp.socket is not None:
+        endpoints.append(Endpoint(path=lmtp.socket, mode=lmtp.socket_mode))
+    return Listener(_inherit(endpoints, sockets), lmtp_service(runtime, metrics), backlog=256)

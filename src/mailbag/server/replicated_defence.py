@@ -1,49 +1,76 @@
-"""Login defence that holds across workers: each worker's throttle is a replica.
+"""Login defence that holds across workers: each worker's state is a replica.
 
-A worker's ``ReplicatedThrottle`` is the ordinary ``FailureThrottle`` (same
-delays, same counters, same reads with no round trip) whose changes are also
-published to every other worker through the supervisor
-(``server.shared_state``), and which applies the changes the others publish.
-So ten guesses spread over four workers count as ten everywhere, exactly as
-on one process, and a worker restarted after a crash replays the journal and
-remembers them too.
+The login defence keeps its state behind two Protocols
+(``session.defence_state``: ``FailureCounters`` and ``KnownNetworks``).  In a
+worker, both are the ordinary local implementations (same reads, with no round
+trip to another process) wrapped so that every change is also published to the
+other workers through the supervisor (``server.shared_state``), and the changes
+they publish are applied here.  So ten guesses spread over four workers count
+as ten everywhere, exactly as in one process; a worker restarted after a crash
+replays the supervisor's journal (failures within the failure window) and
+reads the known-good file, which every worker writes with the same, complete
+set of networks (atomic rename: the last writer wins, and all hold everything).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
 from mailbag.server.shared_state import StateClient
-from mailbag.session.throttle import FailureThrottle
+from mailbag.session.defence_state import FailureCounters, KnownNetworks
 
-FAILURE = "throttle.failure"
-SUCCESS = "throttle.success"
+ADD = "defence.failures"
+RESET = "defence.reset"
+KNOWN = "defence.known"
 
 
-class ReplicatedThrottle(FailureThrottle):
-    """A ``FailureThrottle`` kept in step with the other workers' throttles."""
+def _later(coro: Coroutine[Any, Any, Any]) -> None:
+    """Apply a change another worker published (appliers are plain callbacks)."""
+    asyncio.get_running_loop().create_task(coro)
 
-    def __init__(
-        self, state: StateClient, *, base: float, cap: float, window: float
-    ) -> None:
-        super().__init__(base=base, cap=cap, window=window)
+
+class ReplicatedCounters:
+    """``FailureCounters`` kept in step with every other worker's."""
+
+    def __init__(self, state: StateClient, local: FailureCounters) -> None:
         self._state = state
-        state.on_change(FAILURE, self._apply_failure)
-        state.on_change(SUCCESS, self._apply_success)
+        self._local = local
+        state.on_change(ADD, lambda window, *keys: _later(local.add(keys, float(window))))
+        state.on_change(RESET, lambda key: _later(local.reset(str(key))))
 
-    def adopt_policy(self, other: FailureThrottle) -> ReplicatedThrottle:
-        """SIGHUP: take a new policy (delays, window) and keep every counter."""
-        self.base, self.cap, self.window = other.base, other.cap, other.window
-        return self
+    async def counts(self, keys: Sequence[str], window: float) -> list[int]:
+        return await self._local.counts(keys, window)
 
-    def record_failure(self, address: str, account: str) -> int:
-        self._state.publish(FAILURE, address, account)
-        return super().record_failure(address, account)
+    async def add(self, keys: Sequence[str], window: float) -> list[int]:
+        self._state.publish(ADD, window, *keys)
+        return await self._local.add(keys, window)
 
-    def record_success(self, address: str, account: str) -> None:
-        self._state.publish(SUCCESS, address, account)
-        super().record_success(address, account)
+    async def reset(self, key: str) -> None:
+        self._state.publish(RESET, key)
+        await self._local.reset(key)
 
-    def _apply_failure(self, address: str, account: str) -> None:
-        super().record_failure(address, account)
 
-    def _apply_success(self, address: str, account: str) -> None:
-        super().record_success(address, account)
+class ReplicatedKnownNetworks:
+    """``KnownNetworks`` kept in step with every other worker's."""
+
+    def __init__(self, state: StateClient, local: KnownNetworks) -> None:
+        self._state = state
+        self._local = local
+        state.on_change(
+            KNOWN,
+            lambda account, network, ttl: _later(
+                local.remember(str(account), str(network), float(ttl))
+            ),
+        )
+
+    async def is_known(self, account: str, network: str, ttl: float) -> bool:
+        return await self._local.is_known(account, network, ttl)
+
+    async def remember(self, account: str, network: str, ttl: float) -> None:
+        self._state.publish(KNOWN, account, network, ttl)
+        await self._local.remember(account, network, ttl)
+
+    async def close(self) -> None:
+        await self._local.close()

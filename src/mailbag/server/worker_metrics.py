@@ -68,10 +68,9 @@ class WorkersExposition:
         """Drop a dead worker's live gauges (its counters keep counting in the sums)."""
         self._multiprocess.mark_process_dead(pid, str(self.directory))
 
-    def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
-        prom = self._prom
-        return prom.generate_latest(self.registry), str(prom.CONTENT_TYPE_LATEST)
+    def wsgi_app(self) -> Any:
+        """prometheus-client's exposition app over every worker's files (``/metrics``)."""
+        return self._prom.make_wsgi_app(self.registry)
 
     def close(self) -> None:
         """Remove the files (at exit)."""
