@@ -203,7 +203,7 @@ def charts(res: dict[str, Any], outdir: Path) -> list[str]:
                      f"Sessions/s (USER/PASS STAT UIDL QUIT), {scheme.upper()} passwords",
                      [k.split("-")[1].replace("c", "concurrency ") for k in ks],
                      series(res["sessions"], ks, "rate"), "sessions/s (median, min-max)")
-    if "retr" in res and res["retr"]:
+    if res.get("retr"):
         labels = list(res["retr"])
         bars("retr.png", "RETR throughput (one session, bytes verified)", labels,
              series(res["retr"], labels, "mb_per_s"), "MB/s")
@@ -274,7 +274,8 @@ def settings_text(res: dict[str, Any]) -> list[str]:
                    f"| `{v['pop3_lock_session']}` |")
     first = variants[0]
     out += ["", f"The whole `dovecot.conf` of the first variant ({servers[first]['label']}); "
-            "the others differ only in the lines above (and their own directories and port):", "", "```",
+            "the others differ only in the lines above (and their own directories and port):",
+            "", "```",
             servers[first]["settings"].rstrip(), "```", ""]
     if "mailbag" in servers:
         out += ["mailbag's `mailbag.toml`:", "", "```toml",

@@ -387,8 +387,8 @@ def git_commit() -> str:
 
 def compact(result: dict[str, Any]) -> str:
     """A one-line summary of a result for the progress log."""
-    keys = ("rate", "cpu_ms_per_session", "p99_ms", "mb_per_s", "msgs_per_s", "bad", "errors", "cold", "warm",
-            "pss_per_conn_kib", "rss_per_conn_kib", "held", "alive", "ok", "load")
+    keys = ("rate", "cpu_ms_per_session", "p99_ms", "mb_per_s", "msgs_per_s", "bad", "errors",
+            "cold", "warm", "pss_per_conn_kib", "rss_per_conn_kib", "held", "alive", "ok", "load")
     parts = []
     for key in keys:
         if key in result:
