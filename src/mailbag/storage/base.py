@@ -13,13 +13,12 @@ Numbering: ``uid`` is the stable UIDL string; the session maps its own
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol, overload
 
 
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
+class MessageInfo(NamedTuple):
     """One message as the POP3 session sees it.
 
     ``size`` is the number of octets RETR sends before dot-stuffing: the
@@ -27,10 +26,63 @@ class MessageInfo:
     message lacks one (RFC 1939 section 11: sizes are in "exact" octets).
     ``uid`` is 1-70 characters in 0x21-0x7E, unique within the maildrop,
     never reused, and stable across sessions and index loss.
+
+    A named tuple, not a dataclass: a 100,000-message maildrop builds
+    100,000 of these at every open, and a frozen dataclass's ``__init__``
+    (one ``object.__setattr__`` per field) was the largest single cost of
+    an indexed open.
     """
 
     uid: str
     size: int
+
+
+class MessageList(Sequence[MessageInfo]):
+    """A snapshot kept as two columns, ``uids`` and ``sizes``; items are built on access.
+
+    A big maildrop would otherwise build one long-lived object per message
+    at every open, and 100,000 of those cost more than reading the index
+    (they also keep the garbage collector busy).  Readers that want a whole
+    column (a POP3 snapshot, a UIDL listing) can take ``uids`` and
+    ``sizes`` directly; both must be treated as read-only.
+    """
+
+    __slots__ = ("sizes", "uids")
+
+    def __init__(self, uids: Sequence[str], sizes: Sequence[int]) -> None:
+        if len(uids) != len(sizes):
+            raise ValueError("uids and sizes differ in length")
+        self.uids = uids
+        self.sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    @overload
+    def __getitem__(self, index: int) -> MessageInfo: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> MessageList: ...
+
+    def __getitem__(self, index: int | slice) -> MessageInfo | MessageList:
+        if isinstance(index, slice):
+            return MessageList(self.uids[index], self.sizes[index])
+        return MessageInfo(self.uids[index], self.sizes[index])
+
+    def __iter__(self) -> Iterator[MessageInfo]:
+        return map(MessageInfo, self.uids, self.sizes)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MessageList):
+            return list(self.uids) == list(other.uids) and list(self.sizes) == list(other.sizes)
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable columns: not hashable
+
+    def __repr__(self) -> str:
+        return f"MessageList({len(self)} messages)"
 
 
 @dataclass(frozen=True, slots=True)

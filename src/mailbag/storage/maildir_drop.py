@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 
 from mailbag.errors import MessageGone, StorageError
-from mailbag.storage.base import DeleteResult, MessageInfo
+from mailbag.storage.base import DeleteResult, MessageInfo, MessageList
 from mailbag.storage.maildir_index import IndexData, Listing, locate, write_index
 from mailbag.storage.maildir_names import INDEX_FILE, unique_name
 
@@ -109,19 +109,35 @@ class MaildirMaildrop:
         self._inline_opens = True
         self._listing = listing
         self._deleted: set[int] = set()
-        self._pos: dict[str, int] = dict(zip(listing.uids, range(len(listing)), strict=True))
-        if overrides or len(self._pos) != len(listing):
-            self._pos = {}
-            for pos, derived in enumerate(listing.uids):
+        # uid -> position, built on first use: a session that only lists
+        # (STAT, UIDL, QUIT) never needs it, and at 100,000 messages it costs
+        # more than reading the index.
+        self._pos_map: dict[str, int] | None = None
+        uids = listing.uids
+        if overrides or len(set(uids)) != len(uids):
+            self._pos_map = {}
+            for pos, derived in enumerate(uids):
                 uid = overrides.get(unique_name(listing.filenames[pos]), derived)
-                if uid in self._pos:
+                if uid in self._pos_map:
                     log.warning("%s: duplicate UIDL %s; using %s", path, uid, derived)
                     uid = derived
-                if uid not in self._pos:  # else a duplicate file: list it once
-                    self._pos[uid] = pos
-        # dict order is listing order, so the snapshot is in arrival order.
-        sizes = listing.sizes
-        self._messages = tuple(map(MessageInfo, self._pos, [sizes[p] for p in self._pos.values()]))
+                if uid not in self._pos_map:  # else a duplicate file: list it once
+                    self._pos_map[uid] = pos
+            # dict order is listing order, so the snapshot is in arrival order.
+            sizes = listing.sizes
+            self._messages = MessageList(
+                list(self._pos_map), [sizes[p] for p in self._pos_map.values()]
+            )
+        else:
+            # The common case: the snapshot is the listing's own columns (never
+            # mutated: ``Listing.move`` changes only where a file lives).
+            self._messages = MessageList(uids, listing.sizes)
+
+    @property
+    def _pos(self) -> dict[str, int]:
+        if self._pos_map is None:
+            self._pos_map = dict(zip(self._listing.uids, range(len(self._listing)), strict=True))
+        return self._pos_map
 
     @property
     def path(self) -> str:
