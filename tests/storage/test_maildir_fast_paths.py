@@ -14,6 +14,7 @@ import pytest
 
 from mailbag.storage import maildir_drop, maildir_index
 from mailbag.storage.maildir import MaildirStore
+from mailbag.wireform import to_wire
 
 from .helpers import read_all, run
 
@@ -85,3 +86,18 @@ def test_read_follows_a_file_renamed_after_open(tmp_path: Path) -> None:
             await md.close()
 
     run(go())
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"a", b"a\n", b"a\r\nb\n", b"a\rb", b"a\r", b"\n\n.\r\n", b"x" * 5000 + b"\r"],
+)
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4096])
+def test_measure_agrees_with_the_wire_form(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes, chunk: int
+) -> None:
+    """One read for a small file, the streamed count across chunk edges otherwise."""
+    monkeypatch.setattr(maildir_index, "SIZE_READ_CHUNK", chunk)
+    path = tmp_path / "message"
+    path.write_bytes(data)
+    assert maildir_index.measure(str(path)) == len(to_wire(data))

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from mailbag.storage.maildir_names import (
-    arrival_key,
+    arrival_order,
     derive_uidl,
     unique_name,
     wire_size_from_name,
@@ -384,16 +384,32 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
 
 
-def measure(path: str) -> int:
-    """Wire size of the file at ``path``, streamed in large chunks."""
-    fd = os.open(path, os.O_RDONLY)
+def measure(path: str, *, dir_fd: int | None = None) -> int:
+    """Wire size of the file at ``path``, streamed in large chunks.
+
+    A cold open of a big maildrop measures tens of thousands of small
+    files, so the usual case (the whole file in the first read) is done
+    inline: one read, the read that sees end-of-file, and a CRLF count only
+    when the file has a CR at all.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        return wire_size(_chunks(fd))
+        first = os.read(fd, SIZE_READ_CHUNK)
+        if not first:
+            return 0
+        second = os.read(fd, SIZE_READ_CHUNK)
+        if second:
+            return wire_size(_chunks(fd, first, second))
     finally:
         os.close(fd)
+    size = len(first) + first.count(b"\n")
+    if b"\r" in first:
+        size -= first.count(b"\r\n")
+    return size if first.endswith(b"\n") else size + 2
 
 
-def _chunks(fd: int) -> Iterator[bytes]:
+def _chunks(fd: int, *read: bytes) -> Iterator[bytes]:
+    yield from read
     while chunk := os.read(fd, SIZE_READ_CHUNK):
         yield chunk
 
@@ -539,16 +555,51 @@ def _reconcile(
     if gone:
         listing = listing.without(gone)
     if rest:
-        known = set(map(unique_name, listing.filenames))
-        for key in sorted(rest, key=arrival_key):
-            if key in known:
-                continue
-            subdir, name = rest[key]
-            found = _new_entry(maildir, key, subdir, name)
-            if found is not None:
-                listing.append(found)
-                changed = True
+        if listing:
+            known = set(map(unique_name, listing.filenames))
+            keys = [key for key in rest if key not in known]
+        else:
+            keys = list(rest)
+        added = _add_new_entries(maildir, listing, arrival_order(keys), rest)
+        changed = changed or added
     return listing, changed
+
+
+def _add_new_entries(
+    maildir: str, listing: Listing, keys: list[str], where: dict[str, tuple[str, str]]
+) -> bool:
+    """Append an entry for each of ``keys`` (in order) to ``listing``; True if any was added.
+
+    The cold open of a big maildrop runs this for every message, so it is
+    one loop straight into the columns: files are opened relative to a
+    descriptor of their directory, and sizes are read from ``,W=`` or,
+    failing that, by ``measure``.  Anything unusual (a file renamed or
+    deleted meanwhile, an unreadable one) goes to ``_new_entry``.
+    """
+    uids, subdirs, filenames, sizes = listing.uids, listing.subdirs, listing.filenames, listing.sizes
+    before = len(uids)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    dir_fds = {sub: os.open(os.path.join(maildir, sub), flags) for sub in SUBDIRS}
+    try:
+        for key in keys:
+            subdir, name = where[key]
+            size = wire_size_from_name(key)
+            if size is None:
+                try:
+                    size = measure(name, dir_fd=dir_fds[subdir])
+                except OSError:
+                    entry = _new_entry(maildir, key, subdir, name)
+                    if entry is not None:
+                        listing.append(entry)
+                    continue
+            uids.append(derive_uidl(key))
+            subdirs.append(subdir)
+            filenames.append(name)
+            sizes.append(size)
+    finally:
+        for fd in dir_fds.values():
+            os.close(fd)
+    return len(uids) > before
 
 
 def _new_entry(maildir: str, key: str, subdir: str, name: str) -> Entry | None:

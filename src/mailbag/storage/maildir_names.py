@@ -117,6 +117,40 @@ def arrival_key(key: str) -> tuple[int, int, int, str]:
     return (int(sec), int(usec or 0), int(counter or 0), key)
 
 
+#: Packing (sec, usec, counter) into one int needs bounded parts; see ``arrival_order``.
+_USEC_LIMIT = 10**6
+_COUNTER_LIMIT = 10**9
+
+
+def arrival_order(keys: list[str]) -> list[str]:
+    """``keys`` sorted by ``arrival_key``, several times faster for large lists.
+
+    A cold open sorts every name of the maildrop, and comparing 100,000
+    tuples cost more than computing them.  Sorting by name first and then,
+    stably, by one int that packs (seconds, microseconds, counter) gives the
+    same order with C-speed int comparisons.  Names whose parts do not fit
+    the packing (absurd microsecond or counter fields) take the tuple path.
+    """
+    if len(keys) < 64:
+        return sorted(keys, key=arrival_key)
+    ordered = sorted(keys)
+    packed: list[int] = []
+    match = _LEADING_TIME_RE.match
+    for key in ordered:
+        m = match(key)
+        if m is None:
+            packed.append(0)
+            continue
+        sec, usec, counter = m.groups()
+        u = int(usec) if usec else 0
+        c = int(counter) if counter else 0
+        if u >= _USEC_LIMIT or c >= _COUNTER_LIMIT:
+            return sorted(keys, key=arrival_key)
+        packed.append((int(sec) * _USEC_LIMIT + u) * _COUNTER_LIMIT + c)
+    order = sorted(range(len(ordered)), key=packed.__getitem__)
+    return [ordered[i] for i in order]
+
+
 def split_user(user: str) -> tuple[str, str]:
     """Split ``local@domain`` (at the last ``@``); ``(user, "")`` without one.
 
