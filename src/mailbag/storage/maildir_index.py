@@ -576,7 +576,8 @@ def _add_new_entries(
     failing that, by ``measure``.  Anything unusual (a file renamed or
     deleted meanwhile, an unreadable one) goes to ``_new_entry``.
     """
-    uids, subdirs, filenames, sizes = listing.uids, listing.subdirs, listing.filenames, listing.sizes
+    uids, subdirs, filenames = listing.uids, listing.subdirs, listing.filenames
+    sizes = listing.sizes
     before = len(uids)
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     dir_fds = {sub: os.open(os.path.join(maildir, sub), flags) for sub in SUBDIRS}
