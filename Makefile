@@ -15,15 +15,15 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/mailbag demo
 
-## test: lint and the whole test suite
-test: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests
+## test: the static checks (ruff, mypy --strict, the import-layering contract) and the whole test suite
+test: lint
 	$(PY) -m pytest
 
-## lint: ruff and mypy --strict
+## lint: ruff, mypy --strict and lint-imports (the layers of DESIGN.md, see pyproject.toml)
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 ## bench: mailbag vs a private Dovecot, side by side (installs Dovecot if missing; run as root;
 ## ~15 min, BENCH_ARGS=--quick for ~3); writes docs/benchmarks.md and docs/benchmarks/*.png

@@ -88,13 +88,22 @@ class TlsSettings:
 
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
-    """Which backend stores mail, and where."""
+    """Which backend stores mail, and where.
+
+    ``backend`` names a backend of ``storage.registry``.  ``maildir`` is the
+    built-in Maildir backend's location (typed and resolved here because it
+    is the zero-setup default); every other key of ``[storage]`` lands in
+    ``options`` and is handed to the backend, which rejects what it does not
+    know (``registry.create_from_settings``).
+    """
 
     backend: str = "maildir"
     #: Maildir location; ``{user}``, ``{local}`` and ``{domain}`` are substituted.
     maildir: str = "mail/{user}/Maildir"
     #: Largest message accepted for delivery, in octets (0 = unlimited).
     max_message_size: int = 50 * 1024 * 1024
+    #: Backend-specific settings (``[storage]`` keys not listed above), as given in the file.
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,13 +308,18 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         if key not in ("level", "format"):
             raise ConfigError(f"log.{key}: unknown setting")
     tls_settings: TlsSettings = _build(TlsSettings, _section(data, "tls"), "tls", base)
-    storage: StorageSettings = _build(StorageSettings, _section(data, "storage"), "storage", base)
+    storage_table = _section(data, "storage")
+    typed = {"backend", "maildir", "max_message_size"}
+    storage: StorageSettings = _build(
+        StorageSettings, {k: v for k, v in storage_table.items() if k in typed}, "storage", base
+    )
     if "{user}" not in storage.maildir and "{local}" not in storage.maildir:
         raise ConfigError("storage.maildir: must contain {user} (or {local})")
     maildir = storage.maildir
     if not os.path.isabs(maildir):
         maildir = str(base / maildir)
-    storage = StorageSettings(storage.backend, maildir, storage.max_message_size)
+    options = tuple(sorted((k, v) for k, v in storage_table.items() if k not in typed))
+    storage = StorageSettings(storage.backend, maildir, storage.max_message_size, options)
     auth: AuthSettings = _build(AuthSettings, _section(data, "auth"), "auth", base)
     limits: Limits = _build(Limits, _section(data, "limits"), "limits", base)
     if limits.max_command_line < 64:

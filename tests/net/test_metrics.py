@@ -170,3 +170,51 @@ def test_serve_json_log_lines_parse_and_hold_no_secrets(tmp_path: Path) -> None:
     (logout,) = [e for e in by_name["logout"] if e["session"] == session]
     assert logout["user"] == "eve" and logout["peer"] == failed["peer"]
     assert logout["outcome"] == "quit" and logout["retrieved"] == 1
+
+
+def test_ops_endpoint_serves_prometheus_exposition_beside_healthz() -> None:
+    import asyncio
+
+    from mailbag.config import ListenAddress
+    from mailbag.server.metrics import Metrics, OpsEndpoint
+
+    def ask(port: int, path: str, method: str = "GET",
+            accept: str = "") -> tuple[int, dict[str, str], bytes]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                         headers={"Accept": accept} if accept else {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    async def go() -> None:
+        health = {"status": "ok"}
+        endpoint = OpsEndpoint(ListenAddress("127.0.0.1", 0), Metrics(),
+                               lambda: (health["status"] == "ok", dict(health)))
+        await endpoint.start(accept=False)  # bound, not serving yet (before a privilege drop)
+        port = endpoint.port
+        assert port != 0
+        await endpoint.accept()
+        try:
+            status, headers, body = await asyncio.to_thread(ask, port, "/metrics")
+            assert status == 200 and b"mailbag_connections_total 0.0" in body
+            assert headers["Content-Type"].startswith("text/plain; version=")
+            # prometheus-client's own exposition app: content negotiation works.
+            status, headers, body = await asyncio.to_thread(
+                ask, port, "/metrics", accept="application/openmetrics-text")
+            assert headers["Content-Type"].startswith("application/openmetrics-text")
+            assert body.endswith(b"# EOF\n")
+            assert (await asyncio.to_thread(ask, port, "/metrics", "POST"))[0] == 405
+            status, _, body = await asyncio.to_thread(ask, port, "/healthz", "HEAD")
+            assert status == 200 and body == b""
+            health["status"] = "stopping"
+            status, _, body = await asyncio.to_thread(ask, port, "/healthz")
+            assert status == 503 and json.loads(body) == {"status": "stopping"}
+            assert (await asyncio.to_thread(ask, port, "/healthz", "POST"))[0] == 405
+        finally:
+            await endpoint.close()
+        with pytest.raises(urllib.error.URLError):
+            await asyncio.to_thread(ask, port, "/healthz")
+
+    asyncio.run(go())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -349,3 +350,61 @@ def test_usage_caches_sizes_unless_a_session_holds_the_maildrop(
         assert await store.usage("alice") == expected
 
     run(go())
+
+
+def test_import_keeps_source_names_flags_and_override_file(tmp_path: Path) -> None:
+    from mailbag.storage.base import ImportMessage, ImportOptions
+
+    store = MaildirStore(str(tmp_path / "mail" / "{user}"))
+    source = tmp_path / "src"
+    source.write_bytes(b"Subject: linked\n\n")
+
+    async def data() -> bytes:
+        return b"Subject: seen\n\n"
+
+    async def messages() -> AsyncIterator[ImportMessage]:
+        yield ImportMessage(key="1700000000.M1P1.h", uid="kept-1", read=data, flags="RS",
+                            received=1_700_000_000.0)
+        yield ImportMessage(key="1700000001.M1P1.h", uid=None, read=data, path=str(source))
+
+    result = run(store.import_messages("eve", messages(), ImportOptions(link=True)))
+    maildir = tmp_path / "mail" / "eve"
+    seen = maildir / "cur" / "1700000000.M1P1.h:2,RS"
+    assert seen.read_bytes() == b"Subject: seen\n\n" and seen.stat().st_mtime == 1_700_000_000
+    linked = maildir / "new" / "1700000001.M1P1.h"
+    assert linked.stat().st_nlink == 2 and source.stat().st_ino == linked.stat().st_ino
+    assert "1700000000.M1P1.h kept-1\n" in (maildir / "mailbag-uidl").read_text()
+    assert result.uids[0] == "kept-1" and not list((maildir / "tmp").iterdir())
+
+
+def test_import_in_place_takes_the_source_order_and_uidls(tmp_path: Path) -> None:
+    # The Maildir to import is already where mailbag looks (Dovecot and mailbag
+    # share it) and mailbag never indexed it: numbering follows the source, not names.
+    from mailbag.storage.base import ImportMessage
+
+    store = MaildirStore(str(tmp_path / "mail" / "{user}"))
+    maildir = tmp_path / "mail" / "fay"
+    for sub in ("new", "cur", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    names = ["1700000300.M1P1.h", "1700000100.M1P1.h", "1700000200.M1P1.h"]
+    for name in names:
+        (maildir / "cur" / f"{name}:2,S").write_bytes(f"Subject: {name}\n\n".encode())
+
+    async def unused() -> bytes:
+        raise AssertionError("a message already there is not read again")
+
+    async def messages() -> AsyncIterator[ImportMessage]:
+        for n, name in enumerate(names):
+            yield ImportMessage(key=name, uid=f"dovecot-{n}", read=unused, flags="S")
+
+    result = run(store.import_messages("fay", messages()))
+    assert (result.imported, result.present) == (0, 3)
+
+    async def listed() -> list[str]:
+        md = await store.open_maildrop("fay")
+        try:
+            return [m.uid for m in md.messages]
+        finally:
+            await md.close()
+
+    assert run(listed()) == ["dovecot-0", "dovecot-1", "dovecot-2"]

@@ -263,7 +263,7 @@ def test_disk_full_during_delivery_is_a_storage_error_and_leaves_nothing(
     def full(fd: int, data: bytes) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(maildir_mod, "_write_all", full)
+    monkeypatch.setattr(maildir_mod, "write_all", full)
     with pytest.raises(StorageError, match="No space left on device") as info:
         run(maildir_store.deliver("alice", b"x\n"))
     assert str(_maildir(tmp_path)) in str(info.value)

@@ -7,12 +7,21 @@ once, for both.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailbag.errors import InvalidUsername, MaildropLocked, MessageGone, StorageError
-from mailbag.storage.base import DeleteResult, Store, Usage
+from mailbag.storage.base import (
+    DeleteResult,
+    ImportMessage,
+    ImportOptions,
+    ImportResult,
+    Store,
+    Usage,
+)
 from mailbag.wireform import to_wire
 from tests.storage.helpers import read_all, run
 
@@ -240,5 +249,141 @@ def test_sizes_equal_wire_form_length(store: Store, messages: list[bytes]) -> No
             assert [await read_all(md, m.uid, 7) for m in md.messages] == messages
         finally:
             await md.close()
+
+    run(go())
+
+
+# -- import (Store.import_messages): what `mailbag migrate` relies on -----------------
+# UIDLs kept exactly, never reused, nothing stored twice when a migration runs again.
+
+SOURCE = [
+    ("1700000000.M1P1.old,S=20", "0000000100000007", b"Subject: a\n\nfirst\n"),
+    ("1700000100.M2P1.old", "dovecot-uidl-2", b"Subject: b\r\n\r\nsecond\r\n"),
+    ("key with spaces/and:colons", "x:y/z", b"no final newline"),
+    ("1700000200.M3P1.old", None, b"Subject: c\n\nno kept UIDL\n"),
+]
+
+
+def _reader(data: bytes) -> Callable[[], Awaitable[bytes]]:
+    async def read() -> bytes:
+        return data
+
+    return read
+
+
+async def _source(items: Iterable[tuple[str, str | None, bytes]]) -> AsyncIterator[ImportMessage]:
+    for key, uid, data in items:
+        yield ImportMessage(key=key, uid=uid, read=_reader(data), flags="S")
+
+
+def _import(store: Store, items: Iterable[tuple[str, str | None, bytes]],
+            **options: bool) -> ImportResult:
+    return run(store.import_messages("alice", _source(items), ImportOptions(**options)))
+
+
+def _listing(store: Store) -> list[tuple[str, int, bytes]]:
+    async def go() -> list[tuple[str, int, bytes]]:
+        md = await store.open_maildrop("alice")
+        try:
+            return [(m.uid, m.size, await read_all(md, m.uid)) for m in md.messages]
+        finally:
+            await md.close()
+
+    return run(go())
+
+
+def test_import_keeps_uidls_exactly_after_existing_mail_in_order(store: Store) -> None:
+    earlier = run(store.deliver("alice", b"Subject: delivered first\n\nx\n"))
+    result = _import(store, SOURCE)
+    assert (result.imported, result.present, result.conflicts) == (4, 0, 0)
+    listing = _listing(store)
+    assert [uid for uid, _, _ in listing] == [earlier, *result.uids]
+    assert result.uids[:3] == ["0000000100000007", "dovecot-uidl-2", "x:y/z"]
+    own = result.uids[3]
+    assert own not in {earlier, *result.uids[:3]}
+    for (_, size, data), (_, _, original) in zip(listing[1:], SOURCE, strict=True):
+        assert data == original and size == len(to_wire(original))
+
+
+def test_import_twice_stores_nothing_twice(store: Store) -> None:
+    first = _import(store, SOURCE)
+    before = _listing(store)
+    second = _import(store, SOURCE)
+    assert (second.imported, second.present, second.conflicts) == (0, 4, 0)
+    assert second.uids == first.uids  # the backend's own UIDL is stable too
+    assert _listing(store) == before
+
+
+def test_import_resumes_after_a_partial_run(store: Store) -> None:
+    _import(store, SOURCE[:2])
+    rest = _import(store, SOURCE)
+    assert (rest.imported, rest.present) == (2, 2)
+    assert [uid for uid, _, _ in _listing(store)] == rest.uids
+
+
+def test_imported_uidl_is_never_reused(store: Store) -> None:
+    result = _import(store, SOURCE)
+    delivered = run(store.deliver("alice", b"Subject: later\n\n"))
+    assert delivered not in result.uids
+    # The same UIDL for another source message is refused (the message still arrives).
+    clash = _import(store, [("other-key", "dovecot-uidl-2", b"Subject: clash\n\n")])
+    assert clash.imported == 1 and clash.uids[0] != "dovecot-uidl-2"
+    assert any("already used" in w for w in clash.warnings)
+    uids = [uid for uid, _, _ in _listing(store)]
+    assert len(uids) == len(set(uids)) == 6
+
+
+def test_imported_then_deleted_is_not_brought_back(store: Store) -> None:
+    result = _import(store, SOURCE)
+
+    async def delete_first() -> None:
+        md = await store.open_maildrop("alice")
+        try:
+            await md.delete([result.uids[0]])
+        finally:
+            await md.close()
+
+    run(delete_first())
+    again = _import(store, SOURCE)
+    assert (again.imported, again.present) == (0, 3)
+    assert any("deleted since" in w for w in again.warnings)
+    assert result.uids[0] not in [uid for uid, _, _ in _listing(store)]
+
+
+def test_import_conflicting_uidl_kept_unless_replaced(store: Store) -> None:
+    _import(store, SOURCE[:1])
+    changed = [(SOURCE[0][0], "another-uidl", SOURCE[0][2])]
+    kept = _import(store, changed)
+    assert (kept.present, kept.conflicts, kept.uids) == (1, 1, ["0000000100000007"])
+    replaced = _import(store, changed, replace_uids=True)
+    assert (replaced.conflicts, replaced.uids) == (1, ["another-uidl"])
+    assert [uid for uid, _, _ in _listing(store)] == ["another-uidl"]
+
+
+def test_import_invalid_uidl_gets_backend_uidl(store: Store) -> None:
+    result = _import(store, [("k1", "has space", b"x\n"), ("k2", "x" * 71, b"y\n")])
+    assert result.imported == 2
+    assert "has space" not in result.uids and "x" * 71 not in result.uids
+    assert sum("not valid POP3" in w for w in result.warnings) == 2
+
+
+def test_import_dry_run_changes_nothing(store: Store) -> None:
+    _import(store, SOURCE[:1])
+    before = _listing(store)
+    dry = _import(store, SOURCE, dry_run=True)
+    assert (dry.imported, dry.present) == (3, 1)
+    assert _listing(store) == before
+
+
+def test_import_into_locked_maildrop_is_refused(store: Store) -> None:
+    async def go() -> None:
+        md = await store.open_maildrop("alice")
+        try:
+            with pytest.raises(MaildropLocked):
+                await store.import_messages("alice", _source(SOURCE))
+        finally:
+            await md.close()
+        result = await store.import_messages("alice", _source(SOURCE))
+        assert result.imported == 4
 
     run(go())

@@ -18,7 +18,7 @@ STORAGE = Path(registry.__file__).parent
 def test_builtin_backends_by_name(tmp_path: Path) -> None:
     assert {"maildir", "memory"} <= set(registry.available())
     assert isinstance(registry.create("memory"), MemoryStore)
-    store = registry.create("maildir", root_template=str(tmp_path / "{user}"))
+    store = registry.create("maildir", maildir=str(tmp_path / "{user}"))
     assert isinstance(store, MaildirStore)
 
 

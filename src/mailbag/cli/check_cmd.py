@@ -18,12 +18,13 @@ from pathlib import Path
 
 from mailbag.auth.users import UsersFile
 from mailbag.cli.common import add_config_option, config_from_args
-from mailbag.cli.wiring import mail_root
+from mailbag.cli.wiring import build_store
 from mailbag.config import Config
 from mailbag.errors import AuthError, ConfigError
 from mailbag.server.metrics import load_prometheus
 from mailbag.server.privileges import resolve
 from mailbag.server.tls import TlsContext
+from mailbag.storage.base import SelfCheck
 
 #: Warn when the certificate expires within this many days.
 CERT_WARN_DAYS = 14
@@ -119,22 +120,13 @@ def _check_users(config: Config, report: Report) -> None:
 
 
 def _check_storage(config: Config, report: Report) -> None:
-    if config.storage.backend != "maildir":
-        report.fail(f"storage.backend: unknown backend {config.storage.backend!r} "
-                    "(known: maildir)")
+    try:
+        store = build_store(config)
+        line = store.check() if isinstance(store, SelfCheck) else None
+    except ConfigError as exc:
+        report.fail(str(exc))
         return
-    root = mail_root(config)
-    existing = root
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        report.fail(f"storage.maildir: {existing} is not a directory")
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        report.fail(f"storage.maildir: {existing} is not writable")
-    elif existing != root:
-        report.ok(f"storage: {root} (will be created)")
-    else:
-        report.ok(f"storage: {root}")
+    report.ok(line or f"storage: {config.storage.backend}")
 
 
 def _check_process(config: Config, report: Report) -> None:

@@ -34,10 +34,12 @@ key = "tls/key.pem"
 stls = true
 
 [storage]
-# Storage backend. "maildir": one Maildir per user on local disk.
+# Storage backend, by name. "maildir": one Maildir per user on local disk.
+# Other backends take their own settings as further keys of this section
+# (a key the chosen backend does not know is an error naming it).
 backend = "maildir"
-# Where each user's Maildir lives. {{user}} is the account name;
-# {{local}} and {{domain}} are its parts for name@domain accounts.
+# Where each user's Maildir lives (maildir backend). {{user}} is the account
+# name; {{local}} and {{domain}} are its parts for name@domain accounts.
 maildir = "mail/{{user}}/Maildir"
 # Largest message accepted for delivery, in octets (0 = no limit).
 max_message_size = 52428800

@@ -33,7 +33,7 @@ from mailbag.cli.wiring import (
     build_delivery_agent,
     build_store,
     build_users,
-    check_mail_root,
+    prepare_store,
 )
 from mailbag.errors import AuthError, ConfigError
 from mailbag.logs import LOGGER_NAME
@@ -75,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger(LOGGER_NAME).addHandler(logging.NullHandler())
     try:
         config = config_from_args(args)
-        check_mail_root(config)
-        agent = build_delivery_agent(config, build_users(config), build_store(config))
+        store = build_store(config)
+        prepare_store(store)
+        agent = build_delivery_agent(config, build_users(config), store)
     except ConfigError as exc:
         print(f"mailbag deliver: {exc}", file=sys.stderr)
         return EX_CONFIG

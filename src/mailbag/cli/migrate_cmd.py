@@ -20,6 +20,7 @@ from mailbag.errors import ConfigError
 from mailbag.migrate.dovecot import DEFAULT_UIDL_FORMAT, UidlFormat, read_passwd_file
 from mailbag.migrate.run import MigrationUsersFile, Options, UserReport, migrate_user
 from mailbag.server.privileges import resolve
+from mailbag.storage.base import FileOwner
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,8 +55,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     mode = dovecot.add_mutually_exclusive_group()
     mode.add_argument("--link", action="store_const", dest="mode", const="link",
-                      help="hard-link message files instead of copying (same filesystem; "
-                      "the files are then shared with Dovecot's tree)")
+                      help="hard-link message files instead of copying (Maildir storage on "
+                      "the same filesystem; the files are then shared with Dovecot's tree)")
     mode.add_argument("--copy", action="store_const", dest="mode", const="copy",
                       help="copy message files (the default)")
     dovecot.add_argument("--user", action="append", dest="only", metavar="NAME",
@@ -125,8 +126,10 @@ def run_dovecot(args: argparse.Namespace) -> int:
         entries = [e for e in entries if e.name in wanted]
     owner = _owner(config.process.user, config.process.group)
     opts = Options(args.maildir_template, fmt, mode=args.mode, dry_run=args.dry_run,
-                   replace_uidls=args.replace_uidls, owner=owner)
+                   replace_uidls=args.replace_uidls)
     store = build_store(config)
+    if owner and isinstance(store, FileOwner):
+        store.set_owner(*owner)
     users = None
     if not args.no_accounts:
         users_path = config.auth.users_file

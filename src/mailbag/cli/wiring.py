@@ -1,13 +1,14 @@
 """The composition root: the one place that turns a ``Config`` into concrete objects.
 
-Only here are backends named (DESIGN.md): the Maildir store, the users file,
-the throttle, the TLS context.  Everything else receives interfaces.
+Only here are concrete objects built (DESIGN.md): the users file, the
+throttle, the TLS context, and the store, which the storage registry builds
+from ``storage.backend`` (this module never names a storage backend).
+Everything else receives interfaces.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from mailbag.session.lmtp import LmtpSessionSettings
 from mailbag.session.pop3 import SessionSettings
 from mailbag.session.sasl import DRIVER_MECHANISMS
 from mailbag.session.throttle import FailureThrottle
-from mailbag.storage.maildir import MaildirStore, default_root
+from mailbag.storage import registry
+from mailbag.storage.base import SelfCheck, Store
 
 
 @dataclass(slots=True)
@@ -37,33 +39,45 @@ class Runtime:
 
     config: Config
     users: UsersFile
-    store: MaildirStore
+    store: Store
     tls: TlsContext | None
 
 
+def build_store(config: Config) -> Store:
+    """The storage backend named by ``storage.backend``, built by the registry.
+
+    ``storage.maildir`` is offered to every backend that declares it; any
+    other ``[storage]`` key must be one the chosen backend declares.
+    """
+    storage = config.storage
+    return registry.create_from_settings(
+        storage.backend, {"maildir": storage.maildir}, dict(storage.options)
+    )
+
+
+def prepare_store(store: Store) -> None:
+    """Fail early, naming the setting, if mail cannot be stored (creates the mail root)."""
+    if isinstance(store, SelfCheck):
+        store.prepare()
+
+
+def store_problems(store: Store) -> list[str]:
+    """Cheap health probe of the store (``/healthz``, after a privilege drop)."""
+    return store.problems() if isinstance(store, SelfCheck) else []
+
+
 def mail_root(config: Config) -> Path:
-    """The fixed directory part of the maildir template (must exist or be creatable)."""
-    return Path(default_root(config.storage.maildir))
+    """Deprecated: the local directory a file-based store keeps mail under.
 
-
-def check_mail_root(config: Config) -> None:
-    """Fail early, naming the path, if mail cannot be stored."""
-    root = mail_root(config)
-    try:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ConfigError(f"storage.maildir: cannot create {root}: {exc.strerror}") from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise ConfigError(f"storage.maildir: {root} is not writable")
-
-
-def build_store(config: Config) -> MaildirStore:
-    """The storage backend named in the config."""
-    if config.storage.backend != "maildir":
-        raise ConfigError(
-            f"storage.backend: unknown backend {config.storage.backend!r} (known: maildir)"
-        )
-    return MaildirStore(config.storage.maildir, root=str(mail_root(config)))
+    Kept only for ``cli/reload.py``'s access checks until they use
+    ``store_problems(runtime.store)``; a store without a local root (a
+    database) reports the config file's directory, which it never writes.
+    """
+    store = build_store(config)
+    root = getattr(store, "root", None)
+    if isinstance(root, str):
+        return Path(root)
+    return config.path.parent if config.path is not None else Path.cwd()
 
 
 def build_users(config: Config) -> UsersFile:
@@ -76,11 +90,12 @@ def build_users(config: Config) -> UsersFile:
 
 def build_runtime(config: Config) -> Runtime:
     """Validate paths and build the long-lived objects."""
-    check_mail_root(config)
+    store = build_store(config)
+    prepare_store(store)
     tls = None
     if config.tls.cert is not None and config.tls.key is not None:
         tls = TlsContext(config.tls.cert, config.tls.key)
-    return Runtime(config=config, users=build_users(config), store=build_store(config), tls=tls)
+    return Runtime(config=config, users=build_users(config), store=store, tls=tls)
 
 
 def plaintext_checker(config: Config) -> Callable[[str], bool]:
@@ -140,7 +155,7 @@ def build_server(runtime: Runtime, observer: ServerObserver | None = None) -> Po
 def build_delivery_agent(
     config: Config,
     users: UsersFile,
-    store: MaildirStore,
+    store: Store,
     on_result: Callable[[Outcome], None] | None = None,
 ) -> DeliveryAgent:
     """The one delivery path shared by LMTP and ``mailbag deliver``."""

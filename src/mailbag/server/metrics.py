@@ -2,12 +2,12 @@
 
 Why a separate listener: metrics have no authentication and reveal traffic
 patterns, so they must never share a port with POP3; the default config
-keeps the endpoint off, and the documented address is loopback.  Why our own
-tiny asyncio HTTP server rather than ``prometheus_client.start_http_server``:
-it binds in the same place and at the same time as the POP3 listeners
-(before privileges are dropped, accepting only after), runs on the event
-loop instead of a thread, and also answers ``/healthz``, which must work the
-same whether or not anybody scrapes metrics.
+keeps the endpoint off, and the documented address is loopback.  The HTTP
+is not ours: the standard library's WSGI server serves prometheus-client's
+exposition app (``make_wsgi_app``) beside a ``/healthz`` route, in threads
+of its own, so scrapes stay off the event loop.  Unlike
+``prometheus_client.start_http_server`` it binds with the POP3 listeners,
+before privileges are dropped, and serves only after.
 
 ``prometheus-client`` is an optional dependency (``pip install
 'mailbag[metrics]'``).  This module imports it only when a ``Metrics`` is
@@ -21,10 +21,14 @@ import asyncio
 import contextlib
 import importlib
 import json
+import socket
+import socketserver
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from mailbag import __version__
 from mailbag.config import ListenAddress
@@ -32,15 +36,14 @@ from mailbag.errors import ConfigError
 from mailbag.logs import log_event
 
 if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from prometheus_client import CollectorRegistry
 
 #: Buckets for POP3 session length: a fetch takes under a second, an idle
 #: client holds its session up to the 10-minute autologout.
 SESSION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
-#: Largest HTTP request head we read; scrapers send a few hundred octets.
-MAX_REQUEST_HEAD = 8192
-#: Seconds a client gets to send its request.
+#: Seconds a client gets for each read of its request.
 REQUEST_TIMEOUT = 5.0
 
 #: A health probe: ``(healthy, details)``; details end up as the JSON body.
@@ -182,30 +185,50 @@ class Metrics:
         """A SIGHUP reload was applied (``ok``) or rejected (``failed``)."""
         self.reloads.labels(result=result).inc()
 
-    def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
-        prom = self._prom
-        return prom.generate_latest(self.registry), str(prom.CONTENT_TYPE_LATEST)
+    def wsgi_app(self) -> WSGIApplication:
+        """prometheus-client's exposition app for this registry (what ``/metrics`` runs)."""
+        app: WSGIApplication = self._prom.make_wsgi_app(self.registry)
+        return app
 
 
-def _response(status: str, content_type: str, body: bytes, *, head: bool = False) -> bytes:
-    header = (
-        f"HTTP/1.1 {status}\r\n"
-        f"Content-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Cache-Control: no-store\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode("ascii")
-    return header if head else header + body
+class _HttpServer(socketserver.ThreadingMixIn, WSGIServer):
+    """The standard library's WSGI server, one short-lived thread per request."""
+
+    daemon_threads = True  # a hung scraper never blocks shutdown
+
+
+class _IPv6HttpServer(_HttpServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Request handling without access lines on stderr (the log is structured JSON/text)."""
+
+    timeout = REQUEST_TIMEOUT  # seconds a client gets per read: slow clients are cut
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing."""
+
+
+def _plain(start_response: StartResponse, status: str, text: str) -> list[bytes]:
+    body = text.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+    return [body]
 
 
 class OpsEndpoint:
-    """HTTP/1.1 on one address: ``GET /metrics``, ``GET /healthz``; one request per connection.
+    """HTTP on one address: ``GET /metrics`` and ``GET /healthz``.
 
-    ``/healthz`` answers 200 with a small JSON document while the server is
-    healthy and 503 otherwise (stopping, mail root unwritable, users file
-    unreadable), which is what load balancers and monitoring systems poll.
-    ``metrics`` may be None, then ``/metrics`` is 404 and only health works.
+    HTTP itself is the standard library's (``wsgiref``) and ``/metrics`` is
+    prometheus-client's own exposition app (``make_wsgi_app``: content
+    negotiation, OpenMetrics, gzip); this class only routes.  It runs in its
+    own threads, so a scrape never competes with POP3 sessions for the event
+    loop.  ``/healthz`` answers 200 with a small JSON document while the
+    server is healthy and 503 otherwise (stopping, mail storage unusable,
+    users file unreadable), which is what load balancers and monitoring
+    systems poll.  ``metrics`` may be None, then ``/metrics`` is 404 and
+    only health works.
     """
 
     def __init__(
@@ -214,77 +237,71 @@ class OpsEndpoint:
         self.address = address
         self.metrics = metrics
         self.health = health
-        self._server: asyncio.Server | None = None
+        self._exposition: WSGIApplication | None = (
+            metrics.wsgi_app() if metrics is not None else None
+        )
+        self._httpd: _HttpServer | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         """The bound port (useful when the configured port was 0)."""
-        if self._server is None or not self._server.sockets:
+        if self._httpd is None:
             return self.address.port
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(self._httpd.server_address[1])
 
     async def start(self, *, accept: bool = True) -> None:
-        """Bind (accepting now, or only after ``accept``); a bind error is a ConfigError."""
+        """Bind now (before privileges are dropped); serve now or only after ``accept``.
+
+        A bind error is a ConfigError naming the setting.
+        """
+        host = self.address.host
+        server_class = _IPv6HttpServer if ":" in host else _HttpServer
         try:
-            self._server = await asyncio.start_server(
-                self._handle,
-                self.address.host,
-                self.address.port,
-                reuse_address=True,
-                start_serving=accept,
-            )
+            self._httpd = make_server(host, self.address.port, self._app,
+                                      server_class=server_class, handler_class=_QuietHandler)
         except OSError as exc:
             raise ConfigError(
                 f"metrics.listen: cannot listen on {self.address}: {exc.strerror or exc}"
             ) from None
         log_event("listening", address=str(self.address), service="metrics")
+        if accept:
+            await self.accept()
 
     async def accept(self) -> None:
-        """Start accepting (after privileges were dropped)."""
-        if self._server is not None:
-            await self._server.start_serving()
+        """Start serving (after privileges were dropped), in a thread of its own."""
+        if self._httpd is not None and self._thread is None:
+            self._thread = threading.Thread(
+                target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                name="mailbag-metrics", daemon=True,
+            )
+            self._thread.start()
 
     async def close(self) -> None:
-        """Stop listening."""
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
+        """Stop listening (waits for the serving thread, off the event loop)."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        if self._thread is not None:
+            await asyncio.to_thread(httpd.shutdown)
+            self._thread = None
+        httpd.server_close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-            writer.write(self._answer(head))
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            with contextlib.suppress(ConnectionError):
-                writer.write(_response("400 Bad Request", "text/plain", b"bad request\n"))
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    def _answer(self, head: bytes) -> bytes:
-        if len(head) > MAX_REQUEST_HEAD:
-            return _response("431 Request Header Fields Too Large", "text/plain", b"too large\n")
-        parts = head.split(b"\r\n", 1)[0].split(b" ")
-        if len(parts) != 3:
-            return _response("400 Bad Request", "text/plain", b"bad request\n")
-        method, target, _version = parts
-        if method not in (b"GET", b"HEAD"):
-            return _response("405 Method Not Allowed", "text/plain", b"GET or HEAD\n")
-        is_head = method == b"HEAD"
-        path = target.split(b"?", 1)[0]
-        if path == b"/healthz":
+    def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Route: ``/healthz`` here, ``/metrics`` to prometheus-client, the rest 404."""
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path == "/healthz":
+            if method not in ("GET", "HEAD"):
+                start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+                return [b""]
             healthy, details = self.health()
             body = (json.dumps(details, sort_keys=True) + "\n").encode()
             status = "200 OK" if healthy else "503 Service Unavailable"
-            return _response(status, "application/json", body, head=is_head)
-        if path == b"/metrics" and self.metrics is not None:
-            body, content_type = self.metrics.render()
-            return _response("200 OK", content_type, body, head=is_head)
-        return _response("404 Not Found", "text/plain", b"try /metrics or /healthz\n",
-                         head=is_head)
+            start_response(status, [("Content-Type", "application/json"),
+                                    ("Content-Length", str(len(body))),
+                                    ("Cache-Control", "no-store")])
+            return [b"" if method == "HEAD" else body]
+        if path == "/metrics" and self._exposition is not None:
+            return self._exposition(environ, start_response)
+        return _plain(start_response, "404 Not Found", "try /metrics or /healthz\n")

@@ -9,13 +9,22 @@ protocol or session code (DESIGN.md rule 6).
 
 Numbering: ``uid`` is the stable UIDL string; the session maps its own
 1-based message numbers onto the snapshot order returned by ``messages``.
+
+Migration adds one operation, ``import_messages``: bring messages in from
+another server or store keeping their UIDLs, idempotently, under the
+backend's own lock and atomic writes.  ``mailbag migrate`` uses nothing else,
+so it works unchanged for every backend.
+
+What only some backends can do is a separate, optional capability Protocol
+(``SelfCheck``, ``FileOwner``): callers test ``isinstance`` and skip what a
+backend does not offer, instead of naming the backend.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol, overload
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, overload, runtime_checkable
 
 
 class MessageInfo(NamedTuple):
@@ -101,6 +110,60 @@ class Usage:
     octets: int
 
 
+@dataclass(frozen=True, slots=True)
+class ImportMessage:
+    """One message brought in from elsewhere (``Store.import_messages``).
+
+    ``key`` names the message in its source and is stable across runs (a
+    Maildir base name, a source UIDL); a message whose key the maildrop
+    already holds is not stored again, which is what makes a migration
+    resumable.  ``uid`` is the UIDL to keep, served exactly from then on;
+    None lets the backend choose its own (stable) one.  ``read`` returns the
+    message bytes and is only called when the message is actually stored.
+    ``flags`` are Maildir/IMAP flag letters ("S" seen, "R" replied, ...);
+    None means never seen by a mail reader (Maildir ``new/``).
+    ``received`` is the arrival time (Unix seconds) when the source knows it.
+    ``path`` is a hint: a file holding exactly these bytes, which a
+    file-based backend may hard-link (``ImportOptions.link``).
+    """
+
+    key: str
+    read: Callable[[], Awaitable[bytes]]
+    uid: str | None = None
+    flags: str | None = None
+    received: float | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportOptions:
+    """How ``import_messages`` treats what it finds."""
+
+    #: Report what would happen, change nothing.
+    dry_run: bool = False
+    #: A message already there under a different kept UIDL gets the new one
+    #: (only right when the earlier import used the wrong UIDLs and no client saw them).
+    replace_uids: bool = False
+    #: Hard-link ``ImportMessage.path`` instead of copying, where the backend can.
+    link: bool = False
+
+
+@dataclass(slots=True)
+class ImportResult:
+    """What ``import_messages`` did (or, in a dry run, would do)."""
+
+    #: Messages stored by this call.
+    imported: int = 0
+    #: Messages the maildrop already held (same key): not stored again.
+    present: int = 0
+    #: Present messages that were served under another kept UIDL than the one given.
+    conflicts: int = 0
+    #: The UIDL served for each message given, in the order given (for verification).
+    uids: list[str] = field(default_factory=list)
+    #: Things an administrator should read (one line each).
+    warnings: list[str] = field(default_factory=list)
+
+
 class Maildrop(Protocol):
     """One user's locked maildrop for the duration of a POP3 session.
 
@@ -152,4 +215,62 @@ class Store(Protocol):
 
     async def usage(self, user: str) -> Usage:
         """Messages and octets currently stored for ``user``."""
+        ...
+
+    async def import_messages(
+        self,
+        user: str,
+        messages: AsyncIterable[ImportMessage],
+        options: ImportOptions | None = None,
+    ) -> ImportResult:
+        """Bring ``messages`` into ``user``'s maildrop, in this order, keeping UIDLs.
+
+        Holds the maildrop's lock for the whole call (``MaildropLocked`` if
+        a session has it).  Contract:
+
+        * each stored message is written atomically, as by ``deliver``, and
+          appended after what the maildrop holds, in the order given;
+        * a given ``uid`` is what UIDL reports for it, exactly; a ``uid``
+          another message already has is not used twice (the message gets
+          the backend's own UIDL, with a warning), and ``deliver`` never
+          hands out a UIDL that import kept;
+        * a key already present is not stored again; if it was served under
+          another kept UIDL that one stays (``conflicts``) unless
+          ``options.replace_uids``;
+        * running the same import twice changes nothing the second time.
+        """
+        ...
+
+
+@runtime_checkable
+class SelfCheck(Protocol):
+    """Optional: a backend that can say whether it is usable before serving.
+
+    The Maildir backend checks its mail root; a database backend would check
+    its connection and schema.  Errors are ``ConfigError`` naming the setting.
+    """
+
+    def prepare(self) -> None:
+        """Create what must exist before serving (e.g. the mail root); raise if impossible."""
+        ...
+
+    def check(self) -> str:
+        """Read-only version of ``prepare`` for ``mailbag check``: one line on success."""
+        ...
+
+    def problems(self) -> list[str]:
+        """Cheap, repeatable health probe (``/healthz``, after a privilege drop): [] when fine."""
+        ...
+
+
+@runtime_checkable
+class FileOwner(Protocol):
+    """Optional: a backend that creates files, told whom they must belong to.
+
+    ``mailbag migrate`` runs as root (it reads another server's files) but
+    what it creates must belong to the account the server runs as.
+    """
+
+    def set_owner(self, uid: int, gid: int) -> None:
+        """Files and directories created from now on get this owner."""
         ...

@@ -35,10 +35,12 @@ import logging
 import os
 import string
 import time
+from collections.abc import AsyncIterable
 
 from mailbag.errors import ConfigError, InvalidUsername, MaildropLocked, StorageError
-from mailbag.storage.base import Usage
-from mailbag.storage.maildir_drop import MaildirMaildrop, fsync_dir, storage_errors
+from mailbag.storage.base import ImportMessage, ImportOptions, ImportResult, Usage
+from mailbag.storage.maildir_drop import MaildirMaildrop, fsync_dir, storage_errors, write_all
+from mailbag.storage.maildir_import import MaildirImport, read_uidl_overrides
 from mailbag.storage.maildir_index import IndexData, read_index, scan, write_index
 from mailbag.storage.maildir_names import (
     INDEX_FILE,
@@ -46,7 +48,6 @@ from mailbag.storage.maildir_names import (
     UIDL_OVERRIDE_FILE,
     NameGenerator,
     derive_uidl,
-    is_valid_uidl,
     split_user,
     unique_name,
 )
@@ -72,13 +73,6 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 _TEMPLATE_FIELDS = frozenset({"user", "local", "domain"})
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data``; ``os.write`` may write less than asked."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def default_root(template: str) -> str:
@@ -123,6 +117,7 @@ class MaildirStore:
         self._fsync = fsync
         self._tmp_max_age = tmp_max_age
         self._cleanup_interval = cleanup_interval
+        self._owner: tuple[int, int] | None = None
 
     @staticmethod
     def _check_template(template: str) -> None:
@@ -152,9 +147,14 @@ class MaildirStore:
             raise InvalidUsername(f"maildir of {user!r} would escape {self._root}")
         return path
 
-    @staticmethod
-    def _ensure_dirs(path: str) -> None:
+    def _ensure_dirs(self, path: str) -> None:
         """Create the Maildir and its three subdirectories (0700) if missing."""
+        missing: list[str] = []
+        if self._owner is not None:
+            parent = path
+            while not os.path.exists(parent) and parent != os.path.dirname(parent):
+                missing.append(parent)
+                parent = os.path.dirname(parent)
         try:
             os.mkdir(path, DIR_MODE)
         except FileExistsError:
@@ -166,6 +166,53 @@ class MaildirStore:
         for sub in ("tmp", "new", "cur"):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(os.path.join(path, sub), DIR_MODE)
+        if self._owner is not None:
+            for created in (*missing, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur"))):
+                self._chown(created)
+
+    # -- optional capabilities (base.SelfCheck, base.FileOwner) ----------------
+
+    @property
+    def root(self) -> str:
+        """The directory every maildrop lives under."""
+        return self._root
+
+    def prepare(self) -> None:
+        """Create the mail root, or fail naming the setting and the path."""
+        try:
+            os.makedirs(self._root, mode=DIR_MODE, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"storage.maildir: cannot create {self._root}: {exc.strerror}") from None
+        if not os.access(self._root, os.W_OK | os.X_OK):
+            raise ConfigError(f"storage.maildir: {self._root} is not writable")
+
+    def check(self) -> str:
+        """Like ``prepare`` but creating nothing: could the mail root be used?"""
+        existing = self._root
+        while not os.path.exists(existing) and existing != os.path.dirname(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ConfigError(f"storage.maildir: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"storage.maildir: {existing} is not writable")
+        if existing != self._root:
+            return f"storage: {self._root} (will be created)"
+        return f"storage: {self._root}"
+
+    def problems(self) -> list[str]:
+        """``[]`` while this process can store mail under the root."""
+        if os.access(self._root, os.W_OK | os.X_OK):
+            return []
+        return [f"mail root {self._root} not writable"]
+
+    def set_owner(self, uid: int, gid: int) -> None:
+        """Files and directories created from now on belong to ``uid:gid``."""
+        self._owner = (uid, gid)
+
+    def _chown(self, path: str) -> None:
+        if self._owner is not None:
+            os.chown(path, *self._owner)
 
     # -- Store interface -----------------------------------------------------
 
@@ -178,6 +225,7 @@ class MaildirStore:
         with storage_errors("open maildrop", path):
             self._ensure_dirs(path)
             lock = _acquire_lock(path, user)
+            self._chown(os.path.join(path, LOCK_FILE))
         try:
             self._maybe_cleanup(path, lock)
             with storage_errors("open maildrop", path):
@@ -187,6 +235,7 @@ class MaildirStore:
             if result.needs_write:
                 try:
                     write_index(index_path, result.index, fsync=self._fsync)
+                    self._chown(index_path)
                 except OSError as exc:
                     log.warning("cannot write maildir index %s: %s", index_path, exc)
         except BaseException:
@@ -213,7 +262,7 @@ class MaildirStore:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             try:
                 try:
-                    _write_all(fd, message)
+                    write_all(fd, message)
                     if self._fsync:
                         os.fsync(fd)
                 finally:
@@ -275,6 +324,49 @@ class MaildirStore:
             log.warning("cannot write maildir index %s: %s", index_path, exc)
         finally:
             lock.close()
+
+    async def import_messages(
+        self,
+        user: str,
+        messages: AsyncIterable[ImportMessage],
+        options: ImportOptions | None = None,
+    ) -> ImportResult:
+        """Import under the maildrop lock (see ``maildir_import`` for how).
+
+        A dry run takes no lock and creates nothing: it only reads.
+        """
+        options = options or ImportOptions()
+        path = self.maildir_path(user)
+        lock = None
+        if not options.dry_run:
+            lock = await asyncio.to_thread(self._lock_for_import, user, path)
+        try:
+            with storage_errors("import into", path):
+                job = await asyncio.to_thread(
+                    MaildirImport, path, options, fsync=self._fsync, chown=self._chown
+                )
+            async for message in messages:
+                name = job.plan(message)
+                if name is None or options.dry_run:
+                    continue
+                data = None
+                if not (job.wants_link and message.path is not None):
+                    data = await message.read()
+                with storage_errors("import into", path):
+                    await asyncio.to_thread(job.store, message, name, data)
+            with storage_errors("import into", path):
+                await asyncio.to_thread(job.finish)
+        finally:
+            if lock is not None:
+                lock.close()
+        return job.result
+
+    def _lock_for_import(self, user: str, path: str) -> io.FileIO:
+        with storage_errors("import into", path):
+            self._ensure_dirs(path)
+            lock = _acquire_lock(path, user)
+            self._chown(os.path.join(path, LOCK_FILE))
+        return lock
 
     # -- maintenance ---------------------------------------------------------
 
@@ -357,30 +449,3 @@ def _cleanup_tmp(path: str, max_age: float) -> int:
                     log.warning("cannot remove stale %s: %s", de.path, exc.strerror)
     return removed
 
-
-def read_uidl_overrides(path: str) -> dict[str, str]:
-    """Read ``mailbag-uidl``: ``unique-name uidl`` per line, ``#`` comments.
-
-    This is the hook for migrating from another server (e.g. Dovecot's
-    ``dovecot-uidlist``) without making every client download all mail again.
-    A missing file means no overrides; an unreadable one is an error, since
-    silently ignoring it would change UIDLs.
-    """
-    try:
-        with open(
-            os.path.join(path, UIDL_OVERRIDE_FILE), encoding="utf-8", errors="surrogateescape"
-        ) as f:
-            lines = f.readlines()
-    except FileNotFoundError:
-        return {}
-    overrides: dict[str, str] = {}
-    for lineno, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split()
-        if len(fields) != 2 or not is_valid_uidl(fields[1]):
-            log.warning("%s/%s:%d: ignoring malformed line", path, UIDL_OVERRIDE_FILE, lineno)
-            continue
-        overrides[unique_name(fields[0])] = fields[1]
-    return overrides

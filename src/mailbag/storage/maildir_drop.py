@@ -49,6 +49,13 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``; ``os.write`` may write less than asked."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 #: Octets per read when streaming a message: few calls per message, bounded memory.
 READ_CHUNK = 256 * 1024
 

@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from types import TracebackType
 from typing import Literal
 
 from mailbag.errors import MaildropLocked, MessageGone, StorageError
-from mailbag.storage.base import DeleteResult, MessageInfo, Usage
-from mailbag.storage.maildir_names import split_user
+from mailbag.storage.base import (
+    DeleteResult,
+    ImportMessage,
+    ImportOptions,
+    ImportResult,
+    MessageInfo,
+    Usage,
+)
+from mailbag.storage.maildir_names import is_valid_uidl, split_user
 from mailbag.wireform import wire_size
 
-Operation = Literal["open", "read", "delete", "deliver", "usage"]
+Operation = Literal["open", "read", "delete", "deliver", "usage", "import"]
 
 
 class MemoryStore:
@@ -33,6 +40,10 @@ class MemoryStore:
         self._counter = itertools.count(1)
         self._failures: dict[str, StorageError] = {}
         self._fail_delete: set[str] = set()
+        #: Every UIDL ever used per user (deleted ones too): never handed out again.
+        self._used: dict[str, set[str]] = {}
+        #: Imported source keys per user -> (UIDL, kept from the source?); outlives deletion.
+        self._imported: dict[str, dict[str, tuple[str, bool]]] = {}
 
     # -- test helpers --------------------------------------------------------
 
@@ -65,9 +76,12 @@ class MemoryStore:
         if error is not None:
             raise error
 
-    def _store(self, user: str, message: bytes) -> str:
+    def _store(self, user: str, message: bytes, uid: str | None = None) -> str:
         split_user(user)
-        uid = f"mem-{next(self._counter)}"
+        used = self._used.setdefault(user, set())
+        while uid is None or uid in used:
+            uid = f"mem-{next(self._counter)}"
+        used.add(uid)
         self._boxes.setdefault(user, {})[uid] = bytes(message)
         return uid
 
@@ -95,6 +109,67 @@ class MemoryStore:
         self._check_failure("usage")
         box = self._boxes.get(user, {})
         return Usage(len(box), sum(wire_size([m]) for m in box.values()))
+
+    async def import_messages(
+        self,
+        user: str,
+        messages: AsyncIterable[ImportMessage],
+        options: ImportOptions | None = None,
+    ) -> ImportResult:
+        """Import with the same rules as Maildir (see ``Store.import_messages``)."""
+        options = options or ImportOptions()
+        split_user(user)
+        self._check_failure("import")
+        if user in self._locked:
+            raise MaildropLocked(f"maildrop of {user!r} is in use")
+        self._locked.add(user)
+        try:
+            result = ImportResult()
+            imported = self._imported.setdefault(user, {})
+            used = self._used.setdefault(user, set())
+            box = self._box(user)
+            deleted_since = 0
+            async for message in messages:
+                uid = message.uid if message.uid and is_valid_uidl(message.uid) else None
+                if message.uid is not None and uid is None:
+                    result.warnings.append(f"UIDL {message.uid!r} of {message.key} is not "
+                                           "valid POP3; mailbag's own UIDL is used")
+                known = imported.get(message.key)
+                if known is not None and known[0] not in box:
+                    deleted_since += 1
+                    continue
+                if known is not None:
+                    result.present += 1
+                    served, kept = known
+                    if uid is not None and uid != served:
+                        result.conflicts += kept
+                        change = (not kept or options.replace_uids) and uid not in used
+                        if change and not options.dry_run:
+                            box = self._boxes[user] = {
+                                (uid if u == served else u): m for u, m in box.items()
+                            }
+                            used.add(uid)
+                            imported[message.key] = (uid, True)
+                            served = uid
+                    result.uids.append(served)
+                    continue
+                if uid is not None and uid in used:
+                    result.warnings.append(f"UIDL {uid!r} of {message.key} is already used by "
+                                           "another message; mailbag uses its own")
+                    uid = None
+                result.imported += 1
+                if options.dry_run:
+                    result.uids.append(uid or "?")
+                    continue
+                served = self._store(user, await message.read(), uid)
+                imported[message.key] = (served, uid is not None)
+                result.uids.append(served)
+            if deleted_since:
+                result.warnings.append(f"{deleted_since} messages were imported before and "
+                                       "deleted since: not brought back")
+            return result
+        finally:
+            self._locked.discard(user)
 
     def _release(self, user: str) -> None:
         self._locked.discard(user)
