@@ -462,6 +462,18 @@ def _messages_among(maildir: str, subdir: str, names: set[str]) -> list[str]:
     return [name for name in names if name in files]
 
 
+def _message_files(maildir: str, subdir: str) -> list[str]:
+    """Every name in ``maildir/subdir`` for which ``is_message`` holds, in one ``scandir``."""
+    files = []
+    with os.scandir(os.path.join(maildir, subdir)) as entries:
+        for entry in entries:
+            if not entry.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    if entry.is_file():
+                        files.append(entry.name)
+    return files
+
+
 def locate(maildir: str, key: str) -> tuple[str, str] | None:
     """Find the current (subdir, file name) of the message with unique name ``key``.
 
@@ -503,7 +515,12 @@ def scan(maildir: str, previous: IndexData | None, *, trust_mtimes: bool = True)
             previous.listing, previous, needs_write=previous.outdated_format, listed=False
         )
 
-    listed = {subdir: set(list_dir(maildir, subdir)) for subdir in SUBDIRS}
+    if previous is None:
+        # Nothing is known yet: one ``scandir`` per directory lists and types
+        # every name at once (rather than a listing, then a typing pass).
+        listed = {subdir: set(_message_files(maildir, subdir)) for subdir in SUBDIRS}
+    else:
+        listed = {subdir: set(list_dir(maildir, subdir)) for subdir in SUBDIRS}
     listing = previous.listing if previous is not None else Listing()
     changed = previous is None
     moved: list[int] = []  # positions of index entries not found where they were
@@ -514,7 +531,9 @@ def scan(maildir: str, previous: IndexData | None, *, trust_mtimes: bool = True)
         else:
             moved.append(pos)
     if moved or listed["new"] or listed["cur"]:
-        listing, reconciled = _reconcile(maildir, listing, moved, listed)
+        listing, reconciled = _reconcile(
+            maildir, listing, moved, listed, typed=previous is None
+        )
         changed = changed or reconciled
 
     index = IndexData(listing, new_mtime, cur_mtime, started)
@@ -528,7 +547,12 @@ def scan(maildir: str, previous: IndexData | None, *, trust_mtimes: bool = True)
 
 
 def _reconcile(
-    maildir: str, listing: Listing, moved: list[int], listed: dict[str, set[str]]
+    maildir: str,
+    listing: Listing,
+    moved: list[int],
+    listed: dict[str, set[str]],
+    *,
+    typed: bool = False,
 ) -> tuple[Listing, bool]:
     """Match names the index did not expect: renamed files, new files, vanished ones.
 
@@ -538,11 +562,13 @@ def _reconcile(
     genuinely new names are appended by (leading timestamp, name).  When a
     unique name shows up twice (another program copying rather than
     renaming), the entry the index knows wins, else the one in ``cur/``.
+    ``typed`` says ``listed`` holds message files only (``_message_files``).
     Returns the new listing and whether it differs from the old one.
     """
     rest: dict[str, tuple[str, str]] = {}
     for subdir in SUBDIRS:  # cur/ last: it wins a duplicate
-        for name in _messages_among(maildir, subdir, listed[subdir]):
+        names = listed[subdir] if typed else _messages_among(maildir, subdir, listed[subdir])
+        for name in names:
             rest[unique_name(name)] = (subdir, name)
     gone: set[int] = set()
     for pos in moved:

@@ -60,7 +60,7 @@ _B32 = "abcdefghijklmnopqrstuvwxyz234567"
 #: Two base32 digits per 10 bits: a table lookup instead of Python 3.11's
 #: pure-Python ``base64.b32encode``, which dominated a cold open.
 _B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)
-_PAIR_SHIFTS = tuple(range(UIDL_LENGTH * 5 - 10, -1, -10))
+_MASK = 1023
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
 
@@ -75,9 +75,14 @@ def derive_uidl(key: str) -> str:
     result equals ``base32(sha256(name))[:24].lower()``.
     """
     digest = hashlib.sha256(key.encode(_FS_ENCODING, _FS_ERRORS)).digest()
-    n = int.from_bytes(digest[: UIDL_LENGTH * 5 // 8], "big")
-    pairs = _B32_PAIRS
-    return "".join([pairs[(n >> shift) & 1023] for shift in _PAIR_SHIFTS])
+    n = int.from_bytes(digest[:15], "big")  # UIDL_LENGTH * 5 bits
+    p, m = _B32_PAIRS, _MASK
+    # Unrolled (12 pairs of base32 digits): a cold open derives one per message.
+    return "".join((
+        p[n >> 110], p[(n >> 100) & m], p[(n >> 90) & m], p[(n >> 80) & m],
+        p[(n >> 70) & m], p[(n >> 60) & m], p[(n >> 50) & m], p[(n >> 40) & m],
+        p[(n >> 30) & m], p[(n >> 20) & m], p[(n >> 10) & m], p[n & m],
+    ))  # fmt: skip
 
 
 def is_valid_uidl(uidl: str) -> bool:
