@@ -85,6 +85,7 @@ _CODE_OF_SUBDIR = {"new": "n", "cur": "c"}
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _UNESCAPES = {v[1]: k for k, v in _ESCAPES.items()}
 _NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
+_NEEDS_ESCAPE_NO_TAB = re.compile(r"[\\\n\r]")
 _UNESCAPE_RE = re.compile(r"\\(.)", re.DOTALL)
 
 
@@ -336,6 +337,14 @@ def _parse_columns(header: list[str], count: int, body: str) -> IndexData:
     return IndexData(listing, int(new_s), int(cur_s), int(scanned_s))
 
 
+def _join_names(names: list[str]) -> str:
+    """The names column: escaped names joined by TAB (one C-speed join when none needs escaping)."""
+    joined = "\t".join(names)
+    if joined.count("\t") == max(len(names) - 1, 0) and not _NEEDS_ESCAPE_NO_TAB.search(joined):
+        return joined
+    return "\t".join(map(_escape, names))
+
+
 def format_index(index: IndexData) -> bytes:
     """Serialise ``index`` (header, one line per column, checksummed trailer)."""
     m = index.listing
@@ -347,7 +356,7 @@ def format_index(index: IndexData) -> bytes:
         " ".join(m.uids),
         binascii.b2a_base64(sizes.tobytes(), newline=False).decode("ascii"),
         "".join([_CODE_OF_SUBDIR[subdir] for subdir in m.subdirs]),
-        "\t".join(map(_escape, m.filenames)),
+        _join_names(m.filenames),
         "",
     ]
     body = "\n".join(lines).encode("utf-8", "surrogateescape")
