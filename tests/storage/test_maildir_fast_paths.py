@@ -49,24 +49,34 @@ def test_scan_of_many_names_skips_dotfiles_directories_and_follows_symlinks(
 
 
 @pytest.mark.parametrize("nowait", [True, False])
-@pytest.mark.parametrize("slow_open", [False, True])
+@pytest.mark.parametrize("slow_open", ["no", "disk", "preempted"])
 def test_read_gives_the_stored_bytes_on_every_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nowait: bool, slow_open: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nowait: bool, slow_open: str
 ) -> None:
+    """Inline opens stop after a slow open that read the disk, or after too many slow ones."""
     if not nowait:
         monkeypatch.setattr(maildir_drop, "_nowait_usable", [False])
-    if slow_open:
+    reads = iter(range(1000))
+    if slow_open != "no":
         monkeypatch.setattr(maildir_drop, "SLOW_OPEN", -1.0)
+        # Every open is slow; with "disk" each one also read blocks from the device.
+        monkeypatch.setattr(
+            maildir_drop, "_thread_disk_reads", lambda: next(reads) if slow_open == "disk" else 7
+        )
     store = _store(tmp_path)
     bodies = [b"a" * 10, os.urandom(3 * 70_000 + 5), b""]
+    if slow_open == "preempted":
+        bodies += [b"b\n"] * maildir_drop.PREEMPTED_OPENS
 
     async def go() -> None:
         uids = [await store.deliver("alice", body) for body in bodies]
         md = await store.open_maildrop("alice")
         try:
-            for uid, body in zip(uids, bodies, strict=True):
+            for i, (uid, body) in enumerate(zip(uids, bodies, strict=True)):
                 assert await read_all(md, uid, chunk_size=70_000) == body
-            assert md._inline_opens is not slow_open
+                if slow_open == "preempted" and i < maildir_drop.PREEMPTED_OPENS:
+                    assert md._inline_opens  # forgiven: no disk reads
+            assert md._inline_opens is (slow_open == "no")
         finally:
             await md.close()
 

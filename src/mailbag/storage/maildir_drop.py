@@ -13,6 +13,7 @@ import errno
 import io
 import logging
 import os
+import resource
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -59,8 +60,19 @@ def write_all(fd: int, data: bytes) -> None:
 #: Octets per read when streaming a message: few calls per message, bounded memory.
 READ_CHUNK = 256 * 1024
 
-#: An open slower than this (seconds) hit the disk: stop opening on the event loop.
+#: An open slower than this (seconds) may have hit the disk (see ``_slow_open``).
 SLOW_OPEN = 0.002
+#: Slow opens without disk reads (the thread was merely preempted) tolerated per session.
+PREEMPTED_OPENS = 3
+
+_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
+
+
+def _thread_disk_reads() -> int | None:
+    """Blocks this thread has read from storage devices so far; None where unknown."""
+    if _RUSAGE_THREAD is None:
+        return None
+    return resource.getrusage(_RUSAGE_THREAD).ru_inblock
 
 _NOWAIT_FLAGS = getattr(os, "RWF_NOWAIT", 0)
 _nowait_usable = [bool(_NOWAIT_FLAGS)]
@@ -114,6 +126,8 @@ class MaildirMaildrop:
         self._lock: io.FileIO | None = lock
         self._fsync = fsync
         self._inline_opens = True
+        self._disk_reads: int | None = None  # the loop thread's count before inline opens
+        self._preempted = 0
         self._listing = listing
         self._deleted: set[int] = set()
         # uid -> position, built on first use: a session that only lists
@@ -213,18 +227,36 @@ class MaildirMaildrop:
         inline, so a cold disk stalls the loop at most once per session.  A
         renamed file goes to the worker thread, which can search for it.
         """
+        if self._disk_reads is None:
+            self._disk_reads = _thread_disk_reads()
         started = time.perf_counter()
         try:
             fd = os.open(self._file(self._position(uid)), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
         if time.perf_counter() - started > SLOW_OPEN:
-            self._inline_opens = False
+            self._slow_open()
         try:
             return fd, _read_cached(fd, size, 0)
         except OSError:
             os.close(fd)
             return None
+
+    def _slow_open(self) -> None:
+        """An inline open took long: stop opening inline if it waited for the disk.
+
+        On a busy machine the loop thread is also simply preempted now and
+        then, and treating that as a cold disk sent every later message of
+        the session through a worker thread (about 5x the CPU per small
+        message).  Where the kernel counts this thread's block reads, an open
+        that read nothing from the device is forgiven a few times; elsewhere
+        (or with reads) inline opens stop at once.
+        """
+        reads = _thread_disk_reads()
+        if reads is None or reads != self._disk_reads or self._preempted >= PREEMPTED_OPENS:
+            self._inline_opens = False
+        else:
+            self._preempted += 1
 
     def _open_and_read(self, uid: str, size: int) -> tuple[int, bytes]:
         """Open the message and read its first chunk (in a worker thread)."""
