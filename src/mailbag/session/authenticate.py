@@ -17,7 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from mailbag.auth.schemes import verify_dummy, verify_password
+from mailbag.auth.schemes import is_fast_scheme, verify_dummy, verify_password
 from mailbag.auth.scram import ScramSecrets
 from mailbag.auth.users import UserDatabase, UserRecord
 from mailbag.errors import AuthError, InvalidUsername
@@ -77,7 +77,10 @@ class Authenticator:
             await self._run(verify_dummy, password)
             return await self._failed(address, login, "unknown user")
         try:
-            good = bool(await self._run(verify_password, password, record.password))
+            if is_fast_scheme(record.password):
+                good = verify_password(password, record.password)
+            else:
+                good = bool(await self._run(verify_password, password, record.password))
         except AuthError as exc:
             log_event("auth-error", user=record.name, error=str(exc))
             return await self._failed(address, login, "unusable password hash")
