@@ -9,7 +9,11 @@ temporary directory, since pytest's tmp_path is 0700 and unreachable for
 that user); as a normal user everything runs as that user.
 
 Options: a certificate for STLS and POP3S (plain POP3 only without one), the
-server-wide ``pop3_uidl_format`` and ``pop3_save_uidl`` settings, and users
+server-wide ``pop3_uidl_format`` and ``pop3_save_uidl`` settings, the
+``auth_mechanisms`` (SCRAM-SHA-256 and APOP work because the passdb holds
+plaintext passwords), ``plaintext=False`` for ``disable_plaintext_auth`` (Dovecot
+treats a connection whose two ends share an address as secure, so such a test
+listens on another loopback address, ``listen="127.0.0.2"``), and users
 declared before the start (Dovecot re-reads a passwd-file at most once a
 second, so users added while it runs can fail to log in).
 """
@@ -63,7 +67,9 @@ class PrivateDovecot:
 
     def __init__(self, *, tls: tuple[Path, Path] | None = None,
                  uidl_format: str = "%08Xu%08Xv", save_uidl: bool = False,
-                 users: Iterable[tuple[str, str]] = ()) -> None:
+                 users: Iterable[tuple[str, str]] = (), mechanisms: str = "plain",
+                 plaintext: bool = True, listen: str = "127.0.0.1") -> None:
+        self.listen = listen
         self.root = Path(tempfile.mkdtemp(prefix="mailbag-dovecot-"))
         self.root.chmod(0o755)
         self.port = free_port()
@@ -88,11 +94,11 @@ base_dir = {self.root}/run
 state_dir = {self.root}/state
 instance_name = mailbag-test-{os.getpid()}-{self.port}
 protocols = pop3
-listen = 127.0.0.1
+listen = {listen}
 log_path = {self.log}
 {ssl}
-auth_mechanisms = plain
-disable_plaintext_auth = no
+auth_mechanisms = {mechanisms}
+disable_plaintext_auth = {"no" if plaintext else "yes"}
 default_internal_user = {internal}
 default_login_user = {login}
 mail_uid = {mail_user}
@@ -161,7 +167,7 @@ service imap-login {{
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         try:
-            wait_for_port("127.0.0.1", self.port, self.proc, what="dovecot")
+            wait_for_port(self.listen, self.port, self.proc, what="dovecot")
         except RuntimeError as exc:
             raise RuntimeError(f"{exc} {self.log_text()}") from None
 

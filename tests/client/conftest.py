@@ -58,10 +58,14 @@ def pop3(request: pytest.FixtureRequest) -> Target:
         server: Dovecot = request.getfixturevalue("dovecot")
         return server.add_user()
     mb = request.getfixturevalue("mailbag_server")
-    maildir = mb.maildir()
+    # A user whose password is not its name (login tests look for it on the wire),
+    # with an APOP secret so every login the server offers works.
+    user, password = "reader", "r3ader-Secret"
+    mb.add_user(user, password, apop=True)
+    maildir = mb.maildir(user)
     for sub in ("tmp", "new", "cur"):
         (maildir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Target("mailbag", "localhost", mb.port, mb.tls_port, mb.user, mb.password,
+    return Target("mailbag", "localhost", mb.port, mb.tls_port, user, password,
                   str(mb.cert), maildir)
 
 

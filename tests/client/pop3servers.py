@@ -59,13 +59,16 @@ class Target:
 #: Dovecot re-reads a passwd-file at most once a second, so users made on the
 #: fly can fail to log in: the tests take fresh ones from a pool declared up front.
 POOL = tuple((f"user{n}", f"s3cret-{n}") for n in range(1, 501))
+#: Every login the client speaks (the passdb has plaintext passwords, so all work).
+MECHANISMS = "plain scram-sha-256 apop"
 
 
 class Dovecot:
     """A private Dovecot with TLS; one instance serves many test users."""
 
     def __init__(self, certfile: Path, keyfile: Path, ca: Path) -> None:
-        self.server = PrivateDovecot(tls=(certfile, keyfile), users=POOL)
+        self.server = PrivateDovecot(tls=(certfile, keyfile), users=POOL,
+                                     mechanisms=MECHANISMS)
         self.ca = ca
         self._pool = iter(POOL)
 

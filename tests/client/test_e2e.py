@@ -202,3 +202,48 @@ def test_list_narrow_terminal_keeps_numbers(pop3: Target, run_cli: Run,
     assert all(len(line.rstrip()) <= 30 for line in lines[:-1])
     assert lines[2].lstrip().startswith("1 ") and lines[3].lstrip().startswith("2 ")
     assert "\x1b" not in "".join(lines)  # NO_COLOR and not a terminal: plain text
+
+
+def test_delete_by_uid_survives_shifted_numbers(pop3: Target, run_cli: Run) -> None:
+    for n in (1, 2, 3, 4):
+        pop3.deliver(numbered(n))
+    listing = json.loads(run_cli(pop3, "list", "--json").out)["messages"]
+    uid3 = next(m["uid"] for m in listing if m["subject"] == "测试 3")
+    assert run_cli(pop3, "delete", "1", "--yes").code == 0  # numbers shift: "测试 3" is now 2
+    result = run_cli(pop3, "delete", "--uid", uid3, "--yes")
+    assert result.code == 0, result.err
+    assert "测试 3" in result.out
+    data = json.loads(run_cli(pop3, "list", "--json").out)
+    assert [m["subject"] for m in data["messages"]] == ["测试 2", "测试 4"]
+
+
+def test_delete_by_unknown_uid_deletes_nothing(pop3: Target, run_cli: Run) -> None:
+    pop3.deliver(numbered(1))
+    result = run_cli(pop3, "delete", "1", "--uid", "no-such-uid", "--yes")
+    assert result.code != 0 and "no-such-uid" in result.err
+    assert json.loads(run_cli(pop3, "list", "--json").out)["count"] == 1
+
+
+def test_json_schema_is_in_help_and_matches_the_output(pop3: Target, run_cli: Run) -> None:
+    import contextlib
+    import io
+    import re
+
+    from mailbag.cli.main import main
+
+    put(pop3, "rfc2231.eml")
+    outputs = {"list": json.loads(run_cli(pop3, "list", "--json").out),
+               "read": json.loads(run_cli(pop3, "read", "1", "--json").out)}
+    for action in ("list", "read"):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+            main(["mail", action, "--help"])
+        help_text = buf.getvalue()
+        assert f"{action} --json prints one object" in help_text
+        documented = set(re.findall(r'"([a-z_]+)":', help_text))
+        data = outputs[action]
+        actual = set(data) | set(data.get("messages", [{}])[0]) | set(
+            data.get("attachments", [{}])[0])
+        if action == "list":
+            actual |= set(data["messages"][0]["from"])
+        assert documented == actual

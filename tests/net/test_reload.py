@@ -84,3 +84,44 @@ def test_sighup_reload_good_then_bad_config_with_session_open(
     assert b"still here" in session.multiline()
     assert session.cmd("QUIT").startswith(b"+OK")
     assert server.proc is not None and server.proc.poll() is None
+
+
+def test_sighup_applies_lmtp_settings_without_restart(mailbag_server: MailbagServer) -> None:
+    """Issue 10: SIGHUP reconfigures the LMTP listener too (size limit, quota), and a
+    changed LMTP socket setting is reported as restart-only rather than silently ignored."""
+    from tests.net.test_lmtp_client import LmtpClient
+
+    server = mailbag_server
+    big = b"Subject: big\r\n\r\n" + b"x" * 5000 + b"\r\n"
+
+    def deliver(message: bytes) -> tuple[int, str]:
+        client = LmtpClient(port=server.lmtp_port)
+        assert client.lhlo()[0] == 250
+        t = client.transaction("s@example.org", ["demo"], message)
+        client.close()
+        if t.per_recipient:
+            return t.per_recipient[0]
+        return t.data
+
+    assert deliver(big)[0] == 250  # the default limit is 50 MB
+    original = server.config.read_text()
+    changed = original.replace("max_message_size = 52428800", "max_message_size = 1000")
+    assert original.count("\nmessages = 0\n") == 1  # the [quota] key
+    changed = changed.replace("\nmessages = 0\n", "\nmessages = 2\n")
+    changed = changed.replace("timeout = 300.0", "timeout = 301.0", 1)
+    changed = changed.replace("socket_mode = 0o660", "socket_mode = 0o600", 1)
+    assert changed.count("max_message_size = 1000") == 1 and "messages = 2" in changed
+    server.config.write_text(changed)
+    hup_and_wait(server, "reloaded")
+    # RFC 1870: the new limit is announced and enforced at once, without a restart.
+    client = LmtpClient(port=server.lmtp_port)
+    code, text = client.lhlo()
+    assert code == 250 and "SIZE 1000" in text
+    client.close()
+    code, _ = deliver(big)
+    assert code == 552
+    # [quota] messages = 2: the second message fits, the third is refused.
+    assert deliver(b"Subject: small\r\n\r\nok\r\n")[0] == 250
+    assert deliver(b"Subject: third\r\n\r\nno room\r\n")[0] in (452, 552)
+    log = server.log()
+    assert "reload-needs-restart" in log and "setting=lmtp.socket_mode" in log

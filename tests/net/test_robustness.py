@@ -8,6 +8,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from tests.conftest import MailbagServer
 from tests.net.pop3raw import RawPop3
 
@@ -99,13 +101,42 @@ def test_garbage_and_long_lines_do_not_crash(mailbag_server: MailbagServer) -> N
     assert count_messages(mailbag_server) == 0
 
 
+def read_to_eof(sock: socket.socket) -> bytes:
+    """Everything until the server's FIN; a reset (RST) raises ConnectionResetError."""
+    data = b""
+    sock.settimeout(10)
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
 def test_too_many_errors_closes_connection(mailbag_server: MailbagServer) -> None:
     c = RawPop3(mailbag_server.host, mailbag_server.port)
     for _ in range(9):
         assert c.cmd("BOGUS").startswith(b"-ERR")
-    assert c.cmd("BOGUS").startswith(b"-ERR")
-    assert c.line().startswith(b"-ERR Too many bad commands")
+    assert c.cmd("BOGUS") == b"-ERR Unknown command: BOGUS; too many errors, closing connection."
     assert c.closed()
+
+
+@pytest.mark.parametrize("pipelined", [b"", b"USER demo\r\n", b"USER demo\r\n" * 3000])
+def test_error_limit_is_one_reply_then_clean_close(
+    mailbag_server: MailbagServer, pipelined: bytes
+) -> None:
+    """RFC 1939: one response per command, also for the one that reaches limits.max_errors.
+
+    Read with a raw socket, so no extra line can hide in a buffer: exactly ten
+    replies, the last says the connection closes, then FIN (EOF), never a reset,
+    even when the client already sent more commands behind the last bad one.
+    """
+    c = RawPop3(mailbag_server.host, mailbag_server.port)  # has read the greeting
+    c.sock.sendall(b"BOGUS\r\n" * 10 + pipelined)
+    data = c.buf + read_to_eof(c.sock)  # raises ConnectionResetError on RST
+    c.close()
+    lines = data.split(b"\r\n")
+    assert lines[-1] == b""
+    assert len(lines) == 11
+    assert lines[:9] == [b"-ERR Unknown command: BOGUS"] * 9
+    assert lines[9] == b"-ERR Unknown command: BOGUS; too many errors, closing connection."
 
 
 def test_many_connections_and_one_slow_client(mailbag_server: MailbagServer) -> None:

@@ -350,17 +350,53 @@ def test_stls_and_pop3s_fetchmail(
         assert "version=TLSv1." in mailbag_server.log()  # it really upgraded with STLS
 
 
+def tls_when_free(server: MailbagServer, context: ssl.SSLContext) -> TlsPop3:
+    """Connect once an earlier connection's slot (e.g. the fixture's readiness probe) is free."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return TlsPop3(server.host, server.tls_port, context=context)
+        except (ssl.SSLError, ConnectionError):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
 def test_pop3s_refusal_by_connection_cap_is_clean(mailbag_home: MailbagServer) -> None:
-    # Connections over the per-address cap are refused after the handshake with a
-    # [SYS/TEMP] line the TLS client can read, never a hang.
+    # Connections over the per-address cap are closed at accept, before any handshake
+    # work (a TLS client could not read a plaintext line): a fast, clean failure, never
+    # a hang, and the session already open carries on.
     set_option(mailbag_home, "limits", "max_connections_per_ip", "1")
     mailbag_home.start()
     try:
         context = client_context(mailbag_home.cert)
-        first = TlsPop3(mailbag_home.host, mailbag_home.tls_port, context=context)
-        second = TlsPop3(mailbag_home.host, mailbag_home.tls_port, context=context)
-        assert second.greeting.startswith(b"-ERR [SYS/TEMP]")
+        first = tls_when_free(mailbag_home, context)
+        started = time.monotonic()
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            TlsPop3(mailbag_home.host, mailbag_home.tls_port, context=context)
+        assert time.monotonic() - started < 5
         assert first.cmd("QUIT").startswith(b"+OK")
+        assert "reason=\"too many connections\"" in mailbag_home.log()
+    finally:
+        mailbag_home.stop()
+
+
+def test_pop3s_handshake_counts_against_connection_caps(mailbag_home: MailbagServer) -> None:
+    # Issue 11: a POP3S connection counts from accept, during its handshake too, so a
+    # flood of stalled handshakes cannot get past limits.max_connections_per_ip.
+    set_option(mailbag_home, "limits", "max_connections_per_ip", "1")
+    mailbag_home.start()
+    try:
+        context = client_context(mailbag_home.cert)
+        tls_when_free(mailbag_home, context).cmd("QUIT")
+        time.sleep(0.3)
+        stalled = socket.create_connection((mailbag_home.host, mailbag_home.tls_port), 5)
+        time.sleep(0.3)  # accepted, handshake not even started by the client
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            TlsPop3(mailbag_home.host, mailbag_home.tls_port, context=context)
+        stalled.close()  # its slot frees when the handshake fails
+        later = tls_when_free(mailbag_home, context)
+        assert later.greeting.startswith(b"+OK")
+        later.cmd("QUIT")
     finally:
         mailbag_home.stop()
 

@@ -6,8 +6,11 @@ import re
 from pathlib import Path
 
 from mailbag.protocol.languages import _ZH_CN, choose, translate
+from mailbag.protocol.pop3 import ABORT_TEXTS
 
-CORE = Path(__file__).resolve().parents[2] / "src" / "mailbag" / "protocol" / "pop3.py"
+PROTOCOL = Path(__file__).resolve().parents[2] / "src" / "mailbag" / "protocol"
+#: The modules whose texts reach a POP3 client.
+CORE = ("pop3.py", "pop3_commands.py", "snapshot.py", "sasl.py")
 
 
 def test_choose_matches_ranges() -> None:
@@ -28,11 +31,12 @@ def test_translate_keeps_response_code_and_unknown_text() -> None:
 def test_every_literal_reply_text_in_the_core_is_translated() -> None:
     # Literal texts given to Pop3Error/_ok/_err/_error in the core; a new English
     # text without a translation fails here rather than showing up English.
-    source = CORE.read_text()
+    source = "".join((PROTOCOL / name).read_text() for name in CORE)
     found = re.findall(
-        r'(?:Pop3Error|_ok|_err|_error|_sasl_fail)\(\s*"([^"{]+)"(?:\s*"([^"{]+)")?', source
+        r'(?:Pop3Error|\.ok|\.err|_error|Invalid)\(\s*"([^"{]+)"(?:\s*"([^"{]+)")?', source
     )
     texts = [first + second for first, second in found]
+    texts += [*ABORT_TEXTS.values(), "; too many errors, closing connection."]
     assert len(texts) > 20
     patterns = [re.compile(p) for p, _ in _ZH_CN]
     missing = []

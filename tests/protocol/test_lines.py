@@ -5,14 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailbag.protocol.lines import (
-    Line,
-    LineReader,
-    LineTooLong,
-    MessageEncoder,
-    apply_erase,
-    encode_message,
-)
+from mailbag.protocol.dots import MessageEncoder, encode_message
+from mailbag.protocol.lines import Line, LineReader, LineTooLong, apply_erase
 from mailbag.wireform import to_wire
 
 

@@ -11,14 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mailbag.protocol.dots import DotDecoder
 from mailbag.protocol.events import Close, NeedData, Reply
 from mailbag.protocol.lmtp import (
     CheckRecipient,
     DeliverMessage,
-    DotDecoder,
+    DeliveryDone,
     LmtpConnection,
     LmtpEvent,
     LmtpPolicy,
+    RecipientChecked,
     State,
     Status,
 )
@@ -47,8 +49,16 @@ def replies(events: list[LmtpEvent]) -> bytes:
     return b"".join(e.data for e in events if isinstance(e, Reply))
 
 
+def greeted(policy: LmtpPolicy) -> LmtpConnection:
+    """A new connection whose 220 greeting (its first event) was taken."""
+    conn = LmtpConnection(policy)
+    greeting = conn.next_event()
+    assert isinstance(greeting, Reply) and greeting.data.startswith(b"220 ")
+    return conn
+
+
 def ready(**policy: object) -> LmtpConnection:
-    conn = LmtpConnection(LmtpPolicy(hostname="mx.test", **policy))  # type: ignore[arg-type]
+    conn = greeted(LmtpPolicy(hostname="mx.test", **policy))  # type: ignore[arg-type]
     drive(conn, b"LHLO client.test\r\n")
     return conn
 
@@ -59,7 +69,7 @@ def with_recipients(*addresses: str, **policy: object) -> LmtpConnection:
     for address in addresses:
         events = drive(conn, f"RCPT TO:<{address}>\r\n".encode())
         assert events == [CheckRecipient(address)]
-        conn.recipient_checked(ACCEPT)
+        conn.send(RecipientChecked(ACCEPT))
         assert replies(drive(conn)) == b"250 2.1.5 Recipient OK\r\n"
     return conn
 
@@ -75,12 +85,13 @@ def stuff(message: bytes) -> bytes:
 
 def test_greeting_is_220_with_hostname() -> None:
     conn = LmtpConnection(LmtpPolicy(hostname="mx.test"))
-    assert conn.greeting().startswith(b"220 mx.test ")
+    greeting = conn.next_event()
+    assert isinstance(greeting, Reply) and greeting.data.startswith(b"220 mx.test ")
 
 
 def test_lhlo_lists_extensions() -> None:
     """RFC 2033 section 4.1 (LHLO as EHLO); RFC 2920, 2034, 6152, 1870, 6531 keywords."""
-    conn = LmtpConnection(LmtpPolicy(hostname="mx.test", max_message_size=1000))
+    conn = greeted(LmtpPolicy(hostname="mx.test", max_message_size=1000))
     out = replies(drive(conn, b"LHLO client.test\r\n"))
     lines = out.split(b"\r\n")[:-1]
     assert lines[0] == b"250-mx.test"
@@ -94,14 +105,14 @@ def test_lhlo_lists_extensions() -> None:
 @pytest.mark.parametrize("verb", [b"HELO", b"EHLO"])
 def test_helo_refused_in_lmtp(verb: bytes) -> None:
     """RFC 2033 section 4.1: LMTP sessions start with LHLO, not HELO/EHLO."""
-    conn = LmtpConnection(LmtpPolicy())
+    conn = greeted(LmtpPolicy())
     assert replies(drive(conn, verb + b" x\r\n")).startswith(b"500 5.5.1")
     assert conn.state is State.GREETED
 
 
 def test_mail_before_lhlo_is_bad_sequence() -> None:
     """RFC 5321 section 4.1.4: MAIL before the greeting exchange is 503."""
-    conn = LmtpConnection(LmtpPolicy())
+    conn = greeted(LmtpPolicy())
     assert replies(drive(conn, b"MAIL FROM:<a@b>\r\n")).startswith(b"503 5.5.1")
 
 
@@ -153,7 +164,7 @@ def test_rcpt_rejection_is_passed_through() -> None:
     """RFC 3463: X.1.1 bad destination mailbox address, as the driver decided."""
     conn = with_recipients()
     assert drive(conn, b"RCPT TO:<nobody@b>\r\n") == [CheckRecipient("nobody@b")]
-    conn.recipient_checked(UNKNOWN)
+    conn.send(RecipientChecked(UNKNOWN))
     assert replies(drive(conn)) == b"550 5.1.1 No such user\r\n"
     assert conn.recipients == []
 
@@ -185,7 +196,7 @@ def test_data_one_reply_per_recipient() -> None:
         DeliverMessage("s@example.org", ("a@x", "b@x", "c@x"), b"Subject: hi\r\n\r\nbody\r\n",
                        "client.test")
     ]
-    conn.delivery_finished([DELIVERED, OVER_QUOTA, DELIVERED])
+    conn.send(DeliveryDone([DELIVERED, OVER_QUOTA, DELIVERED]))
     assert replies(drive(conn)) == (
         b"250 2.0.0 Delivered\r\n552 5.2.2 Mailbox full\r\n250 2.0.0 Delivered\r\n"
     )
@@ -198,7 +209,7 @@ def test_data_wrong_reply_count_is_refused() -> None:
     drive(conn, b"DATA\r\n")
     drive(conn, b"x\r\n.\r\n")
     with pytest.raises(ValueError):
-        conn.delivery_finished([DELIVERED])
+        conn.send(DeliveryDone([DELIVERED]))
 
 
 def test_data_too_large_is_552_per_recipient() -> None:
@@ -255,15 +266,15 @@ def test_pipelining_replies_in_order() -> None:
     events = drive(conn, b"MAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n")
     assert replies(events) == b"250 2.1.0 Sender OK\r\n"
     assert events[-1] == CheckRecipient("a@x")
-    conn.recipient_checked(ACCEPT)
+    conn.send(RecipientChecked(ACCEPT))
     events = drive(conn)
     assert replies(events) == b"250 2.1.5 Recipient OK\r\n"
     assert events[-1] == CheckRecipient("b@x")
-    conn.recipient_checked(UNKNOWN)
+    conn.send(RecipientChecked(UNKNOWN))
     events = drive(conn, b"hello\r\n.\r\nQUIT\r\n")
     assert replies(events).startswith(b"550 5.1.1 No such user\r\n354")
     assert isinstance(events[-1], DeliverMessage) and events[-1].recipients == ("a@x",)
-    conn.delivery_finished([DELIVERED])
+    conn.send(DeliveryDone([DELIVERED]))
     events = drive(conn)
     assert replies(events) == b"250 2.0.0 Delivered\r\n221 2.0.0 Bye\r\n"
     assert isinstance(events[-1], Close)
@@ -297,9 +308,11 @@ def test_line_too_long_is_500_and_discarded() -> None:
 
 def test_errors_in_a_row_close_connection() -> None:
     conn = ready(max_errors=3)
-    events = drive(conn, b"X\r\nX\r\nX\r\n")
+    events = drive(conn, b"X\r\nX\r\nX\r\nNOOP\r\n")
     assert replies(events).endswith(b"421 4.7.0 Too many errors, closing connection\r\n")
     assert isinstance(events[-1], Close)
+    # One reply per command: the third error's reply *is* the 421, nothing after it.
+    assert replies(events).count(b"\r\n") == 3
 
 
 def test_quit_is_221_and_closes() -> None:
@@ -325,13 +338,14 @@ def test_idle_only_between_transactions() -> None:
 
 # ---------------------------------------------------------------- DotDecoder
 
-def decode_in_pieces(wire: bytes, cuts: list[int]) -> DotDecoder:
+def decode_in_pieces(wire: bytes, cuts: list[int]) -> tuple[DotDecoder, bytes]:
     decoder = DotDecoder()
+    out = []
     prev = 0
     for cut in [*sorted(set(cuts)), len(wire)]:
-        decoder.feed(wire[prev:cut])
+        out.append(decoder.feed(wire[prev:cut]))
         prev = cut
-    return decoder
+    return decoder, b"".join(out)
 
 
 @settings(max_examples=300, deadline=None)
@@ -347,23 +361,28 @@ def test_data_decoder_any_chunking_round_trips(
     """Dot-transparency survives any TCP segmentation (RFC 5321 section 4.5.2)."""
     message = b"".join(ln + b"\r\n" for ln in lines)
     wire = stuff(message) + after
-    decoder = decode_in_pieces(wire, [c for c in cuts if c <= len(wire)])
+    decoder, out = decode_in_pieces(wire, [c for c in cuts if c <= len(wire)])
     assert decoder.done
-    assert decoder.message() == message
+    assert out == message
     assert decoder.trailing == after
-    assert decoder.size == len(message)
+    assert len(out) == len(message)
 
 
 def test_data_decoder_byte_by_byte() -> None:
     message = b".a\r\n..\r\n\r\n.\r\nend\r\n"
     wire = stuff(message) + b"NEXT"
-    decoder = decode_in_pieces(wire, list(range(len(wire))))
-    assert decoder.message() == message and decoder.trailing == b"NEXT"
+    decoder, out = decode_in_pieces(wire, list(range(len(wire))))
+    assert out == message and decoder.trailing == b"NEXT"
 
 
-def test_data_decoder_limit_drops_but_finds_end() -> None:
-    decoder = DotDecoder(limit=5)
-    decoder.feed(b"123456\r\n")
-    decoder.feed(b".\r\nafter")
-    assert decoder.done and decoder.too_large and decoder.message() == b""
-    assert decoder.trailing == b"after"
+def test_data_over_size_limit_is_dropped_but_end_found() -> None:
+    """RFC 1870 section 6: over the limit, read to the final dot, store nothing, say 552."""
+    conn = with_recipients("a@x", max_message_size=5)
+    drive(conn, b"DATA\r\n")
+    events = drive(conn, b"123456\r\n")
+    assert events == []
+    events = drive(conn, b".\r\nNOOP\r\n")
+    assert replies(events) == b"552 5.3.4 Message size exceeds fixed maximum message size\r\n" + (
+        b"250 2.0.0 OK\r\n"
+    )
+    assert not any(isinstance(e, DeliverMessage) for e in events)

@@ -14,16 +14,26 @@ import pytest
 from mailbag.protocol.capabilities import Pop3Policy
 from mailbag.protocol.events import (
     ApopLogin,
+    BodyEnd,
     Close,
     Commit,
+    CommitDone,
+    EndOfMessage,
     Event,
     Login,
+    LoginAccepted,
+    LoginRefused,
+    MessageFailed,
+    MessageOpened,
+    NeedBody,
     NeedData,
     Reply,
     SaslAbort,
+    SaslChallenge,
     SaslStart,
     SendMessage,
     StartTls,
+    TlsStarted,
 )
 from mailbag.protocol.pop3 import Pop3Connection, State
 
@@ -38,13 +48,18 @@ SNAPSHOT = [Msg("uid-a", 100), Msg("uid-b", 200), Msg("uid-c", 300)]
 
 
 def make(**kwargs: object) -> Pop3Connection:
+    """A new connection whose greeting (always its first event) was taken."""
     policy = kwargs.pop("policy", Pop3Policy())
-    return Pop3Connection(policy, timestamp="<1.2@test>", **kwargs)  # type: ignore[arg-type]
+    conn = Pop3Connection(policy, timestamp="<1.2@test>", **kwargs)  # type: ignore[arg-type]
+    greeting = conn.next_event()
+    assert isinstance(greeting, Reply) and greeting.data.startswith(b"+OK ")
+    return conn
 
 
 def drive(conn: Pop3Connection, data: bytes) -> list[Event]:
-    """Feed bytes; return every event until the machine needs data or waits."""
-    conn.receive_data(data)
+    """Feed bytes (none: just run); return every event until the machine needs data or waits."""
+    if data:
+        conn.receive_data(data)
     events: list[Event] = []
     while True:
         event = conn.next_event()
@@ -59,17 +74,24 @@ def replies(events: list[Event]) -> bytes:
     return b"".join(e.data for e in events if isinstance(e, Reply))
 
 
+def answer(conn: Pop3Connection, reply: object) -> bytes:
+    """Send the driver's answer; return the replies it produces."""
+    conn.send(reply)
+    return replies(drive(conn, b""))
+
+
 def logged_in(messages: list[Msg] | None = None) -> Pop3Connection:
     conn = make()
     events = drive(conn, b"USER demo\r\nPASS demo\r\n")
     assert isinstance(events[-1], Login)
-    conn.login_succeeded("demo", messages if messages is not None else SNAPSHOT)
+    answer(conn, LoginAccepted("demo", messages if messages is not None else SNAPSHOT))
     return conn
 
 
 def test_greeting_carries_apop_timestamp() -> None:
     # RFC 1939 section 7: the greeting includes a timestamp of the form <...@...>.
-    assert make().greeting() == b"+OK mailbag POP3 server ready. <1.2@test>\r\n"
+    conn = Pop3Connection(Pop3Policy(), timestamp="<1.2@test>")
+    assert conn.next_event() == Reply(b"+OK mailbag POP3 server ready. <1.2@test>\r\n")
 
 
 def test_user_pass_emits_login_with_whole_password_line() -> None:
@@ -99,7 +121,7 @@ def test_keywords_case_insensitive_and_bare_lf_accepted() -> None:
 def test_login_succeeded_enters_transaction() -> None:
     conn = make()
     drive(conn, b"USER demo\r\nPASS demo\r\n")
-    reply = conn.login_succeeded("demo", SNAPSHOT)
+    reply = answer(conn, LoginAccepted("demo", SNAPSHOT))
     assert reply == b"+OK Logged in, 3 messages (600 octets).\r\n"
     assert conn.state is State.TRANSACTION
 
@@ -108,7 +130,7 @@ def test_login_failed_stays_in_authorization_with_auth_code() -> None:
     # RFC 3206 section 4: [AUTH] marks a credentials problem.
     conn = make()
     drive(conn, b"USER demo\r\nPASS bad\r\n")
-    assert conn.login_failed() == b"-ERR [AUTH] Authentication failed.\r\n"
+    assert answer(conn, LoginRefused()) == b"-ERR [AUTH] Authentication failed.\r\n"
     assert conn.state is State.AUTHORIZATION
     assert replies(drive(conn, b"STAT\r\n")).startswith(b"-ERR STAT is not valid")
 
@@ -117,7 +139,8 @@ def test_login_failed_closes_after_limit() -> None:
     conn = make(policy=Pop3Policy(max_auth_failures=2))
     for _ in range(2):
         drive(conn, b"USER a\r\nPASS b\r\n")
-        conn.login_failed()
+        conn.send(LoginRefused())
+    assert conn.next_event() == Reply(b"-ERR [AUTH] Authentication failed.\r\n")
     assert isinstance(conn.next_event(), Close)
 
 
@@ -172,7 +195,7 @@ def test_retr_emits_send_message_then_size_line() -> None:
     conn = logged_in()
     events = drive(conn, b"RETR 2\r\n")
     assert events == [SendMessage(2, "uid-b", 200, None)]
-    assert conn.message_started() == b"+OK 200 octets\r\n"
+    assert answer(conn, MessageOpened()) == b"+OK 200 octets\r\n"
 
 
 def test_top_without_line_count_means_zero() -> None:
@@ -197,8 +220,14 @@ def test_commands_pipelined_wait_behind_io() -> None:
     conn = logged_in()
     events = drive(conn, b"STAT\r\nRETR 1\r\nNOOP\r\n")
     assert events[-1] == SendMessage(1, "uid-a", 100, None)
-    assert conn.next_event() == NeedData()
-    conn.message_started()
+    with pytest.raises(RuntimeError):  # the driver must answer before asking for more
+        conn.next_event()
+    conn.send(MessageOpened())
+    assert conn.next_event() == Reply(b"+OK 100 octets\r\n")
+    assert conn.next_event() == NeedBody()
+    conn.send(BodyEnd())
+    assert conn.next_event() == Reply(b".\r\n")
+    assert conn.next_event() == EndOfMessage(1, top=False)
     assert replies(drive(conn, b"")) == b"+OK\r\n"
 
 
@@ -214,7 +243,8 @@ def test_quit_in_transaction_commits_only_marked() -> None:
     events = drive(conn, b"DELE 3\r\nDELE 1\r\nQUIT\r\n")
     assert events[-1] == Commit(("uid-a", "uid-c"))
     assert conn.state is State.UPDATE
-    assert conn.commit_finished(2, 0) == b"+OK mailbag signing off (2 deleted, 1 left).\r\n"
+    conn.send(CommitDone(2, 0))
+    assert conn.next_event() == Reply(b"+OK mailbag signing off (2 deleted, 1 left).\r\n")
     assert isinstance(conn.next_event(), Close)
 
 
@@ -229,7 +259,7 @@ def test_quit_update_failure_is_err() -> None:
     # RFC 1939 section 6: if removal fails, the reply is negative.
     conn = logged_in()
     drive(conn, b"DELE 1\r\nQUIT\r\n")
-    assert conn.commit_finished(0, 1).startswith(b"-ERR [SYS/TEMP]")
+    assert answer(conn, CommitDone(0, 1)).startswith(b"-ERR [SYS/TEMP]")
 
 
 def test_quit_in_authorization_never_commits() -> None:
@@ -282,7 +312,11 @@ def test_too_many_errors_closes() -> None:
     conn = make(policy=Pop3Policy(max_errors=3))
     events = drive(conn, b"X\r\nY\r\nZ\r\nQUIT\r\n")
     assert isinstance(events[-1], Close)
-    assert b"Too many bad commands" in replies(events)
+    # RFC 1939: one response per command; the third error's reply says goodbye, QUIT gets none.
+    assert replies(events) == (
+        b"-ERR Unknown command: X\r\n-ERR Unknown command: Y\r\n"
+        b"-ERR Unknown command: Z; too many errors, closing connection.\r\n"
+    )
 
 
 def test_backspace_edits_password() -> None:
@@ -321,7 +355,7 @@ def test_capa_after_login_keeps_what_was_offered_but_not_stls() -> None:
     # RFC 2449 section 5: capabilities offered before login are still announced after.
     conn = make(policy=Pop3Policy(stls=True))
     drive(conn, b"USER a\r\nPASS b\r\n")
-    conn.login_succeeded("a", [])
+    conn.send(LoginAccepted("a", []))
     lines = replies(drive(conn, b"CAPA\r\n")).split(b"\r\n")
     assert b"USER" in lines and b"SASL PLAIN" in lines and b"STLS" not in lines
 
@@ -339,7 +373,7 @@ def test_stls_discards_pending_user_and_pipelined_bytes() -> None:
     events = drive(conn, b"USER demo\r\nSTLS\r\nPASS injected\r\n")
     assert events[-1] == StartTls()
     assert conn.take_unprocessed() == b"PASS injected\r\n"
-    conn.tls_started()
+    conn.send(TlsStarted())
     assert replies(drive(conn, b"PASS x\r\n")).startswith(b"-ERR No user name given")
 
 
@@ -389,11 +423,11 @@ def test_auth_driver_mechanism_long_continuation_line() -> None:
     conn = make(policy=Pop3Policy(sasl_mechanisms=("SCRAM-SHA-256",)))
     events = drive(conn, b"AUTH SCRAM-SHA-256\r\n")
     assert events == [SaslStart("SCRAM-SHA-256", None)]
-    assert conn.sasl_challenge(b"") == b"+ \r\n"
+    assert answer(conn, SaslChallenge(b"")) == b"+ \r\n"
     token = base64.b64encode(b"x" * 3000)
     events = drive(conn, token + b"\r\n")
     assert len(events) == 1 and getattr(events[0], "data", b"") == b"x" * 3000
-    conn.sasl_challenge(b"c")
+    conn.send(SaslChallenge(b"c"))
     assert drive(conn, b"*\r\n")[-1] == SaslAbort()
 
 
@@ -424,7 +458,7 @@ def test_retr_deleted_message_is_error() -> None:
 def test_message_failed_returns_err_and_continues() -> None:
     conn = logged_in()
     drive(conn, b"RETR 1\r\n")
-    assert conn.message_failed("[SYS/TEMP] gone").startswith(b"-ERR [SYS/TEMP]")
+    assert answer(conn, MessageFailed("[SYS/TEMP] gone")).startswith(b"-ERR [SYS/TEMP]")
     assert replies(drive(conn, b"NOOP\r\n")) == b"+OK\r\n"
 
 
@@ -451,13 +485,13 @@ def test_lang_zh_cn_translates_text_but_not_codes_or_numbers() -> None:
         "-ERR 第 1 封邮件已被标记删除。\r\n-ERR 没有第 9 封邮件。\r\n"
     ).encode()
     drive(conn, b"QUIT\r\n")
-    assert conn.commit_finished(0, 1) == "-ERR [SYS/TEMP] 有 1 封邮件未能删除。\r\n".encode()
+    assert answer(conn, CommitDone(0, 1)) == "-ERR [SYS/TEMP] 有 1 封邮件未能删除。\r\n".encode()
 
 
 def test_lang_in_authorization_translates_auth_failure_with_code() -> None:
     conn = make()
     drive(conn, b"LANG zh\r\nUSER a\r\nPASS b\r\n")
-    assert conn.login_failed() == "-ERR [AUTH] 认证失败。\r\n".encode()
+    assert answer(conn, LoginRefused()) == "-ERR [AUTH] 认证失败。\r\n".encode()
 
 
 def test_lang_star_and_unknown() -> None:

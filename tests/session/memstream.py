@@ -48,5 +48,6 @@ class MemoryStream:
     async def start_tls(self, context: ssl.SSLContext) -> None:
         self._secure = True
 
-    def close(self) -> None:
+    def close(self, *, linger: float = 0.0) -> None:
         self.closed = True
+        self.lingered = linger > 0

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mailbag.client.account import ACCOUNT_ENV, PASSWORD_ENV, Account, parse_url, resolve_password
 from mailbag.client.connection import open_session
 from mailbag.client.fetch import default_state_path, fetch, open_store
-from mailbag.client.localstore import Journal, MboxStore
+from mailbag.client.localstore import Journal
 from mailbag.client.pop3 import POP3Client
 from mailbag.client.render import parse_file, render, safe_filename
+from mailbag.client.sasl import MECHANISMS
 from mailbag.client.shell import Shell
 from mailbag.client.table import dump_json, list_rows, make_console, print_list, print_message
 from mailbag.errors import ConfigError
@@ -36,8 +38,37 @@ account: -a pop3://USER@HOST[:PORT] (STLS when offered) or pop3s://USER@HOST (TL
 examples:
   mailbag mail -a pop3s://me%40example.com@pop.example.com list
   mailbag mail read 3            mailbag mail save 3 --to ~/Downloads
+  mailbag mail delete --uid 00000001a1b2c3d4   (UIDL from `list --json`)
   mailbag mail fetch --to ~/Maildir/ --delete
   mailbag mail shell
+"""
+
+
+LIST_JSON = """\
+list --json prints one object (UTF-8, stable keys):
+  {"count": int, "octets": int,              # STAT: messages and octets in the maildrop
+   "messages": [{"msn": int,                 # message number, valid for this session only
+                 "size": int,                # octets as the server counts them (LIST)
+                 "uid": str | null,          # UIDL: stable across sessions (delete --uid)
+                 "date": str | null,         # ISO 8601 with the sender's offset
+                 "from": {"name": str, "address": str},
+                 "subject": str,             # decoded
+                 "attachments": bool}]}      # guessed from the headers (TOP n 0)
+"""
+
+READ_JSON = """\
+read --json prints one object (UTF-8, stable keys):
+  {"msn": int, "subject": str, "from": str, "to": str, "cc": str,   # decoded
+   "date": str | null,            # ISO 8601
+   "message_id": str,
+   "body": str,                   # the text shown ("" when there is no text part)
+   "body_type": str,              # "text/plain" or "text/html" (converted), "" if none
+   "charset_note": str | null,    # e.g. "charset declared gb2312, detected gb18030"
+   "notice": str | null,          # e.g. "no text part: ..." for attachment-only mail
+   "attachments": [{"index": int,          # K for `save --part K`
+                    "filename": str, "content_type": str,
+                    "size": int}],         # decoded octets
+   "defects": [str]}              # MIME defects the parser recorded
 """
 
 
@@ -70,6 +101,9 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
                    help="refuse to log in without TLS")
     g.add_argument("--timeout", type=float, metavar="SEC", default=d(60.0),
                    help="network timeout in seconds (default 60)")
+    g.add_argument("--auth", choices=("auto", *MECHANISMS), default=d(None),
+                   help="login method (default auto: the best the server offers, in the "
+                        "order " + ", ".join(MECHANISMS) + ")")
     return p
 
 
@@ -77,7 +111,8 @@ def _account(args: argparse.Namespace) -> Account:
     url = args.account or os.environ.get(ACCOUNT_ENV)
     if not url:
         raise ConfigError(f"no account: use -a pop3://USER@HOST or set ${ACCOUNT_ENV}")
-    return parse_url(url)
+    account = parse_url(url)
+    return account.with_mechanism(args.auth) if args.auth else account
 
 
 def _session(args: argparse.Namespace) -> POP3Client:
@@ -93,6 +128,25 @@ def _retr_spool(client: POP3Client, msn: int) -> tempfile.SpooledTemporaryFile[b
     client.retr(msn, spool.write)
     spool.seek(0)
     return spool
+
+
+_TERMINAL_UNSAFE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\xc2[\x80-\x9f]")
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _unsafe_for_terminal(spool: IO[bytes]) -> bool:
+    """Whether raw bytes hold C0 controls (tab, CR, LF excepted), DEL or UTF-8 C1 controls."""
+    tail = b""
+    while chunk := spool.read(1 << 20):
+        if _TERMINAL_UNSAFE.search(tail + chunk):
+            spool.seek(0)
+            return True
+        tail = chunk[-1:]
+    spool.seek(0)
+    return False
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -117,6 +171,11 @@ def cmd_read(args: argparse.Namespace) -> int:
     try:
         with _retr_spool(client, args.msn) as spool:
             if args.raw:
+                if _stdout_is_terminal() and _unsafe_for_terminal(spool):
+                    raise ConfigError(
+                        f"message {args.msn} holds control characters or binary data that "
+                        "could drive your terminal; `read --raw` writes it only to a file or "
+                        f"a pipe (e.g. mailbag mail read {args.msn} --raw > message.eml)")
                 sys.stdout.flush()
                 shutil.copyfileobj(spool, sys.stdout.buffer)
                 sys.stdout.buffer.flush()
@@ -169,13 +228,29 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    """Mark the named messages, confirm, then QUIT (commit) or RSET (undo)."""
+    """Mark the named messages, confirm, then QUIT (commit) or RSET (undo).
+
+    ``--uid`` names messages by UIDL, which stays the same across sessions
+    while message numbers shift whenever something is deleted or arrives.
+    """
+    if not args.msns and not args.uid:
+        raise ConfigError("name the messages to delete: message numbers or --uid UIDL...")
     client = _session(args)
     try:
         rows = {r.msn: r for r in list_rows(client)}
-        missing = [n for n in args.msns if n not in rows]
+        msns = list(dict.fromkeys(args.msns))
+        if args.uid:
+            by_uid = {r.uid: r.msn for r in rows.values() if r.uid is not None}
+            if not by_uid and rows:
+                raise ConfigError("the server has no UIDL: delete by message number")
+            unknown = [u for u in args.uid if u not in by_uid]
+            if unknown:
+                raise ConfigError(f"no message with UIDL {', '.join(unknown)} on the server")
+            msns += [by_uid[u] for u in args.uid if by_uid[u] not in msns]
+        missing = [n for n in msns if n not in rows]
         if missing:
             raise ConfigError(f"no message {', '.join(map(str, missing))} on the server")
+        args.msns = msns
         console = make_console()
         for msn in args.msns:
             client.dele(msn)
@@ -214,9 +289,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             client.close()
             raise
     finally:
+        store.close()
         journal.close()
-        if isinstance(store, MboxStore):
-            store.close()
     if args.json:
         dump_json({"fetched": summary.fetched, "octets": summary.octets,
                    "skipped": summary.skipped, "deleted": summary.deleted,
@@ -254,17 +328,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = mail.add_subparsers(dest="mail_command", metavar="ACTION")
     common = _common(False)
 
-    def add(name: str, help_text: str, handler: Any) -> argparse.ArgumentParser:
+    def add(name: str, help_text: str, handler: Any, extra: str = "") -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_text, description=help_text,
-                           formatter_class=fmt, epilog=EPILOG)
+                           formatter_class=fmt, epilog=(extra + "\n" if extra else "") + EPILOG)
         p.set_defaults(handler=handler)
         return p
 
-    p = add("list", "list messages: number, date, sender, subject, size, attachments", cmd_list)
+    p = add("list", "list messages: number, date, sender, subject, size, attachments", cmd_list,
+            LIST_JSON)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-n", "--last", type=int, metavar="N", help="only the last N messages")
 
-    p = add("read", "show one message decoded (best text part, attachments listed)", cmd_read)
+    p = add("read", "show one message decoded (best text part, attachments listed)", cmd_read,
+            READ_JSON)
     p.add_argument("msn", type=_msn, metavar="N", help="message number from `list`")
     p.add_argument("--raw", action="store_true", help="print the exact bytes the server sent")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -277,7 +353,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = add("delete", "delete messages on the server (asks first; nothing else is touched)",
             cmd_delete)
-    p.add_argument("msns", type=_msn, nargs="+", metavar="N", help="message numbers")
+    p.add_argument("msns", type=_msn, nargs="*", metavar="N", help="message numbers")
+    p.add_argument("--uid", nargs="+", action="extend", metavar="UIDL",
+                   help="messages by unique id (from `list --json`), safe when numbers shift")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 
     p = add("fetch", "download new messages into a Maildir or mbox (UIDL state, resumable)",

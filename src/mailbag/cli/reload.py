@@ -8,9 +8,11 @@ swapped in, so a bad new config (a typo, a missing certificate, an
 unreadable users file) is rejected with one ``reload-failed`` log line naming
 the key or path, and the old config stays in force.  Open sessions keep the
 objects they started with and are never dropped; new sessions get the new
-settings.  Some settings cannot change without a restart (listeners,
-``[process]``, ``[metrics]``): a changed value there is logged as a warning and
-ignored until then.
+settings, on every listener: POP3 and LMTP (``[lmtp]`` timeouts and
+caps, ``[quota]``, ``storage.max_message_size``).  Some settings cannot
+change without a restart (``RESTART_ONLY``: the sockets of every listener,
+``[process]``, ``[metrics]``): a changed value there is logged as a warning
+and ignored until then.
 """
 
 from __future__ import annotations
@@ -23,16 +25,36 @@ from collections.abc import Callable
 from typing import Any
 
 from mailbag import __version__
-from mailbag.cli.wiring import Runtime, build_runtime, build_server, mail_root
+from mailbag.cli.wiring import Runtime, build_runtime, lmtp_service, mail_root, pop3_service
 from mailbag.config import Config
 from mailbag.errors import ConfigError, MailbagError
 from mailbag.logs import log_event, setup_logging
-from mailbag.server.listeners import Pop3Server
+from mailbag.server.listeners import Listener
 from mailbag.server.metrics import Metrics
 from mailbag.server.privileges import Account, describe, drop
+from mailbag.server.services import Pop3Service
 
-#: Settings a reload cannot apply; a change is reported and waits for a restart.
-RESTART_ONLY = ("listen", "process", "metrics")
+#: Settings a reload cannot apply (sockets of every listener, process, metrics endpoint);
+#: a change is reported and waits for a restart.
+RESTART_ONLY = ("listen", "lmtp.listen", "lmtp.socket", "lmtp.socket_mode", "process", "metrics")
+
+
+def _get(config: Config, name: str) -> Any:
+    section, _, key = name.partition(".")
+    value = getattr(config, section)
+    return getattr(value, key) if key else value
+
+
+def _keep_restart_only(old: Config, new: Config) -> Config:
+    """``new`` with every restart-only setting as it is in ``old`` (the state really in force)."""
+    for name in RESTART_ONLY:
+        section, _, key = name.partition(".")
+        if key:
+            value = dataclasses.replace(getattr(new, section), **{key: _get(old, name)})
+        else:
+            value = getattr(old, section)
+        new = dataclasses.replace(new, **{section: value})
+    return new
 
 
 def check_runtime_access(runtime: Runtime, *, after_drop: Account | None) -> None:
@@ -66,7 +88,7 @@ def drop_privileges(account: Account | None) -> None:
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
-    return [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+    return [name for name in RESTART_ONLY if _get(old, name) != _get(new, name)]
 
 
 class Service:
@@ -75,13 +97,15 @@ class Service:
     def __init__(
         self,
         runtime: Runtime,
-        server: Pop3Server,
+        server: Listener,
         *,
         load_config: Callable[[], Config] | None,
         metrics: Metrics | None = None,
+        lmtp: Listener | None = None,
     ) -> None:
         self.runtime = runtime
         self.server = server
+        self.lmtp = lmtp
         self.load_config = load_config
         self.metrics = metrics
         self.stopping = False
@@ -122,9 +146,7 @@ class Service:
             log_event("reload-needs-restart", logging.WARNING, setting=name,
                       note="changed in the file; takes effect after a restart")
         # Keep restart-only settings as they are, so the state we report is the real one.
-        new = dataclasses.replace(
-            new, **{name: getattr(old_runtime.config, name) for name in RESTART_ONLY}
-        )
+        new = _keep_restart_only(old_runtime.config, new)
         # 1. Build and validate everything; nothing live changes yet.
         candidate = build_runtime(new)
         candidate.users.reload()  # AuthError now, not at the first login
@@ -136,27 +158,26 @@ class Service:
             log_event("reload-needs-restart", logging.WARNING, setting="tls",
                       note="TLS cannot be switched off while TLS listeners run")
             candidate.tls = live_tls
-        staged = build_server(candidate)
+        staged = pop3_service(candidate, self.metrics)
         # 2. Swap.  The live TLS context object is kept (listeners hold it) and
         # gets the new chain; the candidate context proved it loads.
         if live_tls is not None and candidate.tls is not None and candidate.tls is not live_tls:
             live_tls.cert, live_tls.key = candidate.tls.cert, candidate.tls.key
             live_tls.reload()
             candidate.tls = live_tls
-        old_auth = self.server.authenticator
+        live = self.server.service
+        assert isinstance(live, Pop3Service)
+        old_auth = live.authenticator
         throttle = staged.authenticator.throttle
         if (throttle.base, throttle.cap, throttle.window) == (
             old_auth.throttle.base, old_auth.throttle.cap, old_auth.throttle.window
         ):
             # Same policy: keep the failure counters, or a reload would reset an attack's delay.
             staged.authenticator.throttle = old_auth.throttle
-        self.server.tls = candidate.tls
-        self.server.reconfigure(
-            settings=staged.settings,
-            authenticator=staged.authenticator,
-            store=staged.store,
-            limits=staged.limits,
-        )
+        staged.tls = candidate.tls
+        self.server.reconfigure(staged, tls=candidate.tls)
+        if self.lmtp is not None:
+            self.lmtp.reconfigure(lmtp_service(candidate, self.metrics))
         self.runtime = candidate
         setup_logging(new.log_level, new.log_format)
 

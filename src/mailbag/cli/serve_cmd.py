@@ -97,14 +97,14 @@ async def serve(
     if any(a.tls for a in config.listen) and runtime.tls is None:
         raise ConfigError("server.listen_tls: needs tls.cert and tls.key")
     metrics = Metrics() if config.metrics.listen else None
-    server = build_server(runtime, observer=metrics)
-    service = Service(runtime, server, load_config=reload_config, metrics=metrics)
+    server = build_server(runtime, metrics)
+    lmtp = build_lmtp_server(runtime, metrics)
+    service = Service(runtime, server, load_config=reload_config, metrics=metrics, lmtp=lmtp)
     ops = None
     if config.metrics.listen:
         address = parse_listen(config.metrics.listen, key="metrics.listen")
         ops = OpsEndpoint(address, metrics, service.health)
     await server.start(accept=False)
-    lmtp = build_lmtp_server(runtime, metrics)
     try:
         if ops is not None:
             await ops.start(accept=False)
@@ -143,7 +143,7 @@ async def serve(
     if lmtp is None:
         await server.shutdown(config.limits.shutdown_grace)
     else:
-        # LMTP sessions finish their transaction first (see server.lmtp_listener).
+        # LMTP sessions finish their transaction first (see server.listeners).
         await asyncio.gather(
             server.shutdown(config.limits.shutdown_grace),
             lmtp.shutdown(config.limits.shutdown_grace),

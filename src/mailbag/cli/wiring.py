@@ -19,13 +19,14 @@ from mailbag.config import Config
 from mailbag.errors import ConfigError
 from mailbag.protocol.capabilities import Pop3Policy
 from mailbag.protocol.lmtp import LmtpPolicy
-from mailbag.server.listeners import ConnectionLimits, Pop3Server, ServerObserver
-from mailbag.server.lmtp_listener import LmtpServer
+from mailbag.server.listeners import ConnectionLimits, Endpoint, Listener
 from mailbag.server.metrics import Metrics
+from mailbag.server.services import LmtpService, Pop3Service
 from mailbag.server.tls import TlsContext
 from mailbag.session.authenticate import Authenticator
 from mailbag.session.delivery import DeliveryAgent, Outcome, QuotaDefaults
 from mailbag.session.lmtp import LmtpSessionSettings
+from mailbag.session.observer import NULL_OBSERVER
 from mailbag.session.pop3 import SessionSettings
 from mailbag.session.sasl import DRIVER_MECHANISMS
 from mailbag.session.throttle import FailureThrottle
@@ -114,8 +115,8 @@ def plaintext_checker(config: Config) -> Callable[[str], bool]:
     return allowed
 
 
-def build_server(runtime: Runtime, observer: ServerObserver | None = None) -> Pop3Server:
-    """A ready-to-start POP3 server for this runtime (``observer``: metrics, if on)."""
+def pop3_service(runtime: Runtime, metrics: Metrics | None = None) -> Pop3Service:
+    """What new POP3 connections get under this runtime (rebuilt at every SIGHUP)."""
     config = runtime.config
     limits = config.limits
     policy = Pop3Policy(
@@ -141,14 +142,23 @@ def build_server(runtime: Runtime, observer: ServerObserver | None = None) -> Po
         cap=config.auth.max_failure_delay,
         window=config.auth.failure_window,
     )
-    return Pop3Server(
-        listen=config.listen,
+    return Pop3Service(
         settings=settings,
         authenticator=Authenticator(runtime.users, throttle),
         store=runtime.store,
-        tls=runtime.tls,
         limits=ConnectionLimits(limits.max_connections, limits.max_connections_per_ip),
-        observer=observer,
+        tls=runtime.tls,
+        observer=metrics or NULL_OBSERVER,
+    )
+
+
+def build_server(runtime: Runtime, metrics: Metrics | None = None) -> Listener:
+    """The POP3 listeners (plain and implicit TLS) for this runtime (``metrics``, if on)."""
+    return Listener(
+        [Endpoint.tcp(address) for address in runtime.config.listen],
+        pop3_service(runtime, metrics),
+        tls=runtime.tls,
+        observer=metrics,
     )
 
 
@@ -176,12 +186,9 @@ def delivery_metric(outcome: Outcome) -> str:
     return "failed" if outcome is Outcome.TEMPORARY else "rejected"
 
 
-def build_lmtp_server(runtime: Runtime, metrics: Metrics | None = None) -> LmtpServer | None:
-    """The LMTP listeners, or None when none is configured."""
+def lmtp_service(runtime: Runtime, metrics: Metrics | None = None) -> LmtpService:
+    """What new LMTP connections get under this runtime (rebuilt at every SIGHUP)."""
     config = runtime.config
-    lmtp = config.lmtp
-    if not lmtp.listen and lmtp.socket is None:
-        return None
     on_result = None
     if metrics is not None:
         count = metrics.delivery
@@ -191,11 +198,20 @@ def build_lmtp_server(runtime: Runtime, metrics: Metrics | None = None) -> LmtpS
 
     agent = build_delivery_agent(config, runtime.users, runtime.store, on_result)
     policy = LmtpPolicy(hostname=agent.hostname, max_message_size=agent.max_message_size)
-    return LmtpServer(
-        listen=lmtp.listen,
-        socket_path=lmtp.socket,
-        socket_mode=lmtp.socket_mode,
-        settings=LmtpSessionSettings(policy=policy, timeout=lmtp.timeout),
+    total = config.lmtp.max_connections
+    return LmtpService(
+        settings=LmtpSessionSettings(policy=policy, timeout=config.lmtp.timeout),
         agent=agent,
-        max_connections=lmtp.max_connections,
+        limits=ConnectionLimits(total=total, per_address=total),
     )
+
+
+def build_lmtp_server(runtime: Runtime, metrics: Metrics | None = None) -> Listener | None:
+    """The LMTP listeners (TCP and Unix socket), or None when none is configured."""
+    lmtp = runtime.config.lmtp
+    if not lmtp.listen and lmtp.socket is None:
+        return None
+    endpoints = [Endpoint.tcp(address) for address in lmtp.listen]
+    if lmtp.socket is not None:
+        endpoints.append(Endpoint(path=lmtp.socket, mode=lmtp.socket_mode))
+    return Listener(endpoints, lmtp_service(runtime, metrics), backlog=256)

@@ -2,10 +2,11 @@
 
 An account is named by a URL, ``pop3://user@host:port`` (TLS upgraded with
 STLS when offered) or ``pop3s://user@host`` (implicit TLS, RFC 8314), as
-RFC 2384 describes for ``pop://`` (accepted too, with ``;AUTH=PLAIN`` or
-``;AUTH=+USER`` to pick a mechanism).  Many providers want the whole address
-as the user name; ``pop3://me@163.com@pop.163.com`` works (the last ``@``
-separates the host) and so does ``me%40163.com``.
+RFC 2384 describes for ``pop://`` (accepted too, with ``;AUTH=SCRAM-SHA-256``,
+``;AUTH=PLAIN``, ``;AUTH=+APOP`` or ``;AUTH=+USER`` to pick a mechanism).
+Many providers want the whole address as the user name;
+``pop3://me@163.com@pop.163.com`` works (the last ``@`` separates the host)
+and so does ``me%40163.com``.
 
 The password is deliberately *not* accepted in the URL: a command line is
 visible to every user of the machine (``ps``) and stays in shell history.
@@ -27,7 +28,9 @@ from mailbag.errors import ConfigError
 
 DEFAULT_PORTS = {"starttls": 110, "implicit": 995}
 _SCHEMES = {"pop": "starttls", "pop3": "starttls", "pops": "implicit", "pop3s": "implicit"}
-_AUTH = {"*": "auto", "+user": "user", "plain": "plain"}
+#: RFC 2384 ``;AUTH=`` values: ``*`` any, ``+USER``/``+APOP`` the POP3 commands, else SASL.
+_AUTH = {"*": "auto", "+user": "user", "+apop": "apop", "plain": "plain",
+         "scram-sha-256": "scram-sha-256"}
 PASSWORD_ENV = "MAILBAG_PASSWORD"
 ACCOUNT_ENV = "MAILBAG_ACCOUNT"
 
@@ -52,6 +55,10 @@ class Account:
         """A copy carrying the password."""
         return Account(self.user, self.host, self.port, self.tls, self.mechanism, password)
 
+    def with_mechanism(self, mechanism: str) -> Account:
+        """A copy with another login method (``--auth``)."""
+        return Account(self.user, self.host, self.port, self.tls, mechanism, self.password)
+
 
 def parse_url(url: str) -> Account:
     """Parse ``pop3[s]://user[;AUTH=mech]@host[:port]`` into an :class:`Account`."""
@@ -74,7 +81,8 @@ def parse_url(url: str) -> Account:
         key, _, value = params.partition("=")
         if key.lower() != "auth" or value.lower() not in _AUTH:
             raise ConfigError(
-                f"unsupported URL parameter {params!r} (use ;AUTH=PLAIN or ;AUTH=+USER)")
+                f"unsupported URL parameter {params!r} (use ;AUTH=SCRAM-SHA-256, ;AUTH=PLAIN, "
+                ";AUTH=+APOP or ;AUTH=+USER)")
         mechanism = _AUTH[value.lower()]
     host, port = _split_host(hostport)
     if not host:

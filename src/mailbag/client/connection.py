@@ -4,7 +4,8 @@ The TLS policy lives here, in one place, so every command gets the same
 answers: implicit TLS for ``pop3s://``, STLS whenever the server offers it
 for ``pop3://``, a hard error if STLS fails, ``--require-tls`` to refuse
 plaintext altogether, and a warning before a password crosses the network
-in the clear (loopback excepted: tests and local servers).
+in the clear (loopback excepted: tests and local servers) -- only for the
+logins that send it (PLAIN, USER/PASS), not for SCRAM or APOP.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ssl
 import sys
 from typing import Literal
 
+from mailbag.client import sasl
 from mailbag.client.account import Account
 from mailbag.client.pop3 import POP3Client, Trace
 from mailbag.errors import ConfigError
@@ -57,15 +59,17 @@ def open_session(
         timeout=timeout, trace=trace,
     )
     try:
-        if not client.tls:
-            if require_tls:
-                raise ConfigError(f"{account.host} does not offer STLS and --require-tls is set")
-            if login and not _is_loopback(account.host):
-                print(f"mailbag: warning: {account.host} offers no TLS; "
-                      "the password is sent in the clear", file=sys.stderr)
+        if not client.tls and require_tls:
+            raise ConfigError(f"{account.host} does not offer STLS and --require-tls is set")
         if login:
             if account.password is None:
                 raise ConfigError("no password")
+            mechanism = sasl.choose(account.mechanism, client.capabilities, client.greeting,
+                                    host=account.host, tls=client.tls)
+            if mechanism in sasl.PLAINTEXT and not client.tls and not _is_loopback(account.host):
+                print(f"mailbag: warning: {account.host} offers no TLS; "
+                      f"the password is sent in the clear ({sasl.WIRE_NAMES[mechanism]})",
+                      file=sys.stderr)
             client.login(account.user, account.password, account.mechanism)
     except BaseException:
         client.close()

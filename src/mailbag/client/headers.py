@@ -14,8 +14,10 @@ replacement characters.  We therefore read the *raw* header strings
   decoded once, which repairs split characters;
 * labels go through :mod:`mailbag.client.charsets` (gb2312 -> gb18030 ...);
 * raw 8-bit bytes in headers (common in old Chinese mail) are recovered from
-  the parser's surrogate escapes and decoded with the message's body charset
-  as a hint, as Thunderbird does;
+  the parser's surrogate escapes and decoded by
+  :func:`mailbag.client.charsets.decode_header_bytes` -- UTF-8, then the
+  charsets the message declares, then detection -- the one code path for
+  subjects, display names and attachment names;
 * control characters are neutralised so a header cannot drive the terminal.
 """
 
@@ -26,7 +28,10 @@ import datetime as dt
 import re
 from email.utils import getaddresses, parsedate_to_datetime
 
-from mailbag.client.charsets import decode_bytes, normalize_label
+from mailbag.client.charsets import HeaderHints, decode_bytes, decode_header_bytes, normalize_label
+
+#: What callers may pass as the charset hint for raw 8-bit header bytes.
+Hints = HeaderHints | str | None
 
 _ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([QqBb])\?([^?]*?)\?=")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
@@ -34,16 +39,26 @@ _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SURROGATES = re.compile(r"[\udc80-\udcff]")
 
 
+def _picture(match: re.Match[str]) -> str:
+    """C0 controls as their Unicode Control Pictures (ESC -> U+241B), DEL as U+2421."""
+    code = ord(match.group())
+    if code < 0x20:
+        return chr(0x2400 + code)
+    return "\u2421" if code == 0x7F else "\ufffd"  # C1 controls have no pictures
+
+
 def printable(text: str, *, single_line: bool = False) -> str:
-    """Replace control characters (ANSI escapes included) with U+FFFD.
+    """Make control characters (ANSI escapes included) visible and harmless.
 
     RFC 2047 section 7 asks readers to make sure decoded text cannot have
     "unwanted side-effects" on the terminal; an ESC in a subject could
-    otherwise retitle the window or hide text.
+    otherwise retitle the window or hide text.  Tab and newline stay (unless
+    ``single_line``); other C0 controls and DEL become Control Pictures
+    (``␛``), C1 controls U+FFFD.
     """
     if single_line:
         text = text.replace("\r", " ").replace("\n", " ").replace("\t", " ")
-    return _CONTROLS.sub("\ufffd", text)
+    return _CONTROLS.sub(_picture, text)
 
 
 def _word_bytes(encoding: str, payload: str) -> bytes:
@@ -59,18 +74,27 @@ def _word_bytes(encoding: str, payload: str) -> bytes:
     return binascii.a2b_qp(payload.encode("ascii", "replace"), header=True)
 
 
-def _raw_text(segment: str, hint: str | None) -> str:
+def raw_bytes(segment: str) -> bytes:
+    """The original octets of a parsed header string (8-bit bytes are surrogate escapes)."""
+    return segment.encode("utf-8", "surrogateescape")
+
+
+def has_raw_bytes(segment: str) -> bool:
+    """Whether a parsed header string holds undecoded 8-bit bytes."""
+    return _SURROGATES.search(segment) is not None
+
+
+def _raw_text(segment: str, hint: Hints) -> str:
     """Decode a non-encoded segment that may hold raw 8-bit bytes."""
-    if not _SURROGATES.search(segment):
+    if not has_raw_bytes(segment):
         return segment
-    raw = segment.encode("utf-8", "surrogateescape")
-    return decode_bytes(raw, hint).text if hint else decode_bytes(raw).text
+    return decode_header_bytes(raw_bytes(segment), hint).text
 
 
-def decode_words(value: str, hint: str | None = None) -> str:
+def decode_words(value: str, hint: Hints = None) -> str:
     """Decode every encoded-word in an unstructured header value.
 
-    ``hint`` is the charset to try for raw 8-bit bytes (usually the body's).
+    ``hint`` tells how to read raw 8-bit bytes (see ``decode_header_bytes``).
     Encoded-words glued to text without whitespace are decoded too:
     Outlook, old Foxmail and list managers ("[list]=?gbk?B?...?=") do it.
     """
@@ -105,7 +129,7 @@ def decode_words(value: str, hint: str | None = None) -> str:
     return printable("".join(out), single_line=True).strip()
 
 
-def decode_addresses(value: str, hint: str | None = None) -> list[tuple[str, str]]:
+def decode_addresses(value: str, hint: Hints = None) -> list[tuple[str, str]]:
     """Split an address header into ``(display name, address)`` pairs.
 
     The raw value is split *before* decoding (RFC 2047 section 6.2 note: a
@@ -132,7 +156,7 @@ def format_address(name: str, addr: str) -> str:
     return name or addr
 
 
-def format_addresses(value: str, hint: str | None = None) -> str:
+def format_addresses(value: str, hint: Hints = None) -> str:
     """Decode and render a whole address header on one line."""
     return ", ".join(format_address(n, a) for n, a in decode_addresses(value, hint))
 

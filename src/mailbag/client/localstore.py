@@ -1,4 +1,4 @@
-"""Where ``fetch`` puts mail: a Maildir or an mbox, written crash-safely.
+"""Where ``fetch`` puts mail: a Maildir or an mbox, written crash-safely and in batches.
 
 ``mailbox.Maildir.add`` and ``mailbox.mbox.add`` take a whole message in
 memory and never fsync; ``fetch`` may delete the server's copy, so it needs
@@ -7,16 +7,20 @@ a local write that is on disk before DELE.  Both stores here take a
 straight from the socket to the file.
 
 Exactly-once delivery across a crash uses a small journal (the UIDL state
-file): ``B uid where`` is written *before* the store changes, ``D uid where``
-once the message is durable.  Durability is batched: each Maildir file is
-fsynced before its rename (the Maildir protocol), but the directory fsync and
-the D lines happen once per batch in ``flush`` -- always before QUIT, which
-is when the server applies DELE, so no deletion ever precedes durability.  On the next run a ``B``
-without ``D`` is settled: for Maildir, the message counts as stored iff the
-final file exists (rename is atomic); for mbox, the file is truncated back
-to the recorded offset, removing a partial append.  Nothing is lost (the
-server still has the message: it is only deleted after ``D``) and nothing
-is duplicated.
+file): ``B uid where`` is written *before* the message can become visible,
+``D uid where`` once it is durable.  Durability is batched and overlapped
+with the download: ``seal`` hands the batch written so far to a few
+background threads that fsync it (ext4 and friends commit concurrent
+fsyncs together) while the next batch streams in, and the following
+``seal`` or ``flush`` finishes it -- for Maildir: rename the fsynced files
+from ``tmp/`` into ``new/``, fsync ``new/``, then the D lines.  Both
+return the UIDs that just became durable: only those may be deleted on the
+server.  On the next run a ``B`` without ``D`` is settled: for Maildir, the
+message counts as stored iff the final file exists (it is renamed only
+after its fsync); for mbox, the file is truncated back to the earliest
+pending offset, removing partial appends.  Nothing is lost (the server
+still has the message: DELE is only sent after ``D``) and nothing is
+duplicated.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import re
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from mailbag.errors import ConfigError
@@ -40,6 +46,8 @@ _FROM_PREFIX = re.compile(rb">*(F(r(o(m)?)?)?)?")
 _COUNTER = itertools.count(1)
 #: Partial line held back by LocalLines before it is passed on in pieces.
 MAX_PARTIAL = 64 * 1024
+#: Threads fsyncing a sealed batch (concurrent fsyncs share journal commits).
+SYNC_THREADS = 8
 
 
 def fsync_dir(path: Path) -> None:
@@ -68,7 +76,7 @@ class LocalLines:
 
     def _convert(self, data: bytes, at_start: bool) -> bytes:
         data = data.replace(b"\r\n", b"\n")
-        if self._mboxrd:
+        if self._mboxrd and b"From " in data:
             if at_start:
                 data = _FROM_LINE.sub(rb">\1", data)
             else:
@@ -134,6 +142,12 @@ class Journal:
             os.fsync(self._fd)
         self.pending[uid] = where
 
+    def begin_many(self, items: list[tuple[str, str]]) -> None:
+        """B lines for a batch in one write, not synced (see MaildirStore.flush)."""
+        if items:
+            os.write(self._fd, "".join(f"B\t{u}\t{w}\n" for u, w in items).encode())
+            self.pending.update(items)
+
     def commit(self, items: list[tuple[str, str]]) -> None:
         """Record that these messages are durable in the store: one fsync."""
         if not items:
@@ -170,6 +184,33 @@ def _host_part() -> str:
     return socket.gethostname().replace("/", r"\057").replace(":", r"\072") or "localhost"
 
 
+@dataclass(slots=True)
+class _Written:
+    """A Maildir message written to tmp/ and not yet durable."""
+
+    uid: str
+    fd: int
+    tmp: str
+    where: str
+
+
+class _Syncer:
+    """A small thread pool for fsync, created on first use."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def fsync(self, fd: int) -> Future[None]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="mailbag-fsync")
+        return self._pool.submit(os.fsync, fd)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
 class MaildirStore:
     """Deliver into ``new/`` by the Maildir protocol: write tmp/, fsync, rename."""
 
@@ -177,9 +218,20 @@ class MaildirStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.unsynced: list[tuple[str, str]] = []
+        self._open: list[_Written] = []
+        self._sealed: list[_Written] = []
+        self._syncs: list[Future[None]] = []
+        self._syncer = _Syncer()
+        self._host = _host_part()
+        self._pid = os.getpid()
         for sub in ("tmp", "new", "cur"):
             (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._tmp_dir, self._root_dir = str(root / "tmp"), str(root)
+
+    @property
+    def unsynced(self) -> int:
+        """Messages written but not yet durable."""
+        return len(self._open) + len(self._sealed)
 
     def settle(self, journal: Journal) -> None:
         """Resolve journal entries left by an interrupted run."""
@@ -187,34 +239,79 @@ class MaildirStore:
                         if (self.root / where).exists()])
 
     def store(self, uid: str, produce: Producer, journal: Journal) -> str:
-        """Stream one message in; returns its path relative to the Maildir."""
+        """Stream one message into tmp/; returns its future path relative to the Maildir."""
         now = time.time()
-        base = (f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_COUNTER)}"
-                f".{_host_part()}")
-        tmp = self.root / "tmp" / base
+        base = f"{int(now)}.M{int(now % 1 * 1e6)}P{self._pid}Q{next(_COUNTER)}.{self._host}"
+        tmp = f"{self._tmp_dir}/{base}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             size = _write_stream(fd, produce, LocalLines())
-            os.fsync(fd)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
-        os.close(fd)
         where = f"new/{base},S={size}"
-        # The B line precedes the rename (a process kill keeps both in the page
-        # cache); the D line waits for flush(), after the directory fsync.
-        journal.begin(uid, where, sync=False)
-        os.rename(tmp, self.root / where)
-        self.unsynced.append((uid, where))
+        self._open.append(_Written(uid, fd, tmp, where))
         return where
 
-    def flush(self, journal: Journal) -> None:
-        """Make the renames durable, then journal them: two fsyncs per batch."""
-        if self.unsynced:
-            fsync_dir(self.root / "new")
-            journal.commit(self.unsynced)
-            self.unsynced = []
+    def seal(self, journal: Journal) -> list[str]:
+        """Start fsyncing the open batch; finish the previous one (its UIDs are returned)."""
+        done = self._finish(journal)
+        if self._open:
+            self._sealed, self._open = self._open, []
+            self._syncs = [self._syncer.fsync(w.fd) for w in self._sealed]
+        return done
+
+    def flush(self, journal: Journal) -> list[str]:
+        """Make everything written durable and journalled; returns the UIDs."""
+        done = self.seal(journal)
+        return done + self._finish(journal)
+
+    def _finish(self, journal: Journal) -> list[str]:
+        """Wait for the sealed batch's fsyncs, then B lines, renames, dir fsync, D lines."""
+        if not self._sealed:
+            return []
+        try:
+            for future in self._syncs:
+                future.result()
+        except BaseException:
+            if not all(f.done() for f in self._syncs):
+                raise  # interrupted while waiting: a later flush finishes the batch
+            self._discard(self._sealed)
+            raise
+        batch = self._sealed
+        items = [(w.uid, w.where) for w in batch]
+        # The B lines precede the renames (a process kill keeps both in the page
+        # cache); the D lines wait for the directory fsync.
+        journal.begin_many(items)
+        for w in batch:
+            if w.fd >= 0:
+                os.close(w.fd)
+                w.fd = -1
+            # Idempotent: an interrupted earlier attempt may have renamed it already.
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(w.tmp, f"{self._root_dir}/{w.where}")
+        fsync_dir(self.root / "new")
+        journal.commit(items)
+        self._sealed, self._syncs = [], []
+        return [w.uid for w in batch]
+
+    @staticmethod
+    def _discard(batch: list[_Written]) -> None:
+        for w in batch:
+            if w.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(w.fd)
+                w.fd = -1
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(w.tmp)
+
+    def close(self) -> None:
+        """Drop what never became durable (it is fetched again next time); stop the threads."""
+        self._syncer.close()
+        self._discard(self._open + self._sealed)
+        self._open, self._sealed, self._syncs = [], [], []
 
 
 class MboxStore:
@@ -224,7 +321,10 @@ class MboxStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.unsynced: list[tuple[str, str]] = []
+        self._open: list[tuple[str, str]] = []
+        self._sealed: list[tuple[str, str]] = []
+        self._sync: Future[None] | None = None
+        self._syncer = _Syncer()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -232,6 +332,12 @@ class MboxStore:
         except OSError as exc:
             os.close(self._fd)
             raise ConfigError(f"{path} is locked by another program") from exc
+        self._size = os.fstat(self._fd).st_size  # we hold the lock: only we append
+
+    @property
+    def unsynced(self) -> int:
+        """Messages appended but not yet durable."""
+        return len(self._open) + len(self._sealed)
 
     def settle(self, journal: Journal) -> None:
         """Cut off a partial append left by an interrupted run."""
@@ -240,57 +346,86 @@ class MboxStore:
             if os.fstat(self._fd).st_size > offset:
                 os.ftruncate(self._fd, offset)
                 os.fsync(self._fd)
+                self._size = offset
             journal.pending.clear()
 
     def store(self, uid: str, produce: Producer, journal: Journal) -> str:
         """Append one message; on any failure the file is cut back."""
-        offset = os.fstat(self._fd).st_size
-        # Only the first append of a batch needs a durable B line: recovery
-        # truncates back to the earliest pending offset.
-        journal.begin(uid, str(offset), sync=not self.unsynced)
+        offset = self._size
+        # Only the first append of a batch needs a B line, made durable before
+        # the mbox changes: recovery truncates back to the earliest pending offset.
+        first = not self._open
+        if first:
+            journal.begin(uid, str(offset), sync=True)
         try:
             stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime())
-            os.write(self._fd, f"From MAILER-DAEMON {stamp}\n".encode())
-            _write_stream(self._fd, produce, LocalLines(mboxrd=True))
-            os.write(self._fd, b"\n")
+            self._size += _write_stream(self._fd, produce, LocalLines(mboxrd=True),
+                                        prefix=f"From MAILER-DAEMON {stamp}\n".encode(),
+                                        suffix=b"\n")
         except BaseException:
             os.ftruncate(self._fd, offset)
-            journal.pending.pop(uid, None)
+            self._size = offset
+            if first:
+                journal.pending.pop(uid, None)
             raise
-        self.unsynced.append((uid, str(offset)))
+        self._open.append((uid, str(offset)))
         return str(offset)
 
-    def flush(self, journal: Journal) -> None:
-        """fsync the mbox, then journal the batch."""
-        if self.unsynced:
-            os.fsync(self._fd)
-            journal.commit(self.unsynced)
-            self.unsynced = []
+    def seal(self, journal: Journal) -> list[str]:
+        """Start an fsync covering the open batch; finish the previous one (UIDs returned)."""
+        done = self._finish(journal)
+        if self._open:
+            self._sealed, self._open = self._open, []
+            self._sync = self._syncer.fsync(self._fd)
+        return done
+
+    def flush(self, journal: Journal) -> list[str]:
+        """fsync the mbox, then journal everything appended; returns the UIDs."""
+        done = self.seal(journal)
+        return done + self._finish(journal)
+
+    def _finish(self, journal: Journal) -> list[str]:
+        if not self._sealed:
+            return []
+        if self._sync is not None:
+            self._sync.result()
+        batch, self._sealed, self._sync = self._sealed, [], None
+        journal.commit(batch)
+        return [uid for uid, _ in batch]
 
     def close(self) -> None:
-        """Unlock and close."""
+        """Stop the threads, unlock and close."""
+        self._syncer.close()
         with contextlib.suppress(OSError):
             os.close(self._fd)
 
 
-def _write_stream(fd: int, produce: Producer, lines: LocalLines) -> int:
+#: Converted bytes collected before one write() (small messages: one write each).
+WRITE_BUFFER = 256 * 1024
+
+
+def _write_stream(fd: int, produce: Producer, lines: LocalLines, *, prefix: bytes = b"",
+                  suffix: bytes = b"") -> int:
     """Run ``produce`` with a sink that converts and writes; return bytes written."""
     written = 0
+    pending = bytearray(prefix)
 
     def sink(chunk: bytes) -> None:
         nonlocal written
-        out = lines.feed(chunk)
-        if out:
-            written += _write_all(fd, out)
+        pending.extend(lines.feed(chunk))
+        if len(pending) >= WRITE_BUFFER:
+            written += _write_all(fd, pending)
+            pending.clear()
 
     produce(sink)
-    tail = lines.finish()
-    if tail:
-        written += _write_all(fd, tail)
+    pending.extend(lines.finish())
+    pending.extend(suffix)
+    if pending:
+        written += _write_all(fd, pending)
     return written
 
 
-def _write_all(fd: int, data: bytes) -> int:
+def _write_all(fd: int, data: bytes | bytearray) -> int:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]

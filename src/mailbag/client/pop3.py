@@ -6,14 +6,18 @@ Why blocking rather than asyncio: every caller is a terminal command doing
 one thing at a time (list, read, a fetch loop, an interactive shell), and a
 plain socket keeps readline, getpass and Ctrl-C behaviour simple.
 
+Logins: SASL SCRAM-SHA-256 (the server's signature is verified), SASL PLAIN,
+APOP and USER/PASS; which one is chosen by :mod:`mailbag.client.sasl`.
+
 Security rules enforced here rather than by callers:
 
 * after ``STLS`` is answered ``+OK``, bytes the server sent before the TLS
   handshake are an injection attempt (CVE-2011-0411 class): we abort;
 * a server that advertised STLS and then refuses or fails it is an error,
   never a silent fall back to plaintext;
-* the trace hook sees ``PASS ********`` and ``AUTH PLAIN ********``, never
-  the secret.
+* the trace hook sees ``PASS ********``, ``AUTH PLAIN ********`` and
+  ``APOP user ********``, never the secret;
+* a SCRAM server that does not prove it knows the password is refused.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import contextlib
 import re
 import socket
 import ssl
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+from mailbag.client import sasl
 from mailbag.client.dotstuff import DotUnstuffer
 from mailbag.errors import MailbagError
 
@@ -70,6 +76,8 @@ def _redact(line: str) -> str:
     upper = line.upper()
     if upper.startswith("PASS "):
         return "PASS ********"
+    if upper.startswith("APOP ") and len(line.split()) > 2:
+        return " ".join(line.split()[:2]) + " ********"
     if upper.startswith("AUTH ") and len(line.split()) > 2:
         return " ".join(line.split()[:2]) + " ********"
     return line
@@ -87,6 +95,10 @@ class POP3Client:
         self.greeting = ""
         self.capabilities: dict[str, list[str]] | None = None
         self.in_multiline = False
+        #: The login method used (see client.sasl.MECHANISMS), once logged in.
+        self.mechanism: str | None = None
+        #: Commands sent with :meth:`send_pipelined` whose replies are not read yet.
+        self.inflight: deque[str] = deque()
 
     # -- connection -------------------------------------------------------------
 
@@ -215,6 +227,45 @@ class POP3Client:
                 return total
             data = self._recv()
 
+    def send_pipelined(self, commands: Iterable[str]) -> None:
+        """Send several commands in one write (RFC 2449 PIPELINING).
+
+        Only for servers that announce PIPELINING; the replies come back in
+        order and are read one by one with :meth:`next_reply`.
+        """
+        batch = list(commands)
+        if not batch:
+            return
+        for command in batch:
+            self._emit("C", _redact(command))
+        try:
+            self._sock.sendall(b"".join(c.encode("utf-8") + b"\r\n" for c in batch))
+        except OSError as exc:
+            raise POP3ProtocolError(f"connection lost while sending: {exc}") from exc
+        self.inflight.extend(batch)
+
+    def next_reply(self, sink: Sink | None = None) -> tuple[str, int | None]:
+        """Read the reply to the oldest pipelined command (its body into ``sink``).
+
+        Returns (status line, body octets or None); ``-ERR`` raises
+        :class:`POP3Error` -- the replies still in flight then make the
+        connection unusable for anything but closing it.
+        """
+        command = self.inflight.popleft()
+        line = self._read_status_line()
+        if line.startswith("+OK"):
+            if expects_body(command):
+                return line, self._read_body(sink or (lambda _b: None))
+            return line, None
+        if line.startswith("-ERR"):
+            raise POP3Error(line, _redact(command).split(" ")[0])
+        raise POP3ProtocolError(f"unexpected reply: {line[:200]!r}")
+
+    @property
+    def pipelining(self) -> bool:
+        """Whether the server allows several commands in flight (RFC 2449 section 6.6)."""
+        return self.has_capability("PIPELINING")
+
     def multiline(self, command: str, sink: Sink) -> tuple[str, int]:
         """Run a multi-line command, streaming its body; return (status, octets)."""
         status = self._status(command)
@@ -257,29 +308,103 @@ class POP3Client:
         return arg is None or arg.upper() in (a.upper() for a in caps[name.upper()])
 
     def login(self, user: str, password: str, mechanism: str = "auto") -> str:
-        """Authenticate with SASL PLAIN (RFC 5034) when offered, else USER/PASS."""
-        if mechanism == "auto":
-            mechanism = "plain" if self.has_capability("SASL", "PLAIN") else "user"
-        if mechanism == "plain":
+        """Log in with ``mechanism`` or, for "auto", the best one offered (see client.sasl)."""
+        chosen = sasl.choose(mechanism, self.capabilities, self.greeting, host=self._host,
+                             tls=self.tls)
+        self.mechanism = chosen
+        if chosen == "scram-sha-256":
+            try:
+                return self.auth_scram(user, password)
+            except POP3Error as exc:
+                if mechanism == "auto":  # the right password can fail where no keys are kept
+                    exc.args = (f"{exc} (if the password is right, the server may keep no "
+                                "SCRAM keys for this account: try --auth plain)",)
+                raise
+        if chosen == "plain":
             return self.auth_plain(user, password)
-        if mechanism != "user":
-            raise MailbagError(f"unknown login mechanism {mechanism!r}")
+        if chosen == "apop":
+            timestamp = sasl.apop_timestamp(self.greeting)
+            assert timestamp is not None  # choose() checked
+            return self._status(f"APOP {user} {sasl.apop_digest(timestamp, password)}")
         self._status(f"USER {user}")
         return self._status(f"PASS {password}")
 
     def auth_plain(self, user: str, password: str) -> str:
-        """SASL PLAIN with an initial response (RFC 5034 section 4, RFC 4616)."""
-        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
-        self._send(f"AUTH PLAIN {token}")
-        line = self._read_status_line()
-        if line.startswith("+ ") or line == "+":
-            # Server ignored the initial response: send it as the continuation.
-            self._emit("C", "********")
-            self._sock.sendall(token.encode("ascii") + b"\r\n")
+        """SASL PLAIN (RFC 4616) with an initial response (RFC 5034 section 4)."""
+        message = sasl.plain_response(user, password)
+        return self.authenticate("PLAIN", message, lambda _challenge: message)
+
+    def auth_scram(self, user: str, password: str) -> str:
+        """SASL SCRAM-SHA-256; the server must prove it knows the password too."""
+        scram = sasl.ScramClient(user, password)
+        steps: Iterator[Callable[[bytes], bytes | None]] = iter((scram.final, scram.verify))
+        verified = False
+
+        def respond(challenge: bytes) -> bytes:
+            nonlocal verified
+            step = next(steps, None)
+            if step is None:
+                raise sasl.LoginError("SCRAM: unexpected extra challenge from the server")
+            answer = step(challenge)
+            if answer is None:  # verify(): RFC 5034 has no "data with success",
+                verified = True  # so the server-final comes as a challenge; answer empty
+                return b""
+            return answer
+
+        line = self.authenticate("SCRAM-SHA-256", scram.first(), respond)
+        if not verified:
+            raise sasl.LoginError("SCRAM: the server logged us in without proving it knows "
+                                  "the password (no server signature); not using the session")
+        return line
+
+    def authenticate(self, mechanism: str, initial: bytes,
+                     respond: Callable[[bytes], bytes | None]) -> str:
+        """Run ``AUTH mechanism`` (RFC 5034): each ``+ challenge`` goes to ``respond``.
+
+        The initial response rides on the AUTH line unless that line would
+        exceed 255 octets (RFC 5034 section 4); then it answers the first,
+        empty challenge.  A ``respond`` that raises :class:`sasl.LoginError`
+        cancels the exchange with ``*`` and the error propagates.
+        """
+        token = base64.b64encode(initial).decode("ascii") or "="
+        pending: str | None = None
+        if len(f"AUTH {mechanism} {token}") + 2 > 255:
+            self._send(f"AUTH {mechanism}")
+            pending = token
+        else:
+            self._send(f"AUTH {mechanism} {token}")
+        while True:
             line = self._read_status_line()
-        if line.startswith("+OK"):
-            return line
-        raise POP3Error(line, "AUTH PLAIN")
+            if line.startswith("+OK"):
+                return line
+            if line.startswith("-ERR"):
+                raise POP3Error(line, f"AUTH {mechanism}")
+            if line != "+" and not line.startswith("+ "):
+                raise POP3ProtocolError(f"unexpected reply to AUTH: {line[:200]!r}")
+            if pending is not None:
+                answer, pending = pending, None
+            else:
+                try:
+                    challenge = base64.b64decode(line[2:].strip(), validate=True)
+                    reply = respond(challenge)
+                except (ValueError, sasl.LoginError) as exc:
+                    self._send_token("*")
+                    with contextlib.suppress(POP3Error, POP3ProtocolError):
+                        self._read_status_line()
+                    if isinstance(exc, sasl.LoginError):
+                        raise
+                    raise sasl.LoginError(f"bad base64 in the server's {mechanism} "
+                                          "challenge") from exc
+                answer = base64.b64encode(reply or b"").decode("ascii")
+            self._send_token(answer)
+
+    def _send_token(self, token: str) -> None:
+        """A SASL continuation line: shown as ``********`` in traces."""
+        self._emit("C", "********" if token != "*" else "*")
+        try:
+            self._sock.sendall(token.encode("ascii") + b"\r\n")
+        except OSError as exc:
+            raise POP3ProtocolError(f"connection lost while sending: {exc}") from exc
 
     def stat(self) -> tuple[int, int]:
         """(message count, total octets)."""

@@ -26,11 +26,24 @@ from email.parser import BytesParser
 from email.utils import unquote
 from typing import IO, Any
 
-from mailbag.client.charsets import Decoded, decode_bytes
-from mailbag.client.headers import decode_words, format_addresses, parse_date, printable
+from mailbag.client.charsets import Decoded, HeaderHints, decode_bytes, decode_header_bytes
+from mailbag.client.flowed import unflow
+from mailbag.client.headers import (
+    Hints,
+    decode_words,
+    format_addresses,
+    has_raw_bytes,
+    parse_date,
+    printable,
+    raw_bytes,
+)
 from mailbag.client.htmltext import html_to_text, meta_charset
 
 _PARSER = BytesParser(policy=policy.default)
+_WORD_CHARSET = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?[QqBb]\?")
+_RAW_WORD = re.compile(r"\S*[\udc80-\udcff]\S*")
+#: Shown instead of a body when a message has no text part at all.
+NO_TEXT_NOTICE = "no text part: this message is only an attachment (listed below)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +86,7 @@ class Rendered:
     charset_note: str | None
     attachments: list[Attachment]
     defects: list[str]
+    notice: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form used by ``read --json``."""
@@ -88,6 +102,7 @@ class Rendered:
             "charset_note": self.charset_note,
             "attachments": [a.to_json() for a in self.attachments],
             "defects": self.defects,
+            "notice": self.notice,
         }
 
 
@@ -114,51 +129,74 @@ def raw_header(msg: Message, name: str) -> str | None:
     return None
 
 
-def body_charset_hint(msg: Message) -> str | None:
-    """The first charset declared anywhere: the best guess for raw 8-bit headers."""
-    for part in msg.walk():
+def header_hints(msg: Message) -> HeaderHints:
+    """What the message tells about raw 8-bit header bytes (see ``HeaderHints``).
+
+    Declared: every part's ``charset=``, then the charsets of its RFC 2047
+    encoded-words (a mailer that writes ``=?gbk?B?...?=`` in one header
+    writes GBK in the raw ones too).  Sample: every raw 8-bit word of every
+    header of every part, for detection.
+    """
+    declared: list[str] = []
+    sample: list[bytes] = []
+    parts = list(msg.walk())
+    for part in parts:
         charset = part.get_param("charset")
-        if isinstance(charset, str) and charset:
-            return charset
-    return None
+        if isinstance(charset, str) and charset and charset not in declared:
+            declared.append(charset)
+    for part in parts:
+        for _name, value in part.raw_items():
+            text = str(value)
+            for label in _WORD_CHARSET.findall(text):
+                if label not in declared:
+                    declared.append(label)
+            if has_raw_bytes(text):
+                sample.extend(raw_bytes(word) for word in _RAW_WORD.findall(text))
+    return HeaderHints(tuple(declared), b" ".join(sample))
 
 
-def header_text(msg: Message, name: str, hint: str | None = None) -> str:
+def header_text(msg: Message, name: str, hint: Hints = None) -> str:
     """Decoded unstructured header (Subject and friends); empty if absent."""
     raw = raw_header(msg, name)
     return decode_words(raw, hint) if raw is not None else ""
 
 
-def address_text(msg: Message, name: str, hint: str | None = None) -> str:
+def address_text(msg: Message, name: str, hint: Hints = None) -> str:
     """Decoded address header (From/To/Cc) on one line; empty if absent."""
     raw = raw_header(msg, name)
     return format_addresses(raw, hint) if raw is not None else ""
 
 
-def attachment_name(part: Message, hint: str | None = None) -> str | None:
+def attachment_name(part: Message, hint: Hints = None) -> str | None:
     """The attachment's file name, decoded from RFC 2231, RFC 2047 or raw bytes.
 
     The parameters are re-parsed from the *raw* header with a compat32
     ``Message`` because it returns RFC 2231 values as (charset, language,
     octets) and leaves charset handling to us: a ``gb2312``-labelled
     name with GBK bytes then decodes as gb18030 instead of turning into
-    replacement characters.
+    replacement characters.  compat32 would itself turn raw 8-bit bytes
+    into U+FFFD, so they go in as Latin-1 (one character per octet) and come
+    back out as the original octets for ``decode_header_bytes``.
     """
     for header, param in (("content-disposition", "filename"), ("content-type", "name")):
         raw = raw_header(part, header)
         if raw is None:
             continue
         scratch = Message()
-        scratch[header] = raw.replace("\r", "").replace("\n", "")
+        scratch[header] = raw_bytes(raw.replace("\r", "").replace("\n", "")).decode("latin-1")
         value = scratch.get_param(param, header=header)
         if value is None:
             continue
         if isinstance(value, tuple):
             charset, _lang, text = value
             octets = text.encode("latin-1", "surrogateescape")
-            name = decode_bytes(octets, charset or hint).text
+            decoded = decode_bytes(octets, charset) if charset else None
+            if decoded is None or decoded.lossy:
+                decoded = decode_header_bytes(octets, hint)
+            name = decoded.text
         else:
-            name = decode_words(unquote(value), hint)
+            octets = unquote(value).encode("latin-1", "replace")
+            name = decode_words(octets.decode("ascii", "surrogateescape"), hint)
         name = printable(name, single_line=True).strip()
         if name:
             return name
@@ -193,8 +231,9 @@ def choose_body(msg: EmailMessage) -> Message | None:
 
     ``get_body`` implements RFC 2046's "last alternative the reader
     understands" walk; when it finds nothing (broken structure, odd types)
-    the first inline text part wins, then a non-multipart message's own
-    payload whatever its declared type.
+    the first inline text part wins.  A message whose only part is not
+    text (a bare PDF) or is an attachment has no body: binary content must
+    never reach the terminal, so it is listed as an attachment instead.
     """
     try:
         body = msg.get_body(preferencelist=("plain", "html"))
@@ -205,12 +244,12 @@ def choose_body(msg: EmailMessage) -> Message | None:
     for part, _parent in _walk(msg):
         if part.get_content_maintype() == "text" and part.get_content_disposition() != "attachment":
             return part
-    if not msg.is_multipart():
-        return msg
+    if not msg.is_multipart() and msg.get_content_maintype() == "multipart":
+        return msg  # a multipart without a boundary: its payload is text
     return None
 
 
-def _attachments(msg: EmailMessage, body: Message | None, hint: str | None) -> list[Attachment]:
+def _attachments(msg: EmailMessage, body: Message | None, hint: Hints) -> list[Attachment]:
     found: list[Attachment] = []
     for part, parent in _walk(msg):
         if part is body:
@@ -233,16 +272,26 @@ def _attachments(msg: EmailMessage, body: Message | None, hint: str | None) -> l
     return found
 
 
+def _param(part: Message, name: str) -> str:
+    value = part.get_param(name)
+    return value.strip().lower() if isinstance(value, str) else ""
+
+
 def render(msg: EmailMessage) -> Rendered:
     """Decode ``msg`` into a :class:`Rendered`."""
-    hint = body_charset_hint(msg)
+    hint = header_hints(msg)
     body_part = choose_body(msg)
     body, body_type, note = "", "", None
+    attachments = _attachments(msg, body_part, hint)
+    notice = NO_TEXT_NOTICE if body_part is None and attachments else None
     if body_part is not None:
         body_type, decoded = _decode_part(body_part)
         note = decoded.note
         body = html_to_text(decoded.text) if body_type == "text/html" else decoded.text
-        body = printable(body.replace("\r\n", "\n"))
+        body = body.replace("\r\n", "\n")
+        if body_type == "text/plain" and _param(body_part, "format") == "flowed":
+            body = unflow(body, delsp=_param(body_part, "delsp") == "yes")
+        body = printable(body)
     return Rendered(
         subject=header_text(msg, "subject", hint),
         sender=address_text(msg, "from", hint),
@@ -253,8 +302,9 @@ def render(msg: EmailMessage) -> Rendered:
         body=body,
         body_type=body_type,
         charset_note=note,
-        attachments=_attachments(msg, body_part, hint),
+        attachments=attachments,
         defects=sorted({type(d).__name__ for p in msg.walk() for d in p.defects}),
+        notice=notice,
     )
 
 
@@ -265,8 +315,9 @@ def has_attachments(msg: Message) -> bool:
     top-level non-text type (a bare PDF) counts too.
     """
     ctype = msg.get_content_type()
-    return ctype in {"multipart/mixed", "multipart/report"} or msg.get_content_maintype() not in {
-        "text", "multipart"}
+    return (ctype in {"multipart/mixed", "multipart/report"}
+            or msg.get_content_maintype() not in {"text", "multipart"}
+            or msg.get_content_disposition() == "attachment")
 
 
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')

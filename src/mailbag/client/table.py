@@ -23,8 +23,8 @@ from mailbag.client.headers import decode_addresses, parse_date, short_date
 from mailbag.client.pop3 import POP3Client
 from mailbag.client.render import (
     Rendered,
-    body_charset_hint,
     has_attachments,
+    header_hints,
     header_text,
     parse_bytes,
     raw_header,
@@ -60,7 +60,7 @@ class ListRow:
 def row_from_headers(msn: int, size: int, uid: str | None, headers: bytes) -> ListRow:
     """Build a row from the header block TOP returned."""
     msg = parse_bytes(headers)
-    hint = body_charset_hint(msg)
+    hint = header_hints(msg)
     sender = decode_addresses(raw_header(msg, "from") or "", hint)
     name, addr = sender[0] if sender else ("", "")
     return ListRow(
@@ -70,14 +70,30 @@ def row_from_headers(msn: int, size: int, uid: str | None, headers: bytes) -> Li
     )
 
 
+#: TOP commands in flight when the server allows PIPELINING (RFC 2449).
+TOP_WINDOW = 32
+
+
 def list_rows(client: POP3Client, limit: int | None = None) -> list[ListRow]:
-    """LIST + UIDL + ``TOP n 0`` for each message (newest last, like the server)."""
+    """LIST + UIDL + ``TOP n 0`` for each message (newest last, like the server).
+
+    With PIPELINING the TOPs go out in groups, so a long listing costs a few
+    round trips instead of one per message.
+    """
     sizes = client.list()
     uids = client.uidl() or {}
     if limit is not None:
         sizes = sizes[-limit:] if limit > 0 else []
-    return [row_from_headers(msn, size, uids.get(msn), client.top_bytes(msn, 0))
-            for msn, size in sizes]
+    window = TOP_WINDOW if client.pipelining else 1
+    rows: list[ListRow] = []
+    for start in range(0, len(sizes), window):
+        group = sizes[start:start + window]
+        client.send_pipelined(f"TOP {msn} 0" for msn, _size in group)
+        for msn, size in group:
+            chunks: list[bytes] = []
+            client.next_reply(chunks.append)
+            rows.append(row_from_headers(msn, size, uids.get(msn), b"".join(chunks)))
+    return rows
 
 
 def human_size(octets: int) -> str:
@@ -151,7 +167,10 @@ def print_message(msg: Rendered, console: Console, msn: int | None = None) -> No
             notes.append("MIME defects: " + ", ".join(msg.defects))
         console.print(Text("(" + "; ".join(notes) + ")", style="dim"))
     console.rule(style="dim")
-    console.print(Text(msg.body.rstrip("\n")))
+    if msg.notice:
+        console.print(Text(f"({msg.notice})", style="dim"))
+    else:
+        console.print(Text(msg.body.rstrip("\n")))
     if msg.attachments:
         console.rule(style="dim")
         table = Table(box=None, pad_edge=False, show_header=False)

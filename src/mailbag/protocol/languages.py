@@ -41,7 +41,9 @@ _ZH_CN: Sequence[tuple[str, str]] = (
     (r"Unknown command\.", "未知命令。"),
     (r"(\w+) is not valid in the (\w+) state\.", r"\1 命令在 \2 状态下不可用。"),
     (r"Line too long\.", "命令行太长。"),
-    (r"Too many bad commands, closing connection\.", "错误命令太多，连接即将关闭。"),
+    (r"; too many errors, closing connection\.", "；错误太多，连接即将关闭。"),
+    (r"Internal server error; closing connection\.", "服务器内部错误，连接即将关闭。"),
+    (r"Server shutting down, try again later\.", "服务器正在关闭，请稍后再试。"),
     (r"No user name given; use USER first\.", "尚未提供用户名，请先使用 USER 命令。"),
     (r"Authentication failed\.", "认证失败。"),
     (

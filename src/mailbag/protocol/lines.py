@@ -1,24 +1,20 @@
-"""Line framing for command input, and the encoder for multi-line responses.
+"""Line framing for command input: one framer for the POP3 and LMTP cores.
 
-Input side (``LineReader``): splits client bytes into lines with a hard length
-limit, accepts CRLF and bare LF (RFC 1939 requires CRLF from clients, but real
-terminals and scripts send LF), strips telnet IAC negotiation, and applies
-backspace/DEL editing so a person typing into a raw terminal, as in the seed
-document's telnet session, gets what they meant rather than a password full
-of control bytes.  All of this keeps state across chunks, because TCP may
-split a line (or an IAC sequence) anywhere.
-
-Output side (``MessageEncoder``): turns a stored message into the body of a
-RETR/TOP response: CRLF line endings, dot-stuffing (RFC 1939 section 3), the
-TOP line limit, and the ``.`` terminator, working on whole chunks with bytes
-operations and keeping state across chunk edges (DESIGN.md rule 7).
+``LineReader`` splits client bytes into lines with a hard length limit and
+accepts CRLF and bare LF (RFC 1939 and RFC 5321 require CRLF from clients,
+but real terminals and scripts send LF).  For POP3 (``terminal=True``) it
+also strips telnet IAC negotiation and applies backspace/DEL editing, so a
+person typing into a raw terminal, as in the seed document's telnet session,
+gets what they meant rather than a password full of control bytes.  LMTP
+turns that off: its peer is an MTA, and bytes buffered after ``DATA`` are
+message data that must reach the dot decoder untouched.  All of this keeps
+state across chunks, because TCP may split a line (or an IAC sequence)
+anywhere.  Bodies are coded by ``dots``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from mailbag.wireform import CRLF, CrlfNormalizer
 
 IAC = 0xFF
 SB = 0xFA
@@ -67,10 +63,11 @@ def apply_erase(line: bytes) -> bytes:
 class LineReader:
     """Bounded line splitter with telnet and terminal-editing tolerance."""
 
-    __slots__ = ("_buffer", "_discarding", "_iac_state", "limit")
+    __slots__ = ("_buffer", "_discarding", "_iac_state", "limit", "terminal")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, terminal: bool = True) -> None:
         self.limit = limit
+        self.terminal = terminal
         self._buffer = bytearray()
         self._iac_state = _DATA
         self._discarding = False
@@ -109,7 +106,8 @@ class LineReader:
 
     def feed(self, data: bytes) -> None:
         """Add received bytes."""
-        data = self._strip_telnet(data)
+        if self.terminal:
+            data = self._strip_telnet(data)
         if self._discarding:
             newline = data.find(b"\n")
             if newline < 0:
@@ -145,81 +143,7 @@ class LineReader:
         del self._buffer[: newline + 1]
         # CR before LF ends the line; telnet sends a lone CR as "CR NUL" (RFC 854),
         # so a client piping "\r\n" through telnet produces "CR NUL CR LF".
+        if not self.terminal:
+            return Line(raw.rstrip(b"\r"))
         raw = raw.rstrip(b"\r\0")
         return Line(apply_erase(raw))
-
-
-class MessageEncoder:
-    """Stream a stored message as a RETR/TOP body: CRLF, dot-stuffed, terminated.
-
-    ``body_lines`` is TOP's line count (None for RETR).  Once the limit is
-    reached ``done`` becomes True and the caller can stop reading storage.
-    """
-
-    __slots__ = ("_body_lines", "_in_body", "_normalizer", "_prev_crlf", "_remaining", "done")
-
-    def __init__(self, body_lines: int | None = None) -> None:
-        self._normalizer = CrlfNormalizer()
-        self._body_lines = body_lines
-        self._remaining = body_lines if body_lines is not None else -1
-        self._in_body = False
-        self._prev_crlf = True  # emitted output so far ends at a line start
-        self.done = False
-
-    def _stuff(self, data: bytes) -> bytes:
-        """Dot-stuff complete CRLF text; the state remembers whether we are at a line start."""
-        if not data:
-            return data
-        if b"\r\n." in data:
-            data = data.replace(b"\r\n.", b"\r\n..")
-        if self._prev_crlf and data[:1] == b".":
-            data = b"." + data
-        self._prev_crlf = data.endswith(CRLF)
-        return data
-
-    def _limit_top(self, data: bytes) -> bytes:
-        """Cut ``data`` (CRLF form, starting at the current position) for TOP."""
-        if self._body_lines is None:
-            return data
-        start = 0
-        if not self._in_body:
-            # Look for the empty line that ends the header, allowing it to
-            # straddle the previous chunk (previous output ended with CRLF).
-            if self._prev_crlf and data.startswith(CRLF):
-                sep_end = 2
-            else:
-                sep = data.find(b"\r\n\r\n")
-                if sep < 0:
-                    return data
-                sep_end = sep + 4
-            self._in_body = True
-            start = sep_end
-        pos = start
-        while self._remaining > 0:
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                return data
-            self._remaining -= 1
-            pos = nl + 1
-        self.done = True
-        return data[:pos]
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Encode one chunk of the stored message."""
-        if self.done:
-            return b""
-        return self._stuff(self._limit_top(self._normalizer.feed(chunk)))
-
-    def finish(self) -> bytes:
-        """Flush held-back bytes, end the last line, and add the ``.`` terminator."""
-        tail = b"" if self.done else self._limit_top(self._normalizer.finish())
-        tail = self._stuff(tail)
-        if not self._prev_crlf:
-            tail += CRLF
-        return tail + b".\r\n"
-
-
-def encode_message(data: bytes, body_lines: int | None = None) -> bytes:
-    """Encode a whole message at once (small messages and tests)."""
-    encoder = MessageEncoder(body_lines)
-    return encoder.feed(data) + encoder.finish()

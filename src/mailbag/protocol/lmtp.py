@@ -1,12 +1,12 @@
 """The LMTP server state machine (RFC 2033 over RFC 5321), sans-IO.
 
-Same shape as the POP3 core: feed bytes with ``receive_data``, pull events
-with ``next_event`` until ``NeedData``.  Two events ask the driver for I/O:
-``CheckRecipient`` (is this address one of our accounts?) and
-``DeliverMessage`` (store this message for these recipients).  The driver
-answers with ``recipient_checked`` and ``delivery_finished``, which queue
-the replies.  Pipelined commands (RFC 2920) wait behind such an event, so
-replies always come back in command order.
+The same contract as the POP3 core (``events``): feed bytes with
+``receive_data``, pull events with ``next_event`` until ``NeedData``, answer
+requests with ``send``.  Two events ask the driver for I/O:
+``CheckRecipient`` (is this address one of our accounts?), answered with
+``RecipientChecked``, and ``DeliverMessage`` (store this message for these
+recipients), answered with ``DeliveryDone``.  Pipelined commands (RFC 2920)
+wait behind such an event, so replies always come back in command order.
 
 The property LMTP exists for (RFC 2033 section 4.2) is enforced here, not
 left to the driver: after the final dot there is exactly one reply per
@@ -14,11 +14,11 @@ left to the driver: after the final dot there is exactly one reply per
 into a bounce or a duplicate for the others.  (``aiosmtpd``'s LMTP class
 and ``smtplib.LMTP`` get this wrong, aiosmtpd#517 / bpo-32803.)
 
-Message data is decoded by ``DotDecoder``: only CRLF.CRLF ends it (a bare
-LF before the dot does not, which closes the "SMTP smuggling" class of
-bugs), a leading dot is removed from each line (RFC 5321 section 4.5.2),
-and state is kept across chunks so a dot or CRLF split by TCP anywhere is
-handled; the work is bytes operations per chunk, never a loop per line.
+Message data is decoded by the shared ``dots.DotDecoder``: only CRLF.CRLF
+ends it (a bare LF before the dot does not: no "SMTP smuggling"), a leading
+dot is removed from each line (RFC 5321 section 4.5.2), and a dot or CRLF
+split by TCP anywhere is handled.  Commands are framed by the shared
+``lines.LineReader`` (without the POP3 terminal niceties).
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from mailbag.protocol.events import Close, NeedData, Reply
+from mailbag.protocol.dots import DotDecoder
+from mailbag.protocol.events import Abort, Close, NeedData, Reply
+from mailbag.protocol.lines import LineReader, LineTooLong
 
 #: RFC 5321 section 4.5.3.1.4 allows 512 octets; SIZE/BODY/SMTPUTF8 parameters
 #: and long UTF-8 addresses need more, and the limit only guards memory.
@@ -37,10 +39,6 @@ MAX_COMMAND_LINE = 2048
 MAX_RECIPIENTS = 1000
 #: Consecutive bad commands after which the connection is closed.
 MAX_ERRORS = 10
-
-_TERMINATOR = b"\r\n.\r\n"
-#: Suffixes of a chunk that may be the start of the terminator (longest first).
-_HOLD = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +93,9 @@ SENDER_SYNTAX = Status(501, "5.1.7", "Bad sender address syntax")
 RECIPIENT_SYNTAX = Status(501, "5.1.3", "Bad recipient address syntax")
 TIMEOUT = Status(421, "4.4.2", "Timeout, closing connection")
 SHUTTING_DOWN = Status(421, "4.3.2", "Service shutting down, try again later")
+INTERNAL_ERROR = Status(421, "4.3.0", "Internal error, closing connection")
+#: The core's last words for each ``Abort`` reason.
+ABORT_STATUS = {"timeout": TIMEOUT, "shutdown": SHUTTING_DOWN, "internal error": INTERNAL_ERROR}
 
 
 class State(enum.Enum):
@@ -140,67 +141,46 @@ class DeliverMessage:
     helo: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class RecipientChecked:
+    """Answer to ``CheckRecipient``: a 2yz status accepts the address."""
+
+    status: Status
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryDone:
+    """Answer to ``DeliverMessage``: one status per recipient, in RCPT order."""
+
+    statuses: Sequence[Status]
+
+
 LmtpEvent = NeedData | Reply | Close | CheckRecipient | DeliverMessage
 
 
-class DotDecoder:
-    """Decode SMTP DATA: find CRLF.CRLF, remove dot-stuffing, keep state across chunks.
+class _Body:
+    """DATA being received: decoded chunks, kept while under the size limit."""
 
-    The decoder starts with a virtual CRLF in front of the data, so the
-    first line is "at line start" like every other, and held-back bytes
-    are only ever a proper prefix of the terminator.  ``size`` counts the
-    decoded octets; when ``limit`` is exceeded the data is dropped (but
-    still scanned for the terminator) and ``too_large`` is set.
-    """
+    __slots__ = ("chunks", "decoder", "limit", "size", "too_large")
 
-    __slots__ = ("_chunks", "_drop", "_held", "done", "limit", "size", "too_large", "trailing")
-
-    def __init__(self, limit: int = 0) -> None:
+    def __init__(self, limit: int) -> None:
+        self.decoder = DotDecoder()
         self.limit = limit
         self.size = 0
         self.too_large = False
-        self.done = False
-        self.trailing = b""
-        self._held = b"\r\n"
-        self._drop = 2  # the virtual CRLF, removed from the output
-        self._chunks: list[bytes] = []
+        self.chunks: list[bytes] = []
 
-    def feed(self, chunk: bytes) -> None:
-        """Consume bytes; once the terminator is seen, later bytes go to ``trailing``."""
-        if self.done:
-            self.trailing += chunk
+    def feed(self, data: bytes) -> None:
+        out = self.decoder.feed(data)
+        if not out:
             return
-        data = self._held + chunk
-        end = data.find(_TERMINATOR)
-        if end >= 0:
-            self._emit(data[: end + 2])
-            self.trailing = data[end + len(_TERMINATOR) :]
-            self._held = b""
-            self.done = True
-            return
-        hold = next((h for h in _HOLD if data.endswith(h)), b"")
-        self._held = hold
-        self._emit(data[: len(data) - len(hold)])
-
-    def _emit(self, data: bytes) -> None:
-        if b"\r\n." in data:
-            data = data.replace(b"\r\n.", b"\r\n")
-        if self._drop:
-            cut = min(self._drop, len(data))
-            data = data[cut:]
-            self._drop -= cut
-        if not data:
-            return
-        self.size += len(data)
+        self.size += len(out)
         if self.limit and self.size > self.limit:
+            # RFC 1870: keep reading to the final dot, but store nothing.
             self.too_large = True
-            self._chunks.clear()
+            self.chunks.clear()
         if not self.too_large:
-            self._chunks.append(data)
-
-    def message(self) -> bytes:
-        """The decoded message (empty once ``too_large``)."""
-        return b"".join(self._chunks)
+            self.chunks.append(out)
 
 
 def _parse_path(text: str) -> str | None:
@@ -243,36 +223,35 @@ class LmtpConnection:
 
     def __init__(self, policy: LmtpPolicy, *, greeting: str = "LMTP mailbag ready") -> None:
         self.policy = policy
-        self.greeting_text = greeting
         self.state = State.GREETED
         self.helo = ""
         self.sender: str | None = None
         self.recipients: list[str] = []
-        self._buffer = bytearray()
+        self._reader = LineReader(policy.max_command_line, terminal=False)
+        self._data_in: list[bytes] = []  # input received during DATA, not yet decoded
         self._events: deque[LmtpEvent] = deque()
         self._waiting = Waiting.NOTHING
-        self._decoder: DotDecoder | None = None
+        self._body: _Body | None = None
         self._errors_in_row = 0
         self._eof = False
-        self._discarding = False
         self._pending_recipient = ""
+        # RFC 5321 section 4.2: the 220 banner.
+        self._events.append(Reply(f"220 {policy.hostname} {greeting}\r\n".encode()))
 
     # ------------------------------------------------------------------ input
-
-    def greeting(self) -> bytes:
-        """The 220 banner (RFC 5321 section 4.2)."""
-        return f"220 {self.policy.hostname} {self.greeting_text}\r\n".encode()
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the client; ``b""`` means the client closed its side."""
         if not data:
             self._eof = True
+        elif self.state is State.DATA:
+            self._data_in.append(data)  # straight to the decoder: no copy into a buffer
         else:
-            self._buffer += data
+            self._reader.feed(data)
 
     @property
     def waiting(self) -> bool:
-        """True while the machine waits for a driver callback."""
+        """True while the machine waits for an answer from the driver."""
         return self._waiting is not Waiting.NOTHING
 
     @property
@@ -281,7 +260,7 @@ class LmtpConnection:
         return (
             self.state in (State.GREETED, State.READY)
             and not self.waiting
-            and not self._buffer
+            and not self._reader.buffered
             and not self._events
         )
 
@@ -291,28 +270,18 @@ class LmtpConnection:
             if self.state is State.CLOSED:
                 return Close("closed")
             if self.waiting:
-                return NeedData()
+                raise RuntimeError(f"next_event while waiting for {self._waiting.name} answer")
             if self.state is State.DATA:
                 if not self._feed_data():
                     return self._need_data("client closed the connection during DATA")
                 continue
-            newline = self._buffer.find(b"\n")
-            if newline < 0:
-                if len(self._buffer) > self.policy.max_command_line:
-                    self._buffer.clear()
-                    self._discarding = True
-                    self._error(LINE_TOO_LONG)
-                    continue
+            item = self._reader.next_line()
+            if item is None:
                 return self._need_data("client closed the connection")
-            raw = bytes(self._buffer[:newline])
-            del self._buffer[: newline + 1]
-            if self._discarding:
-                self._discarding = False
-                continue
-            if newline > self.policy.max_command_line:
+            if isinstance(item, LineTooLong):
                 self._error(LINE_TOO_LONG)
                 continue
-            self._handle_line(raw.rstrip(b"\r"))
+            self._handle_line(item.data)
         return self._events.popleft()
 
     def _need_data(self, reason: str) -> LmtpEvent:
@@ -322,17 +291,17 @@ class LmtpConnection:
         return NeedData()
 
     def _feed_data(self) -> bool:
-        """Move buffered input into the decoder; False when more is needed."""
-        decoder = self._decoder
-        assert decoder is not None
-        if self._buffer:
-            decoder.feed(bytes(self._buffer))
-            self._buffer.clear()
-        if not decoder.done:
+        """Decode input received during DATA; False when more is needed."""
+        body = self._body
+        assert body is not None
+        pending, self._data_in = self._data_in, []
+        for data in pending:
+            body.feed(data)
+        if not body.decoder.done:
             return False
-        self._buffer += decoder.trailing
-        self._decoder = None
-        if decoder.too_large:
+        self._reader.feed(body.decoder.trailing)  # pipelined commands after the dot
+        self._body = None
+        if body.too_large:
             self._reply_each(TOO_BIG)
             self._reset_transaction()
             return True
@@ -342,43 +311,44 @@ class LmtpConnection:
             DeliverMessage(
                 sender=self.sender or "",
                 recipients=tuple(self.recipients),
-                message=decoder.message(),
+                message=b"".join(body.chunks),
                 helo=self.helo,
             )
         )
         return True
 
-    # ----------------------------------------------------- driver callbacks
+    # ----------------------------------------------------------------- answers
 
-    def recipient_checked(self, status: Status) -> None:
-        """Answer a ``CheckRecipient``: a 2yz status accepts the address."""
-        if self._waiting is not Waiting.RECIPIENT:
-            raise RuntimeError("recipient_checked without CheckRecipient")
-        self._waiting = Waiting.NOTHING
-        if status.ok:
-            self.recipients.append(self._pending_recipient)
-            self._errors_in_row = 0
-        self._reply(status)
-
-    def delivery_finished(self, statuses: Sequence[Status]) -> None:
-        """Answer a ``DeliverMessage`` with one status per recipient, in RCPT order.
-
-        RFC 2033 section 4.2: one reply per successful RCPT, so the count
-        is checked: a driver bug must not desynchronise the client.
-        """
-        if self._waiting is not Waiting.DELIVERY:
-            raise RuntimeError("delivery_finished without DeliverMessage")
-        if len(statuses) != len(self.recipients):
-            raise ValueError(f"{len(statuses)} statuses for {len(self.recipients)} recipients")
-        self._waiting = Waiting.NOTHING
-        for status in statuses:
-            self._reply(status)
-        self._reset_transaction()
+    def send(self, answer: object) -> None:
+        """Answer the request the machine waits for (or ``Abort`` at any time)."""
+        if isinstance(answer, Abort):
+            self._events.clear()
+            self.close_with(ABORT_STATUS[answer.reason], answer.reason)
+        elif isinstance(answer, RecipientChecked) and self._waiting is Waiting.RECIPIENT:
+            self._waiting = Waiting.NOTHING
+            if answer.status.ok:
+                self.recipients.append(self._pending_recipient)
+                self._errors_in_row = 0
+            self._reply(answer.status)
+        elif isinstance(answer, DeliveryDone) and self._waiting is Waiting.DELIVERY:
+            # RFC 2033 section 4.2: one reply per successful RCPT, so the count
+            # is checked: a driver bug must not desynchronise the client.
+            if len(answer.statuses) != len(self.recipients):
+                raise ValueError(
+                    f"{len(answer.statuses)} statuses for {len(self.recipients)} recipients"
+                )
+            self._waiting = Waiting.NOTHING
+            for status in answer.statuses:
+                self._reply(status)
+            self._reset_transaction()
+        else:
+            raise RuntimeError(f"{answer!r} is no answer while waiting for {self._waiting.name}")
 
     def close_with(self, status: Status, reason: str) -> None:
-        """Queue a final reply (421 on timeout or shutdown) and close."""
+        """Queue a final reply and close."""
         self._reply(status)
         self.state = State.CLOSED
+        self._waiting = Waiting.NOTHING
         self._events.append(Close(reason))
 
     # --------------------------------------------------------------- plumbing
@@ -397,10 +367,15 @@ class LmtpConnection:
             self.state = State.READY
 
     def _error(self, status: Status) -> None:
-        """Reply with an error; close after too many in a row."""
-        self._reply(status)
+        """Reply with an error; at the limit of errors in a row, the reply is the 421 instead.
+
+        One reply per command (RFC 5321 section 4.2 allows 421 to any command),
+        so a pipelining client never reads a goodbye as the answer to its next command.
+        """
         self._errors_in_row += 1
-        if self._errors_in_row >= self.policy.max_errors:
+        if self._errors_in_row < self.policy.max_errors:
+            self._reply(status)
+        else:
             self.close_with(TOO_MANY_ERRORS, "too many errors")
 
     def _handle_line(self, line: bytes) -> None:
@@ -497,7 +472,8 @@ class LmtpConnection:
             self._error(NO_VALID_RECIPIENTS)
             return
         self.state = State.DATA
-        self._decoder = DotDecoder(self.policy.max_message_size)
+        self._body = _Body(self.policy.max_message_size)
+        self._data_in = [self._reader.take_buffer()]  # pipelined data after DATA (RFC 2920)
         self._reply(START_DATA)
 
     def _cmd_rset(self, rest: str) -> None:

@@ -1,9 +1,10 @@
 """The POP3 server state machine (RFC 1939, with RFC 2449, 2595, 5034, 6856), sans-IO.
 
-Feed it bytes with ``receive_data``; pull events with ``next_event`` until it
-returns ``NeedData``.  ``Reply`` events carry bytes to send; the other events
-ask the driver for I/O, and the driver answers through the ``*_succeeded`` /
-``*_failed`` / ``commit_finished`` methods, which return the reply bytes.
+It follows the contract of ``events`` (h11's shape): ``receive_data`` adds
+bytes, ``next_event`` returns replies and requests, ``send`` answers a
+request.  A RETR/TOP body is a state here (``Waiting.BODY``): the core asks
+for each stored chunk and replies with its encoded form, so the driver can
+never run ahead of it, and pipelined commands wait until ``EndOfMessage``.
 
 The maildrop snapshot (UIDL and size per message) and the deletion marks live
 here, so STAT, LIST, UIDL, DELE, RSET and NOOP need no I/O at all and the
@@ -13,74 +14,69 @@ applied only at QUIT, RFC 1939 sections 4-6) are tested with byte strings.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import enum
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Sequence
 
 from mailbag.protocol.capabilities import (
-    PLAINTEXT_MECHANISMS,
     Pop3Policy,
     capability_lines,
-    offered_mechanisms,
 )
+from mailbag.protocol.dots import MessageEncoder
 from mailbag.protocol.events import (
-    ApopLogin,
+    Abort,
+    BodyChunk,
+    BodyEnd,
     Close,
-    Commit,
+    CommitDone,
+    EndOfMessage,
     Event,
     Login,
+    LoginAccepted,
+    LoginRefused,
+    MessageFailed,
+    MessageOpened,
+    NeedBody,
     NeedData,
     Reply,
     SaslAbort,
+    SaslChallenge,
     SaslContinue,
     SaslStart,
     SendMessage,
-    StartTls,
+    TlsStarted,
 )
-from mailbag.protocol.languages import DEFAULT_LANGUAGE, LANGUAGES, choose, translate
+from mailbag.protocol.languages import DEFAULT_LANGUAGE, translate
 from mailbag.protocol.lines import LineReader, LineTooLong
+from mailbag.protocol.pop3_commands import COMMANDS, Waiting
+from mailbag.protocol.pop3_commands import State as State
+from mailbag.protocol.sasl import (
+    Cancelled,
+    Challenge,
+    Credentials,
+    Invalid,
+    SaslExchange,
+    Step,
+    ToDriver,
+    challenge_line,
+)
+from mailbag.protocol.snapshot import Pop3Error, Snapshot
 
-#: TOP's line count is clamped to this; fetchmail sends ``TOP n 99999999`` for "everything".
-MAX_TOP_LINES = 2**31 - 1
-#: Longest message number we parse; anything longer is certainly out of range.
-MAX_NUMBER_DIGITS = 10
+#: Which answers each waiting state takes (anything else is a driver bug).
+ANSWERS: dict[Waiting, tuple[type, ...]] = {
+    Waiting.LOGIN: (LoginAccepted, LoginRefused),
+    Waiting.SASL: (LoginAccepted, LoginRefused, SaslChallenge),
+    Waiting.MESSAGE: (MessageOpened, MessageFailed),
+    Waiting.BODY: (BodyChunk, BodyEnd),
+    Waiting.COMMIT: (CommitDone,),
+    Waiting.TLS: (TlsStarted,),
+}
 
-
-class State(enum.Enum):
-    """RFC 1939 section 3: the states of a POP3 session."""
-
-    AUTHORIZATION = "AUTHORIZATION"
-    TRANSACTION = "TRANSACTION"
-    UPDATE = "UPDATE"
-    CLOSED = "CLOSED"
-
-
-class Waiting(enum.Enum):
-    """What driver callback the machine waits for, if any."""
-
-    NOTHING = enum.auto()
-    LOGIN = enum.auto()
-    SASL = enum.auto()  # a mechanism step from the driver
-    SASL_LINE = enum.auto()  # a continuation line from the client
-    MESSAGE = enum.auto()
-    COMMIT = enum.auto()
-
-
-class MessageListing(Protocol):
-    """What the snapshot needs from storage's ``MessageInfo`` (structural, no import)."""
-
-    @property
-    def uid(self) -> str: ...
-
-    @property
-    def size(self) -> int: ...
-
-
-class Pop3Error(Exception):
-    """A command-level failure whose text goes to the client after ``-ERR``."""
+#: The driver's own last words, by ``Abort`` reason.
+ABORT_TEXTS = {
+    "timeout": "Autologout; idle for too long.",
+    "shutdown": "[SYS/TEMP] Server shutting down, try again later.",
+    "internal error": "[SYS/TEMP] Internal server error; closing connection.",
+}
 
 
 def ok(text: str = "") -> bytes:
@@ -99,25 +95,11 @@ def multiline(first: str, lines: Sequence[str]) -> bytes:
     return ok(first) + body.encode() + b".\r\n"
 
 
-def _decode_arg(raw: bytes) -> str:
-    """Decode a textual argument; UTF-8 is accepted (RFC 6856), other bytes are not."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Pop3Error("Invalid characters in argument (UTF-8 expected).") from None
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        raise Pop3Error("Control characters are not allowed in arguments.")
-    return text
-
-
 def _printable_keyword(raw: bytes) -> str:
     """Echo a command name back only when it is short, printable ASCII."""
     if raw and len(raw) <= 16 and all(0x21 <= b <= 0x7E for b in raw):
         return raw.decode("ascii").upper()
     return ""
-
-
-Handler = Callable[["Pop3Connection", list[bytes], bytes], None]
 
 
 class Pop3Connection:
@@ -134,7 +116,6 @@ class Pop3Connection:
     ) -> None:
         self.policy = policy
         self.timestamp = timestamp
-        self.greeting_text = greeting
         self.secure = secure
         self.plaintext_allowed = plaintext_allowed
         self.state = State.AUTHORIZATION
@@ -142,30 +123,24 @@ class Pop3Connection:
         self.utf8 = False
         #: RFC 6856 LANG: the language of response texts (English until LANG).
         self.language = DEFAULT_LANGUAGE
-        self._pending_user: str | None = None
+        self.pending_user: str | None = None
         self._reader = LineReader(max(policy.max_command_line, policy.max_sasl_line))
         self._events: deque[Event] = deque()
         self._waiting = Waiting.NOTHING
         self._errors_in_row = 0
         self._auth_failures = 0
-        self._uids: list[str] = []
-        self._sizes: list[int] = []
-        self._deleted: set[int] = set()  # 0-based idx
-        self._login_caps: list[str] = []
-        self._sasl_mechanism = ""
-        self._pending_message: SendMessage | None = None
+        self.snapshot = Snapshot()
+        self.login_caps: list[str] = []
+        self.sasl: SaslExchange | None = None
+        self._message: SendMessage | None = None
+        self._encoder: MessageEncoder | None = None
         self._eof = False
         #: Commands received, by name (known commands only): for metrics.
         self.commands: Counter[str] = Counter()
+        # RFC 1939 section 7: the greeting carries the APOP timestamp.
+        self.reply(self.ok(f"{greeting} {timestamp}" if policy.apop else greeting))
 
     # ------------------------------------------------------------------ input
-
-    def greeting(self) -> bytes:
-        """The first line the server sends, with the APOP timestamp (RFC 1939 section 7)."""
-        text = self.greeting_text
-        if self.policy.apop:
-            text = f"{text} {self.timestamp}"
-        return self._ok(text)
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the client; ``b""`` means the client closed its side."""
@@ -180,7 +155,7 @@ class Pop3Connection:
 
     @property
     def waiting(self) -> bool:
-        """True while the machine waits for a driver callback."""
+        """True while the machine waits for an answer from the driver."""
         return self._waiting not in (Waiting.NOTHING, Waiting.SASL_LINE)
 
     def next_event(self) -> Event:
@@ -189,7 +164,7 @@ class Pop3Connection:
             if self.state is State.CLOSED:
                 return Close("closed")
             if self.waiting:
-                return NeedData()
+                raise RuntimeError(f"next_event while waiting for {self._waiting.name} answer")
             item = self._reader.next_line()
             if item is None:
                 if self._eof:
@@ -198,7 +173,7 @@ class Pop3Connection:
                 return NeedData()
             if isinstance(item, LineTooLong):
                 if self._waiting is Waiting.SASL_LINE:
-                    self._sasl_fail("Authentication line too long.")
+                    self.sasl_step(Invalid("Authentication line too long."))
                 else:
                     self._error("Line too long.")
                 continue
@@ -207,39 +182,41 @@ class Pop3Connection:
 
     # --------------------------------------------------------------- plumbing
 
-    def _reply(self, data: bytes) -> None:
+    def reply(self, data: bytes) -> None:
         self._events.append(Reply(data))
 
-    def _ok(self, text: str = "") -> bytes:
+    def ok(self, text: str = "") -> bytes:
         return ok(translate(text, self.language))
 
-    def _err(self, text: str) -> bytes:
+    def err(self, text: str) -> bytes:
         return err(translate(text, self.language))
 
-    def _multiline(self, first: str, lines: Sequence[str]) -> bytes:
+    def multiline(self, first: str, lines: Sequence[str]) -> bytes:
         return multiline(translate(first, self.language), lines)
 
-    def error_reply(self, text: str) -> bytes:
-        """A ``-ERR`` line in the client's language (for the driver's own errors)."""
-        return self._err(text)
-
     def _error(self, text: str) -> None:
-        """Queue ``-ERR``; close the connection after too many errors in a row."""
-        self._reply(self._err(text))
-        self._errors_in_row += 1
-        if self._errors_in_row >= self.policy.max_errors:
-            self._close_with(
-                self._err("Too many bad commands, closing connection."), "too many errors"
-            )
+        """Reply ``-ERR``; at the limit of errors in a row, that one reply also says goodbye.
 
-    def _close_with(self, data: bytes, reason: str) -> None:
-        self._reply(data)
+        RFC 1939: one response per command, so the closing notice is part of
+        the reply to the command that reached ``max_errors``, never a second line.
+        """
+        self._errors_in_row += 1
+        if self._errors_in_row < self.policy.max_errors:
+            self.reply(self.err(text))
+            return
+        closing = translate("; too many errors, closing connection.", self.language)
+        text = translate(text, self.language).rstrip(".。")
+        self.close_with(err(text + closing), "too many errors")
+
+    def close_with(self, data: bytes, reason: str) -> None:
+        self.reply(data)
         self.state = State.CLOSED
+        self._waiting = Waiting.NOTHING
         self._events.append(Close(reason))
 
     def _handle_line(self, line: bytes) -> None:
-        if self._waiting is Waiting.SASL_LINE:
-            self._handle_sasl_line(line)
+        if self._waiting is Waiting.SASL_LINE and self.sasl is not None:
+            self.sasl_step(self.sasl.line(line))
             return
         keyword, _, rest = line.partition(b" ")
         name = keyword.upper()
@@ -266,190 +243,36 @@ class Pop3Connection:
             if self._errors_in_row == errors_before:
                 self._errors_in_row = 0
 
-    # ------------------------------------------------------ argument parsing
+    # --------------------------------------------- used by the command table
 
-    def _parse_msn(self, raw: bytes, *, allow_deleted: bool = False) -> int:
-        """Parse a message number into a 0-based idx (one parser for every command)."""
-        if not raw.isdigit() or len(raw) > MAX_NUMBER_DIGITS:
-            shown = raw[:20].decode("ascii", "replace") if raw.isascii() else "?"
-            raise Pop3Error(f"Invalid message number: {shown}")
-        msn = int(raw)
-        if msn < 1 or msn > len(self._uids):
-            raise Pop3Error(f"There's no message {msn}.")
-        idx = msn - 1
-        if idx in self._deleted and not allow_deleted:
-            raise Pop3Error(f"Message {msn} is deleted.")
-        return idx
-
-    @staticmethod
-    def _want_args(args: list[bytes], low: int, high: int, usage: str) -> None:
-        if not low <= len(args) <= high:
-            raise Pop3Error(f"Syntax: {usage}")
-
-    # ------------------------------------------------------ AUTHORIZATION
-
-    def _plaintext_refused(self) -> None:
-        raise Pop3Error(
-            "[AUTH] Plaintext authentication disallowed on non-secure connections; "
-            "use STLS or the POP3S port."
-        )
-
-    def _cmd_user(self, args: list[bytes], rest: bytes) -> None:
-        if not self.plaintext_allowed:
-            self._plaintext_refused()
-        if not rest.strip():
-            raise Pop3Error("Syntax: USER name")
-        self._want_args(args, 1, 1, "USER name")
-        self._pending_user = _decode_arg(args[0])
-        self._reply(self._ok())
-
-    def _cmd_pass(self, args: list[bytes], rest: bytes) -> None:
-        if not self.plaintext_allowed:
-            self._plaintext_refused()
-        if self._pending_user is None:
-            raise Pop3Error("No user name given; use USER first.")
-        if not rest:
-            raise Pop3Error("Syntax: PASS password")
-        # RFC 1939 section 7: the password is the rest of the line; it may contain spaces.
-        password = _decode_arg(rest)
-        user, self._pending_user = self._pending_user, None
-        self._start_login(Login(user=user, password=password, mechanism="USER"))
-
-    def _cmd_apop(self, args: list[bytes], rest: bytes) -> None:
-        self._pending_user = None
-        self._want_args(args, 2, 2, "APOP name digest")
-        digest = _decode_arg(args[1]).lower()
-        if len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
-            raise Pop3Error("[AUTH] Authentication failed.")
-        self._start_login(
-            ApopLogin(user=_decode_arg(args[0]), digest=digest, timestamp=self.timestamp)
-        )
-
-    def _cmd_auth(self, args: list[bytes], rest: bytes) -> None:
-        self._pending_user = None
-        mechanisms = offered_mechanisms(self.policy, plaintext_allowed=self.plaintext_allowed)
-        if not args:
-            # Old Outlook sends a bare AUTH and expects the list (pre-RFC 5034 behaviour).
-            self._reply(self._multiline("", mechanisms))
-            return
-        self._want_args(args, 1, 2, "AUTH mechanism [initial-response]")
-        mechanism = args[0].decode("ascii", "replace").upper()
-        if mechanism not in mechanisms:
-            if mechanism in PLAINTEXT_MECHANISMS and mechanism in self.policy.sasl_mechanisms:
-                self._plaintext_refused()
-            raise Pop3Error("Unsupported authentication mechanism.")
-        initial: bytes | None = None
-        if len(args) == 2:
-            initial = self._b64decode(args[1])
-            if initial is None:
-                raise Pop3Error("Invalid base64 data in initial response.")
-        self._sasl_mechanism = mechanism
-        if mechanism == "PLAIN":
-            if initial is None:
-                self._sasl_challenge_now(b"")
+    def sasl_step(self, step: Step, *, first: bool = False) -> None:
+        """Act on one step of the exchange's wire side (``protocol.sasl``)."""
+        exchange = self.sasl
+        assert exchange is not None
+        if isinstance(step, ToDriver):
+            self._waiting = Waiting.SASL
+            if first:
+                self._events.append(SaslStart(exchange.mechanism, step.data))
             else:
-                self._finish_plain(initial)
-            return
-        self._waiting = Waiting.SASL
-        self._events.append(SaslStart(mechanism=mechanism, initial=initial))
-
-    @staticmethod
-    def _b64decode(raw: bytes) -> bytes | None:
-        if raw == b"=":
-            return b""
-        try:
-            return base64.b64decode(raw, validate=True)
-        except (binascii.Error, ValueError):
-            return None
-
-    def _finish_plain(self, data: bytes) -> None:
-        """RFC 4616: ``[authzid] NUL authcid NUL passwd``, all UTF-8."""
-        parts = data.split(b"\x00")
-        if len(parts) != 3 or not parts[1]:
-            self._sasl_fail("Invalid PLAIN authentication data.")
-            return
-        try:
-            authzid, authcid, password = (p.decode("utf-8") for p in parts)
-        except UnicodeDecodeError:
-            self._sasl_fail("Invalid PLAIN authentication data.")
-            return
-        self._waiting = Waiting.NOTHING
-        self._start_login(
-            Login(user=authcid, password=password, mechanism="PLAIN", authzid=authzid)
-        )
-
-    def _sasl_challenge_now(self, data: bytes) -> None:
-        self._reply(b"+ " + base64.b64encode(data) + b"\r\n")
-        self._waiting = Waiting.SASL_LINE
-
-    def _handle_sasl_line(self, line: bytes) -> None:
-        if len(line) + 2 > self.policy.max_sasl_line:
-            self._sasl_fail("Authentication line too long.")
-            return
-        if line.strip() == b"*":
+                self._events.append(SaslContinue(step.data or b""))
+        elif isinstance(step, Challenge):
+            self.reply(challenge_line(step.data))
+            self._waiting = Waiting.SASL_LINE
+        elif isinstance(step, Credentials):
+            self.sasl = None
+            login = Login(step.authcid, step.password, "PLAIN", step.authzid)
+            self.request(login, Waiting.LOGIN)
+        else:
+            self.sasl = None
             self._waiting = Waiting.NOTHING
-            self._sasl_mechanism = ""
-            self._reply(self._err("Authentication cancelled."))
-            self._events.append(SaslAbort())
-            return
-        data = self._b64decode(line.strip()) if line.strip() else b""
-        if data is None:
-            self._sasl_fail("Invalid base64 data in continued response.")
-            return
-        if self._sasl_mechanism == "PLAIN":
-            self._finish_plain(data)
-            return
-        self._waiting = Waiting.SASL
-        self._events.append(SaslContinue(data))
+            if isinstance(step, Cancelled):
+                self.reply(self.err("Authentication cancelled."))
+            else:
+                self._error(step.text)
+            if not first and (exchange.in_session or isinstance(step, Cancelled)):
+                self._events.append(SaslAbort())  # the session forgets its mechanism
 
-    def _sasl_fail(self, text: str) -> None:
-        was_driver_mechanism = self._sasl_mechanism not in ("", "PLAIN")
-        self._waiting = Waiting.NOTHING
-        self._sasl_mechanism = ""
-        self._error(text)
-        if was_driver_mechanism:
-            self._events.append(SaslAbort())
-
-    def _cmd_stls(self, args: list[bytes], rest: bytes) -> None:
-        if not self.policy.stls:
-            raise Pop3Error("STLS is not available on this server.")
-        if self.secure:
-            raise Pop3Error("TLS is already active.")
-        self._want_args(args, 0, 0, "STLS")
-        # RFC 2595 section 4: nothing said before STLS survives it.
-        self._pending_user = None
-        self._reply(self._ok("Begin TLS negotiation now."))
-        self._waiting = Waiting.NOTHING
-        self._events.append(StartTls())
-
-    def _cmd_utf8(self, args: list[bytes], rest: bytes) -> None:
-        if not self.policy.utf8:
-            raise Pop3Error("UTF8 is not available.")
-        self._want_args(args, 0, 0, "UTF8")
-        self.utf8 = True
-        self._reply(self._ok("UTF8 enabled."))
-
-    def _cmd_lang(self, args: list[bytes], rest: bytes) -> None:
-        """RFC 6856 section 3: list languages, or choose one for response texts."""
-        if not self.policy.languages:
-            raise Pop3Error("Unknown command: LANG")
-        self._want_args(args, 0, 1, "LANG [language]")
-        if not args:
-            lines = [f"{tag} {LANGUAGES.get(tag, tag)}" for tag in self.policy.languages]
-            self._reply(self._multiline("Language listing follows.", lines))
-            return
-        chosen = choose(args[0].decode("ascii", "replace"))
-        if chosen is None or chosen not in self.policy.languages:
-            raise Pop3Error("Invalid language.")
-        self.language = chosen
-        self._reply(self._ok(f"{chosen} " + translate("Language changed to English.", chosen)))
-
-    def _cmd_capa(self, args: list[bytes], rest: bytes) -> None:
-        # RFC 2449 section 5: after login, still announce what was offered before it.
-        lines = self._login_caps if self.state is State.TRANSACTION else self._current_caps()
-        self._reply(self._multiline("Capability list follows.", lines))
-
-    def _current_caps(self) -> list[str]:
+    def current_caps(self) -> list[str]:
         return capability_lines(
             self.policy,
             authenticated=self.state is not State.AUTHORIZATION,
@@ -457,196 +280,105 @@ class Pop3Connection:
             plaintext_allowed=self.plaintext_allowed,
         )
 
-    def _cmd_quit(self, args: list[bytes], rest: bytes) -> None:
-        if self.state is State.AUTHORIZATION:
-            self._close_with(self._ok("mailbag signing off."), "quit")
-            return
-        # RFC 1939 section 6: QUIT from TRANSACTION enters UPDATE; only now is anything removed.
-        self.state = State.UPDATE
-        self._waiting = Waiting.COMMIT
-        uids = tuple(self._uids[i] for i in sorted(self._deleted))
-        self._events.append(Commit(uids))
-
-    def _start_login(self, event: Login | ApopLogin) -> None:
-        self._waiting = Waiting.LOGIN
+    def request(self, event: Event, waiting: Waiting) -> None:
+        """Emit a request event and wait for the driver's answer to it."""
+        self._waiting = waiting
+        if isinstance(event, SendMessage):
+            self._message = event
         self._events.append(event)
 
-    # ------------------------------------------------------- TRANSACTION
+    # ---------------------------------------------------------------- answers
 
-    def _cmd_stat(self, args: list[bytes], rest: bytes) -> None:
-        self._want_args(args, 0, 0, "STAT")
-        count, octets = self.totals()
-        self._reply(self._ok(f"{count} {octets}"))
-
-    def totals(self) -> tuple[int, int]:
-        """Messages and octets not marked deleted."""
-        if not self._deleted:  # the usual case; 100,000 messages make the filter show
-            return len(self._sizes), sum(self._sizes)
-        live = [s for i, s in enumerate(self._sizes) if i not in self._deleted]
-        return len(live), sum(live)
-
-    def _cmd_list(self, args: list[bytes], rest: bytes) -> None:
-        self._scan_listing(args, "LIST", lambda idx: str(self._sizes[idx]))
-
-    def _cmd_uidl(self, args: list[bytes], rest: bytes) -> None:
-        self._scan_listing(args, "UIDL", lambda idx: self._uids[idx])
-
-    def _scan_listing(self, args: list[bytes], name: str, value: Callable[[int], str]) -> None:
-        self._want_args(args, 0, 1, f"{name} [message]")
-        if args:
-            idx = self._parse_msn(args[0])
-            self._reply(self._ok(f"{idx + 1} {value(idx)}"))
+    def send(self, answer: object) -> None:
+        """Answer the request the machine waits for; the outcome comes out as events."""
+        if isinstance(answer, Abort):
+            self._events.clear()
+            self.close_with(self.err(ABORT_TEXTS[answer.reason]), answer.reason)
             return
-        deleted = self._deleted
-        if deleted:
-            lines = [f"{i + 1} {value(i)}" for i in range(len(self._uids)) if i not in deleted]
-        else:  # no per-line call and no filter: a 100,000-line UIDL is one fast pass
-            column = self._sizes if name == "LIST" else self._uids
-            lines = [f"{i} {v}" for i, v in enumerate(column, 1)]
-        if name == "LIST":
-            count, octets = self.totals()
-            first = f"{count} messages ({octets} octets)"
-        else:
-            first = ""
-        self._reply(self._multiline(first, lines))
+        if not isinstance(answer, ANSWERS.get(self._waiting, ())):
+            raise RuntimeError(f"{answer!r} is no answer while waiting for {self._waiting.name}")
+        self._waiting = Waiting.NOTHING
+        if isinstance(answer, BodyChunk):
+            self._body_chunk(answer.data)
+        elif isinstance(answer, BodyEnd):
+            self._body_end()
+        elif isinstance(answer, LoginAccepted):
+            self._login_accepted(answer)
+        elif isinstance(answer, LoginRefused):
+            self._login_refused(answer.text)
+        elif isinstance(answer, SaslChallenge):
+            self._waiting = Waiting.SASL_LINE
+            self.reply(challenge_line(answer.data))
+        elif isinstance(answer, MessageOpened):
+            self._message_opened()
+        elif isinstance(answer, MessageFailed):
+            self._message = None
+            self.reply(self.err(answer.text))
+        elif isinstance(answer, CommitDone):
+            self._commit_done(answer)
+        elif isinstance(answer, TlsStarted):
+            # RFC 2595 section 4: forget everything from before TLS.
+            self.secure = True
+            self.plaintext_allowed = True
+            self.pending_user = None
+            self._reader.take_buffer()
 
-    def _cmd_retr(self, args: list[bytes], rest: bytes) -> None:
-        self._want_args(args, 1, 1, "RETR message")
-        idx = self._parse_msn(args[0])
-        self._send_message(SendMessage(idx + 1, self._uids[idx], self._sizes[idx]))
-
-    def _cmd_top(self, args: list[bytes], rest: bytes) -> None:
-        # `top 1` without a line count, as typed in the seed's telnet session, means `top 1 0`.
-        self._want_args(args, 1, 2, "TOP message lines")
-        idx = self._parse_msn(args[0])
-        lines = 0
-        if len(args) == 2:
-            if not args[1].isdigit():
-                raise Pop3Error("Invalid number of lines: must be 0 or more.")
-            lines = min(int(args[1][:12]), MAX_TOP_LINES)
-        self._send_message(SendMessage(idx + 1, self._uids[idx], self._sizes[idx], lines))
-
-    def _send_message(self, request: SendMessage) -> None:
-        self._waiting = Waiting.MESSAGE
-        self._pending_message = request
-        self._events.append(request)
-
-    def _cmd_dele(self, args: list[bytes], rest: bytes) -> None:
-        self._want_args(args, 1, 1, "DELE message")
-        idx = self._parse_msn(args[0])
-        self._deleted.add(idx)
-        self._reply(self._ok(f"Message {idx + 1} marked to be deleted."))
-
-    def _cmd_rset(self, args: list[bytes], rest: bytes) -> None:
-        self._want_args(args, 0, 0, "RSET")
-        self._deleted.clear()
-        count, octets = self.totals()
-        self._reply(self._ok(f"{count} messages ({octets} octets)."))
-
-    def _cmd_noop(self, args: list[bytes], rest: bytes) -> None:
-        self._want_args(args, 0, 0, "NOOP")
-        self._reply(self._ok())
-
-    # ------------------------------------------------------ driver callbacks
-
-    def _expect(self, *waiting: Waiting) -> None:
-        if self._waiting not in waiting:
-            raise RuntimeError(f"callback not expected while waiting for {self._waiting.name}")
-
-    def login_succeeded(self, user: str, messages: Sequence[MessageListing]) -> bytes:
+    def _login_accepted(self, answer: LoginAccepted) -> None:
         """Enter TRANSACTION with this maildrop snapshot (message numbers now fixed)."""
-        self._expect(Waiting.LOGIN, Waiting.SASL)
-        self._login_caps = self._current_caps()
-        self._login_caps = [c for c in self._login_caps if c != "STLS"]
-        self._waiting = Waiting.NOTHING
-        self._sasl_mechanism = ""
+        self.login_caps = [c for c in self.current_caps() if c != "STLS"]
+        self.sasl = None
         self.state = State.TRANSACTION
-        self.user = user
-        self._uids = [m.uid for m in messages]
-        self._sizes = [m.size for m in messages]
-        self._deleted = set()
+        self.user = answer.user
+        self.snapshot = Snapshot(answer.messages)
         self._errors_in_row = 0
-        count, octets = self.totals()
-        return self._ok(f"Logged in, {count} messages ({octets} octets).")
+        count, octets = self.snapshot.totals()
+        self.reply(self.ok(f"Logged in, {count} messages ({octets} octets)."))
 
-    def login_failed(self, text: str = "[AUTH] Authentication failed.") -> bytes:
+    def _login_refused(self, text: str) -> None:
         """Stay in AUTHORIZATION; close after too many failures on this connection."""
-        self._expect(Waiting.LOGIN, Waiting.SASL)
-        self._waiting = Waiting.NOTHING
-        self._sasl_mechanism = ""
+        self.sasl = None
         self._auth_failures += 1
+        self.reply(self.err(text))
         if self._auth_failures >= self.policy.max_auth_failures:
             self.state = State.CLOSED
             self._events.append(Close("too many authentication failures"))
-        return self._err(text)
 
-    def sasl_challenge(self, data: bytes) -> bytes:
-        """Send a SASL challenge (``+ base64``) and wait for the client's response line."""
-        self._expect(Waiting.SASL)
-        self._waiting = Waiting.SASL_LINE
-        return b"+ " + base64.b64encode(data) + b"\r\n"
+    def _message_opened(self) -> None:
+        """First line of RETR (with the size, as RFC 1939's example shows) or TOP; body next."""
+        request = self._message
+        assert request is not None
+        self.reply(self.ok(f"{request.size} octets" if request.body_lines is None else ""))
+        self._encoder = MessageEncoder(request.body_lines)
+        self._waiting = Waiting.BODY
+        self._events.append(NeedBody())
 
-    def message_started(self) -> bytes:
-        """First line of RETR (with the size, as RFC 1939's example shows) or TOP.
+    def _body_chunk(self, data: bytes) -> None:
+        encoder = self._encoder
+        assert encoder is not None
+        encoded = encoder.feed(data)
+        if encoded:
+            self.reply(encoded)
+        if encoder.done:  # TOP has all its lines: storage need not be read further
+            self._body_end()
+        else:
+            self._waiting = Waiting.BODY
+            self._events.append(NeedBody())
 
-        The driver calls this once it knows the message is readable, then
-        streams the body through ``lines.MessageEncoder``.
-        """
-        self._expect(Waiting.MESSAGE)
-        self._waiting = Waiting.NOTHING
-        request, self._pending_message = self._pending_message, None
-        if request is not None and request.body_lines is None:
-            return self._ok(f"{request.size} octets")
-        return self._ok()
+    def _body_end(self) -> None:
+        encoder, request = self._encoder, self._message
+        assert encoder is not None and request is not None
+        self.reply(encoder.finish())
+        self._encoder = self._message = None
+        self._events.append(EndOfMessage(request.msn, top=request.body_lines is not None))
 
-    def message_failed(self, text: str) -> bytes:
-        """The message could not be read before anything was sent."""
-        self._expect(Waiting.MESSAGE)
-        self._waiting = Waiting.NOTHING
-        self._pending_message = None
-        return self._err(text)
-
-    def commit_finished(self, removed: int, failed: int, text: str = "") -> bytes:
+    def _commit_done(self, answer: CommitDone) -> None:
         """Answer QUIT after UPDATE; ``-ERR`` if any removal failed (RFC 1939 section 6)."""
-        self._expect(Waiting.COMMIT)
-        self._waiting = Waiting.NOTHING
-        self.state = State.CLOSED
-        self._events.append(Close("quit"))
-        if failed:
-            return self._err(text or f"[SYS/TEMP] {failed} messages could not be deleted.")
-        count, _ = self.totals()
+        if answer.failed:
+            text = answer.text or f"[SYS/TEMP] {answer.failed} messages could not be deleted."
+            self.close_with(self.err(text), "quit")
+            return
+        count, _ = self.snapshot.totals()
         left = "maildrop empty" if count == 0 else f"{count} left"
-        return self._ok(f"mailbag signing off ({removed} deleted, {left}).")
-
-    def tls_started(self) -> None:
-        """TLS is up: forget everything from before (RFC 2595 section 4)."""
-        self.secure = True
-        self._pending_user = None
-        self._reader.take_buffer()
-
-
-
-_AUTH = frozenset({State.AUTHORIZATION})
-_TRANS = frozenset({State.TRANSACTION})
-_BOTH = _AUTH | _TRANS
-
-#: The command table (DESIGN.md rule 3): keyword -> (states where valid, handler).
-COMMANDS: dict[bytes, tuple[frozenset[State], Handler]] = {
-    b"USER": (_AUTH, Pop3Connection._cmd_user),
-    b"PASS": (_AUTH, Pop3Connection._cmd_pass),
-    b"APOP": (_AUTH, Pop3Connection._cmd_apop),
-    b"AUTH": (_AUTH, Pop3Connection._cmd_auth),
-    b"STLS": (_AUTH, Pop3Connection._cmd_stls),
-    b"UTF8": (_AUTH, Pop3Connection._cmd_utf8),
-    b"CAPA": (_BOTH, Pop3Connection._cmd_capa),
-    b"LANG": (_BOTH, Pop3Connection._cmd_lang),
-    b"QUIT": (_BOTH, Pop3Connection._cmd_quit),
-    b"STAT": (_TRANS, Pop3Connection._cmd_stat),
-    b"LIST": (_TRANS, Pop3Connection._cmd_list),
-    b"UIDL": (_TRANS, Pop3Connection._cmd_uidl),
-    b"RETR": (_TRANS, Pop3Connection._cmd_retr),
-    b"TOP": (_TRANS, Pop3Connection._cmd_top),
-    b"DELE": (_TRANS, Pop3Connection._cmd_dele),
-    b"RSET": (_TRANS, Pop3Connection._cmd_rset),
-    b"NOOP": (_TRANS, Pop3Connection._cmd_noop),
-}
+        self.close_with(
+            self.ok(f"mailbag signing off ({answer.removed} deleted, {left})."), "quit"
+        )

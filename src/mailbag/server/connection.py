@@ -33,6 +33,8 @@ class ConnectionStream(asyncio.Protocol):
         self._closed = False
         self._peer: tuple[str, int] = ("?", 0)
         self._secure = False
+        self._discarding = False
+        self._linger: asyncio.TimerHandle | None = None
 
     # -------------------------------------------------- asyncio.Protocol side
 
@@ -45,6 +47,8 @@ class ConnectionStream(asyncio.Protocol):
         self._on_connect(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return  # lingering after the last reply: read only so the close stays clean
         self._buffer += data
         if len(self._buffer) > READ_HIGH_WATER and self._transport and not self._reading_paused:
             self._transport.pause_reading()
@@ -57,6 +61,8 @@ class ConnectionStream(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
         self._eof = True
         self._closed = True
         self._wake()
@@ -145,6 +151,25 @@ class ConnectionStream(asyncio.Protocol):
         version = ssl_object.version() if ssl_object is not None else None
         return str(version) if version else None
 
-    def close(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+    def close(self, *, linger: float = 0.0) -> None:
+        """Close; with ``linger``, half-close first and discard input until the client closes.
+
+        Closing a socket with unread input makes the kernel answer with a reset
+        (RST), and the client may lose our last reply.  So a lingering close
+        sends FIN after the queued output, keeps reading and discarding, and
+        closes when the client does, or after ``linger`` seconds, without a
+        task: the session is already over.  TLS cannot half-close; it closes now.
+        """
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if linger <= 0 or self._eof or not transport.can_write_eof():
+            transport.close()
+            return
+        self._discarding = True
+        self._buffer.clear()
+        if self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+        transport.write_eof()
+        self._linger = asyncio.get_running_loop().call_later(linger, transport.close)

@@ -1,35 +1,51 @@
-"""Listeners: accept connections, enforce connection limits, run sessions, shut down cleanly.
+"""One listener for every kind of socket: plain or implicit TLS, TCP or Unix, POP3 or LMTP.
 
-Shutdown order matters for "nothing is ever lost": stop accepting, give open
-sessions a grace period to finish on their own, then cancel the rest.  A
-cancelled session never reaches ``Commit``, so its DELE marks are dropped and
-every message stays on the server.
+What differs between protocols is a small ``Service`` (``server.services``):
+how to build a session, the connection caps, the line that refuses a
+connection over the cap.  Everything else is here, once: binding (with one
+clear ``ConfigError`` per address), accepting, counting connections against
+the caps from the moment of accept (an implicit-TLS connection counts during
+its handshake too, which this module runs itself rather than letting asyncio
+run it before we see the connection: for those we accept ourselves and
+hand the socket to ``loop.connect_accepted_socket(ssl=...)``), reconfiguration
+on SIGHUP, and shutdown.
+
+Shutdown order matters for "nothing is ever lost": stop accepting, ask every
+session to stop (one between transactions ends at once: an idle LMTP
+connection gets ``421``; a POP3 session carries on), give the rest a grace
+period to finish on their own, then cancel.  A cancelled POP3 session never
+reaches ``Commit``, so its DELE marks are dropped and every message stays on
+the server; an LMTP transaction is allowed to finish first, or the MTA would
+deliver it again (a duplicate).
+
+Reuse: ``Endpoint.sock`` starts a listener on an already-bound socket (a
+supervisor's inherited or shared socket), and the session takes the peer
+address from the stream alone, so a PROXY-protocol front can replace it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import logging
 import os
-import secrets
 import socket
-import ssl
-import time
+import stat
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from mailbag.config import ListenAddress
 from mailbag.errors import ConfigError
 from mailbag.logs import log_event
 from mailbag.server.connection import ConnectionStream
 from mailbag.server.tls import TlsContext
-from mailbag.session.authenticate import Authenticator
-from mailbag.session.pop3 import NULL_OBSERVER, Pop3Session, SessionObserver, SessionSettings
-from mailbag.storage.base import Store
+from mailbag.session.driver import Driver
+from mailbag.session.stream import tls_failure_reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,165 +56,283 @@ class ConnectionLimits:
     per_address: int = 50
 
 
-class ServerObserver(SessionObserver, Protocol):
-    """Connection-level events on top of the session's (``server.metrics.Metrics``)."""
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One listening socket: TCP ``host:port``, a Unix socket ``path``, or a bound ``sock``."""
+
+    host: str = ""
+    port: int = 0
+    path: Path | None = None
+    #: Permissions of a Unix socket file.
+    mode: int = 0o660
+    #: An already-bound listening socket (from a supervisor); host/port/path are then labels.
+    sock: socket.socket | None = None
+    #: Implicit TLS (RFC 8314): handshake right after accept, before the greeting.
+    tls: bool = False
+
+    @classmethod
+    def tcp(cls, address: ListenAddress) -> Endpoint:
+        """The endpoint for a configured ``host:port``."""
+        return cls(host=address.host, port=address.port, tls=address.tls)
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Service(Protocol):
+    """The protocol-specific part of a listener (``server.services``)."""
+
+    #: ``pop3`` or ``lmtp``: in log lines and error messages.
+    name: str
+    limits: ConnectionLimits
+    #: Sent (in plaintext) to a connection refused by the caps, then it is closed.
+    refusal: bytes
+    @property
+    def handshake_timeout(self) -> float:
+        """Longest an implicit-TLS handshake may take."""
+        ...
+
+    def session(self, stream: ConnectionStream, number: int) -> Driver:
+        """A new session for an accepted (and, for implicit TLS, handshaken) stream."""
+        ...
+
+
+class ListenerObserver(Protocol):
+    """Connection-level events (``server.metrics.Metrics`` implements it)."""
 
     def connection_opened(self) -> None:
-        """A session started."""
+        """A connection was accepted and counted."""
 
     def connection_closed(self) -> None:
-        """A session ended."""
+        """A counted connection ended."""
 
     def connection_refused(self) -> None:
-        """A connection was turned away by the limits."""
+        """A connection was turned away by the caps."""
 
 
-class Pop3Server:
-    """All POP3 listeners of one process and the sessions they run."""
+class Listener:
+    """The listening sockets of one service and the sessions they run."""
 
     def __init__(
         self,
+        endpoints: Sequence[Endpoint],
+        service: Service,
         *,
-        listen: Sequence[ListenAddress],
-        settings: SessionSettings,
-        authenticator: Authenticator,
-        store: Store,
         tls: TlsContext | None = None,
-        limits: ConnectionLimits | None = None,
-        observer: ServerObserver | None = None,
+        observer: ListenerObserver | None = None,
+        backlog: int = 1024,
     ) -> None:
-        self.listen = tuple(listen)
-        self.observer = observer
-        self.settings = settings
-        self.authenticator = authenticator
-        self.store = store
+        self.endpoints = tuple(endpoints)
+        self.service = service
         self.tls = tls
-        self.limits = limits or ConnectionLimits()
-        self._servers: list[asyncio.Server] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.observer = observer
+        self.backlog = backlog
+        self.refused = 0
+        self._servers: list[tuple[asyncio.Server, Endpoint]] = []
+        #: Implicit-TLS endpoints: our own listening socket and accept loop each.
+        self._tls_socks: list[tuple[socket.socket, Endpoint]] = []
+        self._accept_loops: list[asyncio.Task[None]] = []
+        self._sessions: dict[asyncio.Task[None], Driver | None] = {}
         self._per_address: Counter[str] = Counter()
         self._counter = itertools.count(1)
-        self._hostname = settings.hostname or socket.gethostname() or "localhost"
-        self.refused = 0
 
     @property
     def addresses(self) -> list[tuple[str, int, bool]]:
-        """Bound (host, port, implicit_tls) triples; useful when a port was 0."""
+        """Bound TCP (host, port, implicit_tls) triples; useful when a port was 0."""
+        socks = [(sock, e) for server, e in self._servers for sock in server.sockets]
         result = []
-        for server, address in zip(self._servers, self.listen, strict=True):
-            for sock in server.sockets:
-                name = sock.getsockname()
-                result.append((str(name[0]), int(name[1]), address.tls))
+        for sock, endpoint in [*socks, *self._tls_socks]:
+            name = sock.getsockname()
+            if isinstance(name, tuple):
+                result.append((str(name[0]), int(name[1]), endpoint.tls))
         return result
 
     @property
     def active_sessions(self) -> int:
-        """Sessions currently running."""
-        return len(self._tasks)
+        """Connections currently open (handshaking ones included)."""
+        return len(self._sessions)
 
-    def reconfigure(
-        self,
-        *,
-        settings: SessionSettings,
-        authenticator: Authenticator,
-        store: Store,
-        limits: ConnectionLimits,
-    ) -> None:
-        """Use new settings for sessions accepted from now on (SIGHUP reload).
+    def reconfigure(self, service: Service, tls: TlsContext | None = None) -> None:
+        """Serve connections accepted from now on with ``service`` (SIGHUP reload).
 
         Open sessions keep the objects they started with, so a reload never
-        disturbs them.  Listeners are not rebound (that needs a restart).
+        disturbs them.  Sockets are not rebound (that needs a restart).
         """
-        self.settings = settings
-        self.authenticator = authenticator
-        self.store = store
-        self.limits = limits
-        self._hostname = settings.hostname or socket.gethostname() or "localhost"
-
-    async def accept(self) -> None:
-        """Start accepting on listeners bound with ``start(accept=False)``."""
-        for server in self._servers:
-            await server.start_serving()
+        self.service = service
+        if tls is not None:
+            self.tls = tls
 
     async def start(self, *, accept: bool = True) -> None:
-        """Bind every listener; a port in use is one clear ConfigError.
+        """Bind every endpoint; an address in use is one clear ConfigError.
 
-        ``accept=False`` binds without accepting, so privileges can be dropped
-        before the first connection is read (see ``server.privileges``).
+        ``accept=False`` binds without accepting (call ``accept`` later), so a
+        server started as root can drop privileges before reading a byte.
         """
         loop = asyncio.get_running_loop()
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(quiet_network_errors)
-        for address in self.listen:
-            ssl_context = None
-            if address.tls:
-                if self.tls is None:
-                    raise ConfigError(f"server.listen_tls {address}: no TLS certificate configured")
-                # One live context per server: SIGHUP reloads the certificate *into* it.
-                ssl_context = self.tls.context
+        try:
+            for endpoint in self.endpoints:
+                if endpoint.tls and self.tls is None:
+                    raise ConfigError(f"server.listen_tls {endpoint}: no TLS certificate")
+                if endpoint.tls:
+                    self._tls_socks.append((self._bind_tls(endpoint), endpoint))
+                else:
+                    self._servers.append((await self._bind(loop, endpoint), endpoint))
+                log_event("listening", address=str(endpoint), protocol=self.service.name,
+                          tls="implicit" if endpoint.tls else "no")
+            if accept:
+                await self.accept()
+        except BaseException:
+            await self.close_listeners()
+            raise
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint) -> asyncio.Server:
+        def factory() -> ConnectionStream:
+            return ConnectionStream(lambda stream: self._accepted(stream, endpoint))
+
+        if endpoint.sock is not None:
+            return await loop.create_server(
+                factory, sock=endpoint.sock, backlog=self.backlog, start_serving=False
+            )
+        if endpoint.path is not None:
+            return await self._bind_unix(loop, endpoint, factory)
+        try:
+            return await loop.create_server(
+                factory, endpoint.host, endpoint.port, reuse_address=True,
+                backlog=self.backlog, start_serving=False,
+            )
+        except OSError as exc:
+            raise self._bind_error(endpoint, exc) from None
+
+    def _bind_tls(self, endpoint: Endpoint) -> socket.socket:
+        """A listening socket for an implicit-TLS endpoint (accepted by ``_accept_tls``)."""
+        if endpoint.sock is not None:
+            sock = endpoint.sock
+        else:
             try:
-                server = await loop.create_server(
-                    lambda: ConnectionStream(self._accepted),
-                    address.host,
-                    address.port,
-                    ssl=ssl_context,
-                    # A client that stalls mid-handshake is cut like one that stalls at login.
-                    ssl_handshake_timeout=self._handshake_timeout() if ssl_context else None,
-                    reuse_address=True,
-                    backlog=1024,
-                    start_serving=accept,
+                family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+                sock = socket.create_server(
+                    (endpoint.host, endpoint.port), family=family, backlog=self.backlog
                 )
             except OSError as exc:
-                await self.close_listeners()
-                reason = exc.strerror or str(exc)
-                if exc.errno == errno.EADDRINUSE:
-                    reason = "address already in use"
-                elif exc.errno == errno.EACCES:
-                    reason = "permission denied (ports below 1024 need root)"
-                raise ConfigError(f"cannot listen on {address}: {reason}") from None
-            self._servers.append(server)
-            log_event("listening", address=str(address), tls="implicit" if address.tls else "no")
+                raise self._bind_error(endpoint, exc) from None
+        sock.setblocking(False)
+        return sock
 
-    def _tls_context(self) -> ssl.SSLContext | None:
-        """The context for STLS (``None``: no certificate, so STLS is not offered)."""
-        return self.tls.context if self.tls is not None else None
+    def _bind_error(self, endpoint: Endpoint, exc: OSError) -> ConfigError:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = "address already in use"
+        elif exc.errno == errno.EACCES:
+            reason = "permission denied (ports below 1024 need root)"
+        what = "" if self.service.name == "pop3" else f" for {self.service.name.upper()}"
+        return ConfigError(f"cannot listen{what} on {endpoint}: {reason}")
 
-    def _handshake_timeout(self) -> float:
-        """POP3S handshake limit: the login timeout, at most 30 s, at least 1 s."""
-        return max(1.0, min(30.0, self.settings.login_timeout))
+    async def _bind_unix(
+        self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint,
+        factory: Callable[[], ConnectionStream],
+    ) -> asyncio.Server:
+        path = endpoint.path
+        assert path is not None
+        key = f"{self.service.name}.socket"
+        _remove_stale_socket(path, key)
+        # Create it with no access, then open it up: no window with a wider mode.
+        old_umask = os.umask(0o777)
+        try:
+            server = await loop.create_unix_server(
+                factory, str(path), backlog=self.backlog, start_serving=False
+            )
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot listen on {path}: {exc.strerror or exc}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, endpoint.mode)
+        return server
 
-    def _accepted(self, stream: ConnectionStream) -> None:
-        address = stream.peer[0]
-        if len(self._tasks) >= self.limits.total or (
-            self._per_address[address] >= self.limits.per_address
-        ):
+    async def accept(self) -> None:
+        """Start accepting on sockets bound with ``start(accept=False)``."""
+        for server, _ in self._servers:
+            await server.start_serving()
+        loop = asyncio.get_running_loop()
+        if not self._accept_loops:
+            self._accept_loops = [
+                loop.create_task(self._accept_tls(sock)) for sock, _ in self._tls_socks
+            ]
+
+    def _admit(self, address: str, port: int) -> bool:
+        """Count a new connection against the caps, at accept; False: refuse it."""
+        limits = self.service.limits
+        if len(self._sessions) >= limits.total or self._per_address[address] >= limits.per_address:
             self.refused += 1
             if self.observer is not None:
                 self.observer.connection_refused()
-            log_event("refused", logging.WARNING, peer=f"{address}:{stream.peer[1]}",
-                      reason="too many connections")
-            stream.write(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
+            log_event("refused", logging.WARNING, peer=f"{address}:{port}",
+                      protocol=self.service.name, reason="too many connections")
+            return False
+        return True
+
+    def _accepted(self, stream: ConnectionStream, endpoint: Endpoint) -> None:
+        """A plain connection: count it against the caps at once, then serve it in a task."""
+        if not self._admit(*stream.peer):
+            stream.write(self.service.refusal)
             stream.close()
             return
-        number = next(self._counter)
-        session = Pop3Session(
-            stream,
-            settings=self.settings,
-            authenticator=self.authenticator,
-            store=self.store,
-            session_id=f"{number:x}{secrets.token_hex(2)}",
-            timestamp=f"<{os.getpid()}.{number}.{int(time.time())}@{self._hostname}>",
-            tls_context=self._tls_context,
-            observer=self.observer or NULL_OBSERVER,
-        )
+        self._track(self._run(stream, self.service), stream.peer[0])
+
+    async def _accept_tls(self, listening: socket.socket) -> None:
+        """Accept implicit-TLS connections ourselves, so they count during the handshake."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(listening)
+            except OSError as exc:  # EMFILE and friends: wait a moment rather than spin
+                log_event("accept-error", logging.WARNING, error=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            address, port = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("?", 0)
+            if not self._admit(address, port):
+                sock.close()  # a TLS client could not read a plaintext refusal
+                continue
+            self._track(self._serve_tls(sock, f"{address}:{port}", self.service), address)
+
+    async def _serve_tls(self, sock: socket.socket, peer: str, service: Service) -> None:
+        assert self.tls is not None
+        loop = asyncio.get_running_loop()
+        streams: list[ConnectionStream] = []
+        try:
+            await loop.connect_accepted_socket(
+                lambda: ConnectionStream(streams.append), sock, ssl=self.tls.context,
+                ssl_handshake_timeout=service.handshake_timeout,
+            )
+        except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError are OSErrors
+            reason = "timeout" if isinstance(exc, TimeoutError) else tls_failure_reason(exc)
+            log_event("tls-failed", peer=peer, reason=reason)
+            sock.close()
+            return
+        stream = streams[0]
+        log_event("tls", peer=peer, version=stream.tls_version or "started")
+        await self._run(stream, service)
+
+    async def _run(self, stream: ConnectionStream, service: Service) -> None:
+        session = service.session(stream, next(self._counter))
+        task = asyncio.current_task()
+        if task is not None and task in self._sessions:
+            self._sessions[task] = session
+        await session.run()
+
+    def _track(self, coro: Coroutine[Any, Any, None], address: str) -> None:
+        """Run one connection in a task that holds its place in the caps until it ends."""
         if self.observer is not None:
             self.observer.connection_opened()
         self._per_address[address] += 1
-        task = asyncio.get_running_loop().create_task(session.run())
-        self._tasks.add(task)
+        task = asyncio.get_running_loop().create_task(coro)
+        self._sessions[task] = None
 
         def done(t: asyncio.Task[None]) -> None:
-            self._tasks.discard(t)
+            self._sessions.pop(t, None)
             if self.observer is not None:
                 self.observer.connection_closed()
             self._per_address[address] -= 1
@@ -208,23 +342,54 @@ class Pop3Server:
         task.add_done_callback(done)
 
     async def close_listeners(self) -> None:
-        """Stop accepting new connections."""
-        for server in self._servers:
+        """Stop accepting new connections and remove our Unix socket files."""
+        for server, _ in self._servers:
             server.close()
         self._servers.clear()
+        for task in self._accept_loops:
+            task.cancel()
+        self._accept_loops.clear()
+        for sock, endpoint in self._tls_socks:
+            if endpoint.sock is None:
+                sock.close()
+        self._tls_socks.clear()
+        for endpoint in self.endpoints:
+            if endpoint.path is not None and endpoint.sock is None:
+                with contextlib.suppress(OSError):
+                    if stat.S_ISSOCK(endpoint.path.lstat().st_mode):
+                        endpoint.path.unlink()
 
     async def shutdown(self, grace: float) -> None:
-        """Stop accepting, wait up to ``grace`` seconds, then cancel remaining sessions."""
-        for server in self._servers:
-            server.close()
-        if self._tasks:
-            log_event("shutdown", sessions=len(self._tasks), grace=grace)
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        """Stop accepting, ask sessions to stop, wait up to ``grace`` seconds, then cancel."""
+        await self.close_listeners()
+        if self._sessions:
+            log_event("shutdown", protocol=self.service.name, sessions=len(self._sessions),
+                      grace=grace)
+            for session in self._sessions.values():
+                if session is not None:
+                    session.request_stop()
+            _, pending = await asyncio.wait(set(self._sessions), timeout=grace)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        log_event("stopped")
+
+
+def _remove_stale_socket(path: Path, key: str) -> None:
+    """Remove a socket file left by a crashed server; refuse to touch anything else."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{key}: {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # nobody listening: stale
+            return
+    raise ConfigError(f"{key}: {path} is in use by another process")
 
 
 def quiet_network_errors(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

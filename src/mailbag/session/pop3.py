@@ -1,9 +1,9 @@
-"""One POP3 session: the short async loop around the sans-IO ``Pop3Connection``.
+"""One POP3 session: the protocol callbacks around the sans-IO ``Pop3Connection``.
 
-It reads bytes, feeds the state machine, writes replies, and performs the I/O
-the machine asks for: checking credentials, opening and locking the maildrop,
-streaming messages, and removing messages at QUIT.  The rules that make mail
-safe live here and in the core, nowhere else:
+``session.driver.Driver`` runs the loop; this class performs the I/O the core
+asks for: checking credentials, opening and locking the maildrop, reading
+stored chunks for a body, removing messages at QUIT, STLS.  The rules that
+make mail safe live here and in the core, nowhere else:
 
 * the maildrop is locked from login to the end of the session;
 * deletions are applied only when the core emits ``Commit`` (QUIT from
@@ -15,40 +15,44 @@ safe live here and in the core, nowhere else:
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import functools
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 from mailbag.errors import AuthError, MaildropLocked, MessageGone, StorageError
-from mailbag.logs import log_event
 from mailbag.protocol.capabilities import Pop3Policy
 from mailbag.protocol.events import (
     ApopLogin,
-    Close,
+    BodyChunk,
+    BodyEnd,
     Commit,
+    CommitDone,
+    EndOfMessage,
     Login,
-    NeedData,
-    Reply,
+    LoginAccepted,
+    LoginRefused,
+    MessageFailed,
+    MessageOpened,
+    NeedBody,
     SaslAbort,
+    SaslChallenge,
     SaslContinue,
     SaslStart,
     SendMessage,
     StartTls,
+    TlsStarted,
 )
-from mailbag.protocol.lines import MessageEncoder
 from mailbag.protocol.pop3 import Pop3Connection, State
 from mailbag.session.authenticate import Authenticator, AuthResult
+from mailbag.session.driver import Driver, SessionOver
+from mailbag.session.observer import NULL_OBSERVER, SessionObserver, SessionStats
 from mailbag.session.sasl import Challenge, Failure, SaslMechanism, Step, new_mechanism
-from mailbag.session.stream import Stream
+from mailbag.session.stream import Stream, handshake
 from mailbag.storage.base import Maildrop, Store
-
-#: Flush queued output once it grows past this, while streaming a message.
-WRITE_HIGH_WATER = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,62 +68,7 @@ class SessionSettings:
     plaintext_allowed: Callable[[str], bool] = field(default=lambda _addr: True)
 
 
-class SessionObserver(Protocol):
-    """What a session reports for monitoring (``server.metrics.Metrics`` implements it).
-
-    Optional: without one, sessions report to ``NULL_OBSERVER``, which does nothing.
-    Arguments are server-chosen words (results, mechanisms, command names), never
-    client text, so a monitoring system cannot be flooded with label values.
-    """
-
-    def login(self, result: str, mechanism: str) -> None:
-        """A login finished: ``ok``, ``failed``, ``in_use`` or ``error``."""
-
-    def commands(self, counts: Mapping[str, int]) -> None:
-        """Commands received in the session, by name (reported at its end)."""
-
-    def sent(self, octets: int) -> None:
-        """Octets written to the client."""
-
-    def storage_error(self, operation: str) -> None:
-        """A storage operation failed: ``open``, ``read``, ``delete`` or ``close``."""
-
-    def session_ended(self, seconds: float) -> None:
-        """The session is over after ``seconds``."""
-
-
-class _NullObserver:
-    """The observer used when metrics are off."""
-
-    def login(self, result: str, mechanism: str) -> None:
-        pass
-
-    def commands(self, counts: Mapping[str, int]) -> None:
-        pass
-
-    def sent(self, octets: int) -> None:
-        pass
-
-    def storage_error(self, operation: str) -> None:
-        pass
-
-    def session_ended(self, seconds: float) -> None:
-        pass
-
-
-NULL_OBSERVER: SessionObserver = _NullObserver()
-
-
-@dataclass(slots=True)
-class SessionStats:
-    """Counters for the logout log line."""
-
-    retrieved: int = 0
-    octets_sent: int = 0
-    deleted: int = 0
-
-
-class Pop3Session:
+class Pop3Session(Driver):
     """Serve one client from greeting to close."""
 
     def __init__(
@@ -134,19 +83,18 @@ class Pop3Session:
         tls_context: Callable[[], ssl.SSLContext | None] = lambda: None,
         observer: SessionObserver = NULL_OBSERVER,
     ) -> None:
-        self.stream = stream
+        super().__init__(stream, session_id=session_id)
         self.observer = observer
         self.settings = settings
         self.authenticator = authenticator
         self.store = store
-        self.session_id = session_id
         self.tls_context = tls_context
         self.address, port = stream.peer[0], stream.peer[1]
         self.peer = f"{self.address}:{port}"
         policy = settings.policy
         if policy.stls and tls_context() is None:
-            policy = _without_stls(policy)
-        self.conn = Pop3Connection(
+            policy = replace(policy, stls=False)
+        self.core = self.conn = Pop3Connection(
             policy,
             timestamp=timestamp,
             greeting=settings.greeting,
@@ -155,145 +103,92 @@ class Pop3Session:
         )
         self.maildrop: Maildrop | None = None
         self.stats = SessionStats()
-        self._out = bytearray()
-        self._started = time.monotonic()
-        self._deadline = self._started + settings.login_timeout
-        self.outcome = "disconnected"
+        self.deadline = self.started + settings.login_timeout
+        self._command_seen = False
         self._sasl: SaslMechanism | None = None
         self._sasl_verdict: AuthResult | None = None
+        self._chunks: AsyncIterator[bytes] | None = None
+        self._first: bytes | None = None
 
-    def _log(self, event: str, level: int = logging.INFO, **fields: object) -> None:
-        log_event(event, level, session=self.session_id, peer=self.peer, **fields)
+    # ------------------------------------------------------- driver hooks
 
-    async def _flush(self) -> None:
-        if self._out:
-            self.stream.write(bytes(self._out))
-            self.observer.sent(len(self._out))
-            self._out.clear()
-        # A client that stops reading must not hold the session forever (slowloris on the
-        # sending side): waiting for buffer space is bounded like waiting for input.
-        async with asyncio.timeout(self._send_timeout()):
-            await self.stream.drain()
+    def log(self, event: str, level: int = logging.INFO, **fields: object) -> None:
+        super().log(event, level, peer=self.peer, **fields)
 
-    def _send_timeout(self) -> float:
+    def read_deadline(self) -> float:
+        if self._command_seen:
+            self._command_seen = False
+            self.deadline = time.monotonic() + self.settings.idle_timeout
+        return self.deadline
+
+    def send_timeout(self) -> float:
         if self.conn.state is State.AUTHORIZATION:
-            return max(0.0, self._deadline - time.monotonic())
+            return max(0.0, self.deadline - time.monotonic())
         return self.settings.idle_timeout
 
-    async def run(self) -> None:
-        """Run the session; never raises for client behaviour or storage trouble."""
-        tls = getattr(self.stream, "tls_version", None) or ("yes" if self.stream.secure else "no")
-        self._log("connect", tls=tls)
-        try:
-            await self._loop()
-        except _SessionOver:
-            pass
-        except (ConnectionError, asyncio.IncompleteReadError):
-            self.outcome = "connection lost"
-        except TimeoutError:
-            self.outcome = "timeout"
-        except asyncio.CancelledError:
-            self.outcome = "shutdown"
-            raise
-        except Exception as exc:  # last line of defence: log it, never show it
-            self.outcome = "internal error"
-            self._log("error", logging.ERROR, error=repr(exc))
-            logging.getLogger("mailbag").debug("session crash", exc_info=True)
-            # Tell the client something generic rather than just hanging up.
-            self._out.clear()
-            self.stream.write(
-                self.conn.error_reply("[SYS/TEMP] Internal server error; closing connection.")
-            )
-        finally:
-            await self._cleanup()
+    def event_seen(self, event: object) -> None:
+        """After login the idle timer restarts per command; before it the deadline is absolute.
 
-    async def _cleanup(self) -> None:
+        So a client dribbling one byte a minute cannot hold a connection open (slowloris).
+        The restart itself happens at the next read (one clock call, not one per event).
+        """
+        if self.conn.state is State.TRANSACTION:
+            self._command_seen = True
+
+    def sent(self, octets: int) -> None:
+        self.observer.sent(octets)
+
+    def on_start(self) -> None:
+        tls = getattr(self.stream, "tls_version", None) or ("yes" if self.stream.secure else "no")
+        self.log("connect", tls=tls)
+
+    async def on_end(self) -> None:
+        await self._close_body()
         if self.maildrop is not None:
             try:
                 await self.maildrop.close()
             except StorageError as exc:
                 self.observer.storage_error("close")
-                self._log("error", logging.WARNING, error=str(exc))
+                self.log("error", logging.WARNING, error=str(exc))
             self.maildrop = None
-        self.stream.close()
+        seconds = time.monotonic() - self.started
         self.observer.commands(self.conn.commands)
-        self.observer.session_ended(time.monotonic() - self._started)
-        self._log(
-            "logout",
-            user=self.conn.user,
-            outcome=self.outcome,
-            retrieved=self.stats.retrieved,
-            deleted=self.stats.deleted,
-            octets=self.stats.octets_sent,
-            seconds=round(time.monotonic() - self._started, 3),
-        )
+        self.observer.session_ended(seconds)
+        self.log("logout", user=self.conn.user, outcome=self.outcome,
+                 retrieved=self.stats.retrieved, deleted=self.stats.deleted,
+                 octets=self.stats.octets_sent, seconds=round(seconds, 3))
 
-    async def _read_more(self) -> bool:
-        """Wait for client bytes until the current deadline; False on timeout."""
-        await self._flush()
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        try:
-            # asyncio.timeout, not wait_for: wait_for wraps the read in a new
-            # Task for every command, a measurable cost per RETR and per login.
-            async with asyncio.timeout(remaining):
-                data = await self.stream.read()
-        except TimeoutError:
-            return False
-        self.conn.receive_data(data)
-        return True
-
-    def _command_seen(self) -> None:
-        """A command was processed: after login, the idle timer restarts.
-
-        Before login the deadline is absolute, so a client dribbling one byte
-        a minute cannot hold a connection open (slowloris).
-        """
-        if self.conn.state is State.TRANSACTION:
-            self._deadline = time.monotonic() + self.settings.idle_timeout
-
-    async def _loop(self) -> None:
+    async def handle(self, event: object) -> None:
         conn = self.conn
-        self._out += conn.greeting()
-        while True:
-            event = conn.next_event()
-            if isinstance(event, NeedData):
-                if not await self._read_more():
-                    self._out += self.conn.error_reply("Autologout; idle for too long.")
-                    await self._flush()
-                    self.outcome = "timeout"
-                    return
-                continue
-            self._command_seen()
-            if isinstance(event, Reply):
-                self._out += event.data
-            elif isinstance(event, Login | ApopLogin):
-                await self._flush()
-                await self._login(event)
-            elif isinstance(event, SendMessage):
-                await self._send_message(event)
-            elif isinstance(event, Commit):
-                await self._commit(event)
-            elif isinstance(event, StartTls):
-                await self._start_tls()
-            elif isinstance(event, SaslStart):
-                await self._sasl_start(event)
-            elif isinstance(event, SaslContinue):
-                mechanism = self._sasl
-                if mechanism is None:  # cannot happen; never leave the core waiting
-                    self._out += conn.login_failed()
-                else:
-                    await self._sasl_next(mechanism, functools.partial(mechanism.step, event.data))
-            elif isinstance(event, SaslAbort):
-                if self._sasl is not None:
-                    self._log("auth-cancelled", mechanism=self._sasl.name)
-                self._sasl = self._sasl_verdict = None
-            elif isinstance(event, Close):
-                await self._flush()
-                if self.outcome == "disconnected" or event.reason != "client closed the connection":
-                    self.outcome = event.reason
-                return
+        if isinstance(event, NeedBody):
+            await self._next_chunk()
+        elif isinstance(event, EndOfMessage):
+            await self._close_body()
+            if not event.top:
+                self.stats.retrieved += 1
+        elif isinstance(event, Login | ApopLogin):
+            await self.flush()
+            await self._login(event)
+        elif isinstance(event, SendMessage):
+            await self._open_message(event)
+        elif isinstance(event, Commit):
+            await self._commit(event)
+        elif isinstance(event, StartTls):
+            await self._start_tls()
+        elif isinstance(event, SaslStart):
+            await self._sasl_start(event)
+        elif isinstance(event, SaslContinue):
+            mechanism = self._sasl
+            if mechanism is None:  # cannot happen; never leave the core waiting
+                conn.send(LoginRefused())
+            else:
+                await self._sasl_next(mechanism, functools.partial(mechanism.step, event.data))
+        elif isinstance(event, SaslAbort):
+            if self._sasl is not None:
+                self.log("auth-cancelled", mechanism=self._sasl.name)
+            self._sasl = self._sasl_verdict = None
+
+    # ------------------------------------------------------------- login
 
     async def _login(self, event: Login | ApopLogin) -> None:
         mechanism = "APOP" if isinstance(event, ApopLogin) else event.mechanism
@@ -317,13 +212,13 @@ class Pop3Session:
 
     def _auth_unavailable(self, exc: AuthError, mechanism: str) -> None:
         self.observer.login("error", mechanism)
-        self._log("auth-error", logging.ERROR, error=str(exc))
-        self._out += self.conn.login_failed("[SYS/TEMP] Authentication is temporarily unavailable.")
+        self.log("auth-error", logging.ERROR, error=str(exc))
+        self.conn.send(LoginRefused("[SYS/TEMP] Authentication is temporarily unavailable."))
 
     async def _sasl_start(self, event: SaslStart) -> None:
         mechanism = new_mechanism(event.mechanism, self.authenticator.scram_credentials)
         if mechanism is None:  # offered by the policy but not implemented: refuse cleanly
-            self._out += self.conn.login_failed("Unsupported authentication mechanism.")
+            self.conn.send(LoginRefused("Unsupported authentication mechanism."))
             return
         self._sasl, self._sasl_verdict = mechanism, None
         await self._sasl_next(mechanism, lambda: mechanism.start(event.initial))
@@ -342,9 +237,9 @@ class Pop3Session:
             self._auth_unavailable(exc, mechanism.name)
             return
         if isinstance(result, Challenge):
-            self._out += self.conn.sasl_challenge(result.data)
+            self.conn.send(SaslChallenge(result.data))
             return
-        await self._flush()
+        await self.flush()
         if isinstance(result, Failure):
             self._sasl = self._sasl_verdict = None
             verdict = await self.authenticator.conclude(
@@ -358,7 +253,7 @@ class Pop3Session:
             )
         if result.final is not None:
             # RFC 5034 section 4: no "additional data with success"; send it as a challenge.
-            self._out += self.conn.sasl_challenge(result.final)
+            self.conn.send(SaslChallenge(result.final))
             return
         verdict, self._sasl, self._sasl_verdict = self._sasl_verdict, None, None
         await self._finish_login(verdict, result.login, mechanism.name)
@@ -366,68 +261,63 @@ class Pop3Session:
     async def _finish_login(self, result: AuthResult, login: str, mechanism: str) -> None:
         if result.user is None:
             self.observer.login("failed", mechanism)
-            self._log("login-failed", user=login, mechanism=mechanism, reason=result.reason)
-            self._out += self.conn.login_failed()
+            self.log("login-failed", user=login, mechanism=mechanism, reason=result.reason)
+            self.conn.send(LoginRefused())
             return
         try:
             maildrop = await self.store.open_maildrop(result.user)
         except MaildropLocked:
             self.observer.login("in_use", mechanism)
-            self._log("login-failed", user=result.user, mechanism=mechanism, reason="in use")
-            self._out += self.conn.login_failed(
-                "[IN-USE] Mailbox is locked by another POP3 session."
-            )
+            self.log("login-failed", user=result.user, mechanism=mechanism, reason="in use")
+            self.conn.send(LoginRefused("[IN-USE] Mailbox is locked by another POP3 session."))
             return
         except StorageError as exc:
             self.observer.login("error", mechanism)
             self.observer.storage_error("open")
-            self._log("storage-error", logging.ERROR, user=result.user, error=str(exc))
-            self._out += self.conn.login_failed("[SYS/TEMP] Mailbox unavailable, try again later.")
+            self.log("storage-error", logging.ERROR, user=result.user, error=str(exc))
+            self.conn.send(LoginRefused("[SYS/TEMP] Mailbox unavailable, try again later."))
             return
         self.maildrop = maildrop
         messages = maildrop.messages
-        self._out += self.conn.login_succeeded(result.user, messages)
-        # The short pre-login deadline ends here; from now on RFC 1939's idle autologout.
-        self._deadline = time.monotonic() + self.settings.idle_timeout
+        self.conn.send(LoginAccepted(result.user, messages))
         self.observer.login("ok", mechanism)
-        self._log("login", user=result.user, mechanism=mechanism, messages=len(messages))
+        self.log("login", user=result.user, mechanism=mechanism, messages=len(messages))
 
-    async def _send_message(self, request: SendMessage) -> None:
+    # ----------------------------------------------------- bodies, QUIT
+
+    async def _open_message(self, request: SendMessage) -> None:
+        """Open the message and read its first chunk, so a failure can still be ``-ERR``."""
         assert self.maildrop is not None
-        chunks = self.maildrop.read(request.uid).__aiter__()
+        self._chunks = self.maildrop.read(request.uid).__aiter__()
         try:
-            first = await chunks.__anext__()
+            self._first = await self._chunks.__anext__()
         except StopAsyncIteration:
-            first = b""
+            self._first = b""
         except (MessageGone, StorageError) as exc:
+            await self._close_body()
             self.observer.storage_error("read")
-            self._log("storage-error", logging.ERROR, user=self.conn.user, error=str(exc))
-            self._out += self.conn.message_failed(
-                f"[SYS/TEMP] Message {request.msn} cannot be read right now."
-            )
+            self.log("storage-error", logging.ERROR, user=self.conn.user, error=str(exc))
+            text = f"[SYS/TEMP] Message {request.msn} cannot be read right now."
+            self.conn.send(MessageFailed(text))
             return
-        self._out += self.conn.message_started()
-        encoder = MessageEncoder(request.body_lines)
-        self._out += encoder.feed(first)
-        sent = len(first)
-        try:
-            while not encoder.done:
-                if len(self._out) >= WRITE_HIGH_WATER:
-                    await self._flush()
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
-                sent += len(chunk)
-                self._out += encoder.feed(chunk)
-        finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        self._out += encoder.finish()
-        self.stats.octets_sent += sent
-        if request.body_lines is None:
-            self.stats.retrieved += 1
+        self.conn.send(MessageOpened())
+
+    async def _next_chunk(self) -> None:
+        chunk, self._first = self._first, None
+        if chunk is None and self._chunks is not None:
+            with contextlib.suppress(StopAsyncIteration):
+                chunk = await self._chunks.__anext__()
+        if chunk is None:
+            self.conn.send(BodyEnd())
+            return
+        self.stats.octets_sent += len(chunk)
+        self.conn.send(BodyChunk(chunk))
+
+    async def _close_body(self) -> None:
+        chunks, self._chunks, self._first = self._chunks, None, None
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     async def _commit(self, event: Commit) -> None:
         removed = failed = 0
@@ -437,65 +327,31 @@ class Pop3Session:
                 result = await self.maildrop.delete(event.uids)
             except StorageError as exc:
                 self.observer.storage_error("delete")
-                self._log("storage-error", logging.ERROR, user=self.conn.user, error=str(exc))
+                self.log("storage-error", logging.ERROR, user=self.conn.user, error=str(exc))
                 failed = len(event.uids)
             else:
                 removed, failed = result.deleted, len(result.failed)
         self.stats.deleted = removed
-        self._out += self.conn.commit_finished(removed, failed)
+        self.conn.send(CommitDone(removed, failed))
         self.outcome = "quit" if not failed else "quit, some deletions failed"
 
     async def _start_tls(self) -> None:
         # Take what the client pipelined after STLS *before* sending +OK: anything
         # that arrives after +OK is the TLS handshake.
         leftover = len(self.conn.take_unprocessed() + self.stream.take_buffered())
-        await self._flush()
+        await self.flush()
         # Plaintext that slipped in while +OK was being sent; nothing awaits between this
         # and the protocol switch inside ``start_tls``, so no gap remains.
         leftover += len(self.stream.take_buffered())
         if leftover:
             # RFC 2595 section 4 / CVE-2011-0411 class: plaintext pipelined after
             # STLS must never be executed inside the TLS session.
-            self._log("stls-injection", logging.WARNING, discarded=leftover)
-        if not await self._handshake():
-            raise _SessionOver
-        self.conn.tls_started()
-        self.conn.plaintext_allowed = True
-
-    async def _handshake(self) -> bool:
-        """STLS handshake within the pre-login deadline; False if it failed.
-
-        A failed or garbage handshake costs this one connection and one log line, never a
-        traceback, and a client that stalls mid-handshake is cut at the login deadline.
-        """
+            self.log("stls-injection", logging.WARNING, discarded=leftover)
         context = self.tls_context()
         if context is None:  # cannot happen: STLS is not offered without a context
             raise ConnectionError("TLS requested without a TLS context")
-        remaining = max(0.0, self._deadline - time.monotonic())
-        try:
-            async with asyncio.timeout(remaining):
-                await self.stream.start_tls(context)
-        except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError are all OSErrors
+        remaining = max(0.0, self.deadline - time.monotonic())
+        if not await handshake(self.stream, context, remaining, self.log):
             self.outcome = "tls handshake failed"
-            reason = "timeout" if isinstance(exc, TimeoutError) else _short_reason(exc)
-            self._log("tls-failed", reason=reason)
-            return False
-        version = getattr(self.stream, "tls_version", None)
-        self._log("tls", version=version or "started")
-        return True
-
-
-def _without_stls(policy: Pop3Policy) -> Pop3Policy:
-    return replace(policy, stls=False)
-
-
-class _SessionOver(ConnectionError):
-    """Ends the session quietly after the outcome was logged (e.g. a failed STLS handshake)."""
-
-
-def _short_reason(exc: OSError) -> str:
-    """One log-friendly phrase for a TLS failure (e.g. ``WRONG_VERSION_NUMBER``)."""
-    reason = getattr(exc, "reason", None)
-    if isinstance(reason, str) and reason:
-        return reason
-    return type(exc).__name__
+            raise SessionOver
+        self.conn.send(TlsStarted())
