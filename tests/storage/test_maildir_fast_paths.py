@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mailbag.storage import maildir_drop, maildir_index
-from mailbag.storage.maildir import MaildirStore
+from mailbag.storage import maildir, maildir_drop, maildir_index
+from mailbag.storage.maildir import LOCK_FILE, MaildirStore
 from mailbag.wireform import to_wire
 
 from .helpers import read_all, run
@@ -61,7 +62,7 @@ def test_read_gives_the_stored_bytes_on_every_path(
         monkeypatch.setattr(maildir_drop, "SLOW_OPEN", -1.0)
         # Every open is slow; with "disk" each one also read blocks from the device.
         monkeypatch.setattr(
-            maildir_drop, "_thread_disk_reads", lambda: next(reads) if slow_open == "disk" else 7
+            maildir_drop, "thread_disk_reads", lambda: next(reads) if slow_open == "disk" else 7
         )
     store = _store(tmp_path)
     bodies = [b"a" * 10, os.urandom(3 * 70_000 + 5), b""]
@@ -113,3 +114,82 @@ def test_measure_agrees_with_the_wire_form(
     path = tmp_path / "message"
     path.write_bytes(data)
     assert maildir_index.measure(str(path)) == len(to_wire(data))
+
+
+def _count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the name of every function the store hands to a worker thread."""
+    hops: list[str] = []
+    real = maildir.asyncio.to_thread
+
+    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(maildir.asyncio, "to_thread", counting)
+    return hops
+
+
+async def _open_close(store: MaildirStore, user: str = "alice") -> list[str]:
+    md = await store.open_maildrop(user)
+    try:
+        return [m.uid for m in md.messages]
+    finally:
+        await md.close()
+
+
+def test_a_recently_opened_small_maildrop_opens_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread hand-off for a warm small maildrop; the index write still goes to a thread."""
+    store = _store(tmp_path)
+    hops = _count_thread_hops(monkeypatch)
+
+    async def go() -> None:
+        first = await store.deliver("alice", b"one\n")
+        hops.clear()
+        assert await _open_close(store) == [first]
+        assert hops == ["_open_sync"]  # never opened before: a worker thread
+        hops.clear()
+        assert await _open_close(store) == [first]
+        assert hops == []  # warm, nothing to write: all on the loop
+        second = await store.deliver("alice", b"two\n")
+        hops.clear()
+        assert await _open_close(store) == [first, second]
+        assert hops == ["_finish_open"]  # the new index is written (and fsynced) in a thread
+
+    run(go())
+
+
+@pytest.mark.parametrize("case", ["disk", "big", "cleanup"])
+def test_inline_opens_step_aside_when_they_could_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """A slow open that read the disk, a big maildrop, and the tmp/ cleanup use threads."""
+    store = _store(tmp_path)
+    hops = _count_thread_hops(monkeypatch)
+    if case == "disk":
+        monkeypatch.setattr(maildir, "SLOW_OPEN", -1.0)
+        reads = iter(range(1000))
+        monkeypatch.setattr(maildir, "thread_disk_reads", lambda: next(reads))
+    elif case == "big":
+        monkeypatch.setattr(maildir, "INLINE_MAX_MESSAGES", 0)
+
+    async def go() -> None:
+        uid = await store.deliver("alice", b"one\n")
+        await _open_close(store)
+        if case == "cleanup":
+            stale = tmp_path / "mail" / "alice" / "tmp" / "stale"
+            stale.write_bytes(b"left over\n")
+            os.utime(stale, (0, 0))
+            os.utime(tmp_path / "mail" / "alice" / LOCK_FILE, (0, 0))  # cleanup is due
+        hops.clear()
+        assert await _open_close(store) == [uid]
+        if case == "cleanup":
+            assert hops == ["_finish_open"] and not stale.exists()
+        else:
+            assert hops == ([] if case == "disk" else ["_open_sync"])
+            hops.clear()
+            assert await _open_close(store) == [uid]
+            assert hops == ["_open_sync"]  # after a disk read: threads for a while
+
+    run(go())

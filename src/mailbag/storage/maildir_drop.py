@@ -68,7 +68,7 @@ PREEMPTED_OPENS = 3
 _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
 
 
-def _thread_disk_reads() -> int | None:
+def thread_disk_reads() -> int | None:
     """Blocks this thread has read from storage devices so far; None where unknown."""
     if _RUSAGE_THREAD is None:
         return None
@@ -228,7 +228,7 @@ class MaildirMaildrop:
         renamed file goes to the worker thread, which can search for it.
         """
         if self._disk_reads is None:
-            self._disk_reads = _thread_disk_reads()
+            self._disk_reads = thread_disk_reads()
         started = time.perf_counter()
         try:
             fd = os.open(self._file(self._position(uid)), os.O_RDONLY | os.O_CLOEXEC)
@@ -252,7 +252,7 @@ class MaildirMaildrop:
         that read nothing from the device is forgiven a few times; elsewhere
         (or with reads) inline opens stop at once.
         """
-        reads = _thread_disk_reads()
+        reads = thread_disk_reads()
         if reads is None or reads != self._disk_reads or self._preempted >= PREEMPTED_OPENS:
             self._inline_opens = False
         else:
