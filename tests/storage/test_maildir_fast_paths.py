@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
+from mailbag.errors import MessageGone
 from mailbag.storage import maildir, maildir_drop, maildir_index
+from mailbag.storage.base import WholeReader
 from mailbag.storage.maildir import LOCK_FILE, MaildirStore
 from mailbag.wireform import to_wire
 
@@ -191,5 +193,35 @@ def test_inline_opens_step_aside_when_they_could_block(
             hops.clear()
             assert await _open_close(store) == [uid]
             assert hops == ["_open_sync"]  # after a disk read: threads for a while
+
+    run(go())
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_read_whole_gives_the_stored_bytes_or_none_above_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline: bool
+) -> None:
+    """``WholeReader``: the same bytes as ``read``; None (stream instead) when too big."""
+    if not inline:
+        monkeypatch.setattr(maildir_drop, "_nowait_usable", [False])
+    store = _store(tmp_path)
+    bodies = [b"", b"x\n", os.urandom(5000), os.urandom(300_000)]
+
+    async def go() -> None:
+        uids = [await store.deliver("alice", body) for body in bodies]
+        md = await store.open_maildrop("alice")
+        try:
+            assert isinstance(md, WholeReader)
+            if not inline:
+                md._inline_opens = False
+            for uid, body in zip(uids, bodies, strict=True):
+                whole = await md.read_whole(uid, 256 * 1024)
+                assert whole == (body if len(body) <= 256 * 1024 else None)
+                assert await read_all(md, uid) == body
+            await md.delete([uids[1]])
+            with pytest.raises(MessageGone):
+                await md.read_whole(uids[1], 1024)
+        finally:
+            await md.close()
 
     run(go())

@@ -52,7 +52,10 @@ from mailbag.session.driver import Driver, SessionOver
 from mailbag.session.observer import NULL_OBSERVER, SessionObserver, SessionStats
 from mailbag.session.sasl import Challenge, Failure, SaslMechanism, Step, new_mechanism
 from mailbag.session.stream import Stream, handshake
-from mailbag.storage.base import Maildrop, Store
+from mailbag.storage.base import Maildrop, Store, WholeReader
+
+#: Messages up to this size (wire octets) are read whole and answered in one reply.
+WHOLE_MESSAGE_MAX = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,10 +289,21 @@ class Pop3Session(Driver):
     # ----------------------------------------------------- bodies, QUIT
 
     async def _open_message(self, request: SendMessage) -> None:
-        """Open the message and read its first chunk, so a failure can still be ``-ERR``."""
-        assert self.maildrop is not None
-        self._chunks = self.maildrop.read(request.uid).__aiter__()
+        """Open the message and read its first chunk, so a failure can still be ``-ERR``.
+
+        A small message is read whole when storage can (``WholeReader``): the
+        core then answers it in one reply, with no chunk events.
+        """
+        maildrop = self.maildrop
+        assert maildrop is not None
         try:
+            if isinstance(maildrop, WholeReader) and request.size <= WHOLE_MESSAGE_MAX:
+                whole = await maildrop.read_whole(request.uid, WHOLE_MESSAGE_MAX)
+                if whole is not None:
+                    self.stats.octets_sent += len(whole)
+                    self.conn.send(MessageOpened(whole))
+                    return
+            self._chunks = maildrop.read(request.uid).__aiter__()
             self._first = await self._chunks.__anext__()
         except StopAsyncIteration:
             self._first = b""

@@ -274,3 +274,20 @@ class FileOwner(Protocol):
     def set_owner(self, uid: int, gid: int) -> None:
         """Files and directories created from now on get this owner."""
         ...
+
+
+@runtime_checkable
+class WholeReader(Protocol):
+    """Optional, on a ``Maildrop``: read a small message in one call.
+
+    A POP3 session retrieving many small messages spends more on the steps
+    of a chunk stream (an async iterator, one storage call per chunk plus the
+    one that finds the end) than on the bytes.  A maildrop that can tell a
+    message's stored size at open returns all of it at once, or None when
+    it is larger than ``limit`` (the caller then streams with ``read``).
+    Raises ``MessageGone`` / ``StorageError`` like ``read``.
+    """
+
+    async def read_whole(self, uid: str, limit: int) -> bytes | None:
+        """The stored bytes of a message of at most ``limit`` octets, else None."""
+        ...

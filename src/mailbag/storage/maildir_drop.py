@@ -92,10 +92,11 @@ def _read_cached(fd: int, size: int, offset: int) -> bytes | None:
     # One reused buffer per thread: a fresh bytearray is zero-filled, and
     # zeroing 256 KiB to read a 10 KB message cost more than the read.
     buf: bytearray | None = getattr(_buffers, "buf", None)
-    if buf is None or len(buf) != size:
-        buf = _buffers.buf = bytearray(size)
+    if buf is None or len(buf) < size:
+        buf = _buffers.buf = bytearray(max(size, READ_CHUNK))
+    view = memoryview(buf)[:size]
     try:
-        n = os.preadv(fd, [buf], offset, _NOWAIT_FLAGS)
+        n = os.preadv(fd, [view], offset, _NOWAIT_FLAGS)
     except BlockingIOError:
         return None
     except OSError as exc:
@@ -103,7 +104,7 @@ def _read_cached(fd: int, size: int, offset: int) -> bytes | None:
             _nowait_usable[0] = False
             return None
         raise
-    return bytes(memoryview(buf)[:n])
+    return bytes(view[:n])
 
 
 class MaildirMaildrop:
@@ -217,6 +218,45 @@ class MaildirMaildrop:
         finally:
             os.close(fd)
 
+    async def read_whole(self, uid: str, limit: int) -> bytes | None:
+        """The whole message if it is at most ``limit`` octets (``base.WholeReader``), else None.
+
+        One open, ``fstat`` and read: the size known from ``fstat`` ends the
+        message without the extra read that finds the end of a stream.  On
+        the event loop when the file is cached (as ``read``), else in a
+        worker thread.
+        """
+        self._position(uid)
+        if self._inline_opens:
+            opened = self._open_cached(uid, 0)
+            if opened is not None:
+                fd = opened[0]
+                try:
+                    with storage_errors("read message", self._path):
+                        size = os.fstat(fd).st_size
+                        if size > limit:
+                            return None
+                        data = _read_cached(fd, size, 0) if size else b""
+                        if data is None:
+                            data = await asyncio.to_thread(os.pread, fd, size, 0)
+                finally:
+                    os.close(fd)
+                # A size that changed under us (never for Maildir files): stream it.
+                return data if len(data) == size else None
+        return await asyncio.to_thread(self._read_whole_sync, uid, limit)
+
+    def _read_whole_sync(self, uid: str, limit: int) -> bytes | None:
+        fd = self._open_message(uid)
+        try:
+            with storage_errors("read message", self._path):
+                size = os.fstat(fd).st_size
+                if size > limit:
+                    return None
+                data = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+        return data if len(data) == size else None
+
     def _open_cached(self, uid: str, size: int) -> tuple[int, bytes | None] | None:
         """Open on the event loop when that is cheap; None means "use a worker thread".
 
@@ -236,6 +276,8 @@ class MaildirMaildrop:
             return None
         if time.perf_counter() - started > SLOW_OPEN:
             self._slow_open()
+        if not size:
+            return fd, None
         try:
             return fd, _read_cached(fd, size, 0)
         except OSError:
