@@ -105,6 +105,9 @@ class Pop3Session(Driver):
             plaintext_allowed=stream.secure or settings.plaintext_allowed(self.address),
         )
         self.maildrop: Maildrop | None = None
+        #: The maildrop again if it reads small messages whole (checked once: a
+        #: runtime Protocol check costs ~10 us, too much to repeat per RETR).
+        self._whole_reader: WholeReader | None = None
         self.stats = SessionStats()
         self.deadline = self.started + settings.login_timeout
         self._command_seen = False
@@ -153,7 +156,7 @@ class Pop3Session(Driver):
             except StorageError as exc:
                 self.observer.storage_error("close")
                 self.log("error", logging.WARNING, error=str(exc))
-            self.maildrop = None
+            self.maildrop = self._whole_reader = None
         seconds = time.monotonic() - self.started
         self.observer.commands(self.conn.commands)
         self.observer.session_ended(seconds)
@@ -281,6 +284,7 @@ class Pop3Session(Driver):
             self.conn.send(LoginRefused("[SYS/TEMP] Mailbox unavailable, try again later."))
             return
         self.maildrop = maildrop
+        self._whole_reader = maildrop if isinstance(maildrop, WholeReader) else None
         messages = maildrop.messages
         self.conn.send(LoginAccepted(result.user, messages))
         self.observer.login("ok", mechanism)
@@ -297,8 +301,9 @@ class Pop3Session(Driver):
         maildrop = self.maildrop
         assert maildrop is not None
         try:
-            if isinstance(maildrop, WholeReader) and request.size <= WHOLE_MESSAGE_MAX:
-                whole = await maildrop.read_whole(request.uid, WHOLE_MESSAGE_MAX)
+            reader = self._whole_reader
+            if reader is not None and request.size <= WHOLE_MESSAGE_MAX:
+                whole = await reader.read_whole(request.uid, WHOLE_MESSAGE_MAX)
                 if whole is not None:
                     self.stats.octets_sent += len(whole)
                     self.conn.send(MessageOpened(whole))
