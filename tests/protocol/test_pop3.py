@@ -187,6 +187,21 @@ def test_retr_missing_argument() -> None:
     assert replies(drive(logged_in(), b"RETR\r\n")) == b"-ERR Syntax: RETR message\r\n"
 
 
+class Columns(list[Msg]):
+    """A snapshot that also offers its columns, as storage's ``MessageList`` does."""
+
+    def __init__(self, messages: list[Msg]) -> None:
+        super().__init__(messages)
+        self.uids = [m.uid for m in messages]
+        self.sizes = [m.size for m in messages]
+
+
+def test_a_snapshot_given_as_columns_lists_the_same() -> None:
+    commands = b"STAT\r\nLIST\r\nUIDL\r\nDELE 2\r\nUIDL\r\nLIST 3\r\n"
+    expected = replies(drive(logged_in(), commands))
+    assert replies(drive(logged_in(Columns(SNAPSHOT)), commands)) == expected
+
+
 def test_uidl_lists_stable_ids() -> None:
     out = replies(drive(logged_in(), b"UIDL\r\nUIDL 2\r\n"))
     assert out == b"+OK\r\n1 uid-a\r\n2 uid-b\r\n3 uid-c\r\n.\r\n+OK 2 uid-b\r\n"
