@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-auth clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ lint: $(VENV)/.installed
 ## ~15 min, BENCH_ARGS=--quick for ~3); writes docs/benchmarks.md and docs/benchmarks/*.png
 bench: $(VENV)/.installed
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+## bench-auth: login-STAT-QUIT at concurrency 50, Argon2id vs {PLAIN} users, and the auth cache's
+## hit rate (~30 s, no root needed; BENCH_ARGS="--cache-ttl 0" measures without the cache)
+bench-auth: $(VENV)/.installed
+	$(PY) bench/auth_cache.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

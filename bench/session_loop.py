@@ -42,13 +42,16 @@ async def worker(
     # A maildrop is locked per session, so concurrent workers need their own
     # accounts: with --user-prefix, worker i logs in as <prefix><i>.
     user = f"{args.user_prefix}{number}" if args.user_prefix else args.user
-    while time.monotonic() < deadline:
+    while True:  # at least one session each, so --seconds 0 is a warm-up pass
         start = time.perf_counter()
         await one_session(args.host, args.port, user, args.password)
         latencies.append(time.perf_counter() - start)
+        if time.monotonic() >= deadline:
+            break
 
 
-async def main_async(args: argparse.Namespace) -> None:
+async def measure(args: argparse.Namespace) -> dict[str, float]:
+    """Run the loop for ``args.seconds``; sessions, rate and latency percentiles (ms)."""
     latencies: list[float] = []
     deadline = time.monotonic() + args.seconds
     started = time.perf_counter()
@@ -57,12 +60,28 @@ async def main_async(args: argparse.Namespace) -> None:
     )
     elapsed = time.perf_counter() - started
     latencies.sort()
-    p99 = latencies[int(len(latencies) * 0.99) - 1] if latencies else 0.0
-    print(
-        f"sessions={len(latencies)} seconds={elapsed:.2f} "
-        f"rate={len(latencies) / elapsed:.1f}/s concurrency={args.concurrency} "
-        f"median={statistics.median(latencies) * 1000:.1f}ms p99={p99 * 1000:.1f}ms"
+    p99 = latencies[max(int(len(latencies) * 0.99) - 1, 0)] if latencies else 0.0
+    return {
+        "sessions": len(latencies),
+        "seconds": elapsed,
+        "rate": len(latencies) / elapsed,
+        "concurrency": args.concurrency,
+        "median_ms": statistics.median(latencies) * 1000 if latencies else 0.0,
+        "p99_ms": p99 * 1000,
+    }
+
+
+def describe(result: dict[str, float]) -> str:
+    """One line for people."""
+    return (
+        f"sessions={result['sessions']} seconds={result['seconds']:.2f} "
+        f"rate={result['rate']:.1f}/s concurrency={result['concurrency']} "
+        f"median={result['median_ms']:.1f}ms p99={result['p99_ms']:.1f}ms"
     )
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    print(describe(await measure(args)))
 
 
 def main() -> None:

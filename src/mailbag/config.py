@@ -74,6 +74,18 @@ class AuthSettings:
     max_failure_delay: float = 15.0
     #: How long failure counters remember an address or account.
     failure_window: float = 900.0
+    #: Seconds a network stays known-good for an account after its last successful
+    #: login from there (NIST SP 800-63B 5.2.2); 0 turns known-good networks off.
+    known_good_ttl: float = 30 * 24 * 3600.0
+    #: Prefix lengths that make one "network" for known-good sources.
+    known_good_ipv4_prefix: int = 24
+    known_good_ipv6_prefix: int = 64
+    #: Where known-good networks are kept across restarts (None: in memory only).
+    known_good_file: Path | None = Path("known-good.json")
+    #: Seconds a successful password verification is remembered (0 = no cache).
+    cache_ttl: float = 300.0
+    #: Accounts the authentication cache holds at most (least recently used go first).
+    cache_size: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +333,10 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
     options = tuple(sorted((k, v) for k, v in storage_table.items() if k not in typed))
     storage = StorageSettings(storage.backend, maildir, storage.max_message_size, options)
     auth: AuthSettings = _build(AuthSettings, _section(data, "auth"), "auth", base)
+    if auth.known_good_ipv4_prefix > 32:
+        raise ConfigError("auth.known_good_ipv4_prefix: expected 0 to 32")
+    if auth.known_good_ipv6_prefix > 128:
+        raise ConfigError("auth.known_good_ipv6_prefix: expected 0 to 128")
     limits: Limits = _build(Limits, _section(data, "limits"), "limits", base)
     if limits.max_command_line < 64:
         raise ConfigError("limits.max_command_line: must be at least 64")

@@ -60,6 +60,24 @@ failure_delay = 2.0
 max_failure_delay = 15.0
 # Seconds after which failure counters are forgotten.
 failure_window = 900.0
+# Known-good networks (NIST SP 800-63B 5.2.2): an account's logins from a
+# network it logged in from successfully within this many seconds (30 days)
+# are never delayed, whatever others tried; wrong passwords from there still
+# wait. 0 = off. See docs/security.md.
+known_good_ttl = 2592000.0
+# What counts as one network: IPv4 /24 and IPv6 /64 by default (32 and 128
+# would remember single addresses).
+known_good_ipv4_prefix = 24
+known_good_ipv6_prefix = 64
+# Where known-good networks survive restarts (a small JSON file, mode 0600;
+# "" = in memory only).
+known_good_file = "known-good.json"
+# Seconds a successful password check is remembered (as a keyed hash, never
+# the password), so polling clients do not pay Argon2 each time. A changed
+# password applies at the next login. 0 = no cache.
+cache_ttl = 300.0
+# Accounts the authentication cache holds at most.
+cache_size = 100000
 
 [limits]
 # Autologout after this many idle seconds once logged in (RFC 1939: >= 600).

@@ -32,7 +32,6 @@ from mailbag.logs import log_event, setup_logging
 from mailbag.server.listeners import Listener
 from mailbag.server.metrics import Metrics
 from mailbag.server.privileges import Account, describe, drop
-from mailbag.server.services import Pop3Service
 
 #: Settings a reload cannot apply (sockets of every listener, process, metrics endpoint);
 #: a change is reported and waits for a restart.
@@ -147,8 +146,15 @@ class Service:
                       note="changed in the file; takes effect after a restart")
         # Keep restart-only settings as they are, so the state we report is the real one.
         new = _keep_restart_only(old_runtime.config, new)
-        # 1. Build and validate everything; nothing live changes yet.
-        candidate = build_runtime(new)
+        if new.auth.known_good_file != old_runtime.config.auth.known_good_file:
+            log_event("reload-needs-restart", logging.WARNING, setting="auth.known_good_file",
+                      note="changed in the file; takes effect after a restart")
+            new = dataclasses.replace(new, auth=dataclasses.replace(
+                new.auth, known_good_file=old_runtime.config.auth.known_good_file))
+        # 1. Build and validate everything; nothing live changes yet.  The login
+        # defence's state (failure counters, known-good networks) carries over, or a
+        # reload would reset an attack's delay; the new policy applies to it at once.
+        candidate = build_runtime(new, defence=old_runtime.defence)
         candidate.users.reload()  # AuthError now, not at the first login
         if candidate.users.problems:
             for problem in candidate.users.problems:
@@ -158,6 +164,7 @@ class Service:
             log_event("reload-needs-restart", logging.WARNING, setting="tls",
                       note="TLS cannot be switched off while TLS listeners run")
             candidate.tls = live_tls
+        # A new authenticator, so a new (empty) authentication cache: SIGHUP drops it.
         staged = pop3_service(candidate, self.metrics)
         # 2. Swap.  The live TLS context object is kept (listeners hold it) and
         # gets the new chain; the candidate context proved it loads.
@@ -165,15 +172,6 @@ class Service:
             live_tls.cert, live_tls.key = candidate.tls.cert, candidate.tls.key
             live_tls.reload()
             candidate.tls = live_tls
-        live = self.server.service
-        assert isinstance(live, Pop3Service)
-        old_auth = live.authenticator
-        throttle = staged.authenticator.throttle
-        if (throttle.base, throttle.cap, throttle.window) == (
-            old_auth.throttle.base, old_auth.throttle.cap, old_auth.throttle.window
-        ):
-            # Same policy: keep the failure counters, or a reload would reset an attack's delay.
-            staged.authenticator.throttle = old_auth.throttle
         staged.tls = candidate.tls
         self.server.reconfigure(staged, tls=candidate.tls)
         if self.lmtp is not None:

@@ -148,6 +148,7 @@ async def serve(
             server.shutdown(config.limits.shutdown_grace),
             lmtp.shutdown(config.limits.shutdown_grace),
         )
+    await service.runtime.defence.close()  # known-good networks written before exit
 
 
 def run_event_loop(config: Config, reload_config: Callable[[], Config] | None = None) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailbag.auth.cache import VerificationCache
 from mailbag.auth.users import UsersFile
 from mailbag.config import Config
 from mailbag.errors import ConfigError
@@ -24,12 +25,14 @@ from mailbag.server.metrics import Metrics
 from mailbag.server.services import LmtpService, Pop3Service
 from mailbag.server.tls import TlsContext
 from mailbag.session.authenticate import Authenticator
+from mailbag.session.defence_state import MemoryFailureCounters
 from mailbag.session.delivery import DeliveryAgent, Outcome, QuotaDefaults
+from mailbag.session.known_good import KnownNetworksFile
 from mailbag.session.lmtp import LmtpSessionSettings
 from mailbag.session.observer import NULL_OBSERVER
 from mailbag.session.pop3 import SessionSettings
 from mailbag.session.sasl import DRIVER_MECHANISMS
-from mailbag.session.throttle import FailureThrottle
+from mailbag.session.throttle import DefenceState, FailureThrottle
 from mailbag.storage import registry
 from mailbag.storage.base import SelfCheck, Store
 
@@ -42,6 +45,8 @@ class Runtime:
     users: UsersFile
     store: Store
     tls: TlsContext | None
+    #: Failure counters and known-good networks; kept across SIGHUP reloads.
+    defence: DefenceState
 
 
 def build_store(config: Config) -> Store:
@@ -89,14 +94,25 @@ def build_users(config: Config) -> UsersFile:
     return UsersFile(path, default_domain=config.auth.default_domain or None)
 
 
-def build_runtime(config: Config) -> Runtime:
-    """Validate paths and build the long-lived objects."""
+def build_defence_state(config: Config) -> DefenceState:
+    """The login defence's state: counters in memory, known-good networks in a file."""
+    return DefenceState(MemoryFailureCounters(), KnownNetworksFile(config.auth.known_good_file))
+
+
+def build_runtime(config: Config, *, defence: DefenceState | None = None) -> Runtime:
+    """Validate paths and build the long-lived objects (``defence``: keep this state)."""
     store = build_store(config)
     prepare_store(store)
     tls = None
     if config.tls.cert is not None and config.tls.key is not None:
         tls = TlsContext(config.tls.cert, config.tls.key)
-    return Runtime(config=config, users=build_users(config), store=store, tls=tls)
+    return Runtime(
+        config=config,
+        users=build_users(config),
+        store=store,
+        tls=tls,
+        defence=defence if defence is not None else build_defence_state(config),
+    )
 
 
 def plaintext_checker(config: Config) -> Callable[[str], bool]:
@@ -137,14 +153,25 @@ def pop3_service(runtime: Runtime, metrics: Metrics | None = None) -> Pop3Servic
         idle_timeout=limits.idle_timeout,
         plaintext_allowed=plaintext_checker(config),
     )
+    auth = config.auth
     throttle = FailureThrottle(
-        base=config.auth.failure_delay,
-        cap=config.auth.max_failure_delay,
-        window=config.auth.failure_window,
+        base=auth.failure_delay,
+        cap=auth.max_failure_delay,
+        window=auth.failure_window,
+        known_good_ttl=auth.known_good_ttl,
+        ipv4_prefix=auth.known_good_ipv4_prefix,
+        ipv6_prefix=auth.known_good_ipv6_prefix,
+        state=runtime.defence,
+    )
+    authenticator = Authenticator(
+        runtime.users,
+        throttle,
+        cache=VerificationCache(auth.cache_ttl, max_entries=auth.cache_size),
+        observer=metrics,
     )
     return Pop3Service(
         settings=settings,
-        authenticator=Authenticator(runtime.users, throttle),
+        authenticator=authenticator,
         store=runtime.store,
         limits=ConnectionLimits(limits.max_connections, limits.max_connections_per_ip),
         tls=runtime.tls,

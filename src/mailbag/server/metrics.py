@@ -125,7 +125,15 @@ class Metrics:
             "mailbag_config_reloads", "SIGHUP reloads by result (ok, failed)", ["result"],
             registry=registry,
         )
+        self.auth_cache_lookups = prom.Counter(
+            "mailbag_auth_cache",
+            "Authentication cache lookups for a password login, by result (hit, miss)",
+            ["result"],
+            registry=registry,
+        )
         # Series that exist from the start at 0, so rate() and alerts work before the first event.
+        for result in ("hit", "miss"):
+            self.auth_cache_lookups.labels(result=result)
         for operation in ("open", "read", "delete", "close"):
             self.storage_errors.labels(operation=operation)
         for result in ("delivered", "rejected", "failed"):
@@ -180,6 +188,10 @@ class Metrics:
     def delivery(self, result: str) -> None:
         """A delivery finished (for an in-process delivery service such as LMTP)."""
         self.deliveries.labels(result=result).inc()
+
+    def auth_cache(self, result: str) -> None:
+        """An authentication-cache lookup (``session.authenticate.AuthObserver``)."""
+        self.auth_cache_lookups.labels(result=result).inc()
 
     def reload(self, result: str) -> None:
         """A SIGHUP reload was applied (``ok``) or rejected (``failed``)."""

@@ -5,6 +5,12 @@ same reply, the same delay, and the same CPU work (a dummy hash verification),
 so user names cannot be enumerated by timing.  Hash verification runs in a
 thread pool: Argon2 takes tens of milliseconds of CPU and must never block the
 event loop that serves every other session.
+
+Order of one attempt: the throttle's delay (none from a known-good network of
+the account, see ``session.throttle``), then the check (the authentication
+cache first, ``auth.cache``, then the real hash), then either the success at
+once or the failure after its delay.  A right password is therefore never
+held back longer than a wrong one would have been.
 """
 
 from __future__ import annotations
@@ -16,13 +22,15 @@ import hmac
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
+from mailbag.auth.cache import VerificationCache
 from mailbag.auth.schemes import is_fast_scheme, verify_dummy, verify_password
 from mailbag.auth.scram import ScramSecrets
 from mailbag.auth.users import UserDatabase, UserRecord
 from mailbag.errors import AuthError, InvalidUsername
 from mailbag.logs import log_event
-from mailbag.session.throttle import FailureThrottle
+from mailbag.session.throttle import Admission, FailureThrottle
 
 
 @functools.cache
@@ -45,6 +53,14 @@ class AuthResult:
     reason: str
 
 
+@runtime_checkable
+class AuthObserver(Protocol):
+    """Counts authentication-cache lookups (``server.metrics.Metrics`` implements it)."""
+
+    def auth_cache(self, result: str) -> None:
+        """One lookup: ``hit`` or ``miss``."""
+
+
 class Authenticator:
     """Verifies passwords and APOP digests with throttling and constant-time checks."""
 
@@ -54,10 +70,15 @@ class Authenticator:
         throttle: FailureThrottle,
         *,
         executor: ThreadPoolExecutor | None = None,
+        cache: VerificationCache | None = None,
+        observer: AuthObserver | None = None,
     ) -> None:
         self.users = users
         self.throttle = throttle
         self._executor = executor if executor is not None else hash_pool()
+        #: Off unless given: every verification then pays the hash.
+        self.cache = cache if cache is not None else VerificationCache(0)
+        self._observer = observer
 
     def _lookup(self, login: str) -> UserRecord | None:
         try:
@@ -70,24 +91,36 @@ class Authenticator:
         return await loop.run_in_executor(self._executor, func, *args)  # type: ignore[arg-type]
 
     async def check_password(self, login: str, password: str, address: str) -> AuthResult:
-        """USER/PASS and SASL PLAIN."""
-        await self._pre_delay(address, login)
+        """USER/PASS and SASL PLAIN: every check of a plaintext password comes here."""
+        admission = await self._admit(address, login)
         record = self._lookup(login)
         if record is None:
             await self._run(verify_dummy, password)
-            return await self._failed(address, login, "unknown user")
-        try:
-            if is_fast_scheme(record.password):
-                good = verify_password(password, record.password)
-            else:
-                good = bool(await self._run(verify_password, password, record.password))
-        except AuthError as exc:
-            log_event("auth-error", user=record.name, error=str(exc))
-            return await self._failed(address, login, "unusable password hash")
+            return await self._failed(admission, "unknown user")
+        good = self._cached(record, password)
         if not good:
-            return await self._failed(address, login, "wrong password")
-        self.throttle.record_success(address, login)
+            try:
+                if is_fast_scheme(record.password):  # microseconds: not worth a thread hand-off
+                    good = verify_password(password, record.password)
+                else:
+                    good = bool(await self._run(verify_password, password, record.password))
+            except AuthError as exc:
+                log_event("auth-error", user=record.name, error=str(exc))
+                return await self._failed(admission, "unusable password hash")
+            if good:
+                self.cache.remember(record.name, record.password, password)
+        if not good:
+            return await self._failed(admission, "wrong password")
+        await self.throttle.record_success(admission, record.name)
         return AuthResult(record.name, "ok")
+
+    def _cached(self, record: UserRecord, password: str) -> bool:
+        if not self.cache.enabled:
+            return False
+        hit = self.cache.check(record.name, record.password, password)
+        if self._observer is not None:
+            self._observer.auth_cache("hit" if hit else "miss")
+        return hit
 
     async def check_apop(
         self, login: str, timestamp: str, digest: str, address: str
@@ -97,7 +130,7 @@ class Authenticator:
         Only users with an ``apop`` secret can use it; for everyone else APOP
         fails exactly like a wrong password.
         """
-        await self._pre_delay(address, login)
+        admission = await self._admit(address, login)
         record = self._lookup(login)
         secret = record.apop_secret if record is not None else None
         expected = hashlib.md5(
@@ -107,8 +140,8 @@ class Authenticator:
             reason = "unknown user" if record is None else "wrong digest"
             if record is not None and secret is None:
                 reason = "no APOP secret"
-            return await self._failed(address, login, reason)
-        self.throttle.record_success(address, login)
+            return await self._failed(admission, reason)
+        await self.throttle.record_success(admission, record.name)
         return AuthResult(record.name, "ok")
 
     def scram_credentials(self, login: str) -> tuple[str, ScramSecrets | None] | None:
@@ -127,20 +160,37 @@ class Authenticator:
         The verdict is held back by the same growing delay as a password check, so SCRAM
         guesses are throttled exactly like USER/PASS guesses.
         """
-        await self._pre_delay(address, login)
+        admission = await self._admit(address, login)
         if user is None:
-            return await self._failed(address, login, reason)
-        self.throttle.record_success(address, login)
+            return await self._failed(admission, reason)
+        await self.throttle.record_success(admission, user)
         return AuthResult(user, "ok")
 
-    async def _pre_delay(self, address: str, login: str) -> None:
-        delay = self.throttle.delay_before_check(address, login)
-        if delay > 0:
-            # Logged so an administrator can see guessing being slowed down (never the secret).
-            log_event("throttled", peer=address, user=login, delay=round(delay, 3))
-            await asyncio.sleep(delay)
+    def _account(self, login: str) -> tuple[str, bool]:
+        """The account an attempt is about, and whether it exists.
 
-    async def _failed(self, address: str, login: str, reason: str) -> AuthResult:
-        self.throttle.record_failure(address, login)
-        await asyncio.sleep(self.throttle.failure_delay())
+        Canonical for a known user, so ``alice`` and ``alice@default.domain`` share
+        their counters and known-good networks.  An unknown login is its own key
+        and never has known-good networks (not even those of a deleted account of
+        that name), exactly like a known account that has none, so the delays do
+        not tell the two apart.
+        """
+        try:
+            record = self._lookup(login)
+        except AuthError:  # reported by the check itself, after the delay
+            return login, False
+        return (record.name, True) if record is not None else (login, False)
+
+    async def _admit(self, address: str, login: str) -> Admission:
+        account, exists = self._account(login)
+        admission = await self.throttle.admit(address, account, may_be_known=exists)
+        if admission.delay > 0:
+            # Logged so an administrator can see guessing being slowed down (never the secret).
+            log_event("throttled", peer=address, user=login, delay=round(admission.delay, 3))
+            await asyncio.sleep(admission.delay)
+        return admission
+
+    async def _failed(self, admission: Admission, reason: str) -> AuthResult:
+        delay = await self.throttle.record_failure(admission)
+        await asyncio.sleep(delay)
         return AuthResult(None, reason)
