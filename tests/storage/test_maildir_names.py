@@ -133,3 +133,22 @@ _NAME_PART = st.one_of(
 def test_arrival_order_is_the_arrival_key_order(parts: list[tuple[str, str]]) -> None:
     keys = list({head + tail for head, tail in parts})
     assert arrival_order(keys) == sorted(keys, key=arrival_key)
+
+
+def _w_by_fields(key: str) -> int | None:
+    """The size rule spelled out: the first W field among the S/W fields after the first comma."""
+    comma = key.find(",")
+    if comma < 0:
+        return None
+    for field, value in re.findall(r",([SW])=(\d+)", key[comma:]):
+        if field == "W":
+            return int(value)
+    return None
+
+
+_NAME_PIECES = ["1700000000.M1P2.host", ",S=", ",W=", "12", "x", ",", "=", ":2,S"]
+
+
+@given(st.lists(st.sampled_from(_NAME_PIECES), max_size=10).map("".join))
+def test_wire_size_from_name_takes_the_first_w_field_after_the_first_comma(key: str) -> None:
+    assert wire_size_from_name(key) == _w_by_fields(key)

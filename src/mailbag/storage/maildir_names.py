@@ -47,7 +47,7 @@ _UIDL_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")
 _LEADING_TIME_RE = re.compile(r"(\d+)(?:\.M(\d+)P\d+(?:Q(\d+))?)?")
 #: Microseconds in the second part of a name: ``M123456`` (mailbag, Dovecot, Postfix).
 _USEC_RE = re.compile(r"\.(?:[^.]*?)M(\d{1,6})(?!\d)")
-_SIZE_FIELD_RE = re.compile(r",([SW])=(\d+)")
+_W_FIELD_RE = re.compile(r",W=(\d+)")
 
 
 def unique_name(filename: str) -> str:
@@ -99,10 +99,10 @@ def wire_size_from_name(key: str) -> int | None:
     comma = key.find(",")
     if comma < 0:
         return None
-    for field, value in _SIZE_FIELD_RE.findall(key, comma):
-        if field == "W":
-            return int(value)
-    return None
+    # One search for the first ``,W=<digits>``: a ``,S=`` field before it
+    # cannot overlap it (a field ends in digits, the next starts with a comma).
+    match = _W_FIELD_RE.search(key, comma)
+    return int(match.group(1)) if match is not None else None
 
 
 def arrival_key(key: str) -> tuple[int, int, int, str]:
