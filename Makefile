@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench bench-auth clean
+.PHONY: run test lint bench bench-auth clean cluster
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ test: lint
 
 ## lint: ruff, mypy --strict and lint-imports (the layers of DESIGN.md, see pyproject.toml)
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
@@ -37,3 +37,8 @@ bench-auth: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+## cluster: PostgreSQL (private if none on 5432) + `mailbag db init` + 3 nodes + HAProxy on one
+## machine, demo users demo/demo and alice/alice; POP3 127.0.0.1:2110; Ctrl-C stops all of it
+cluster: $(VENV)/.installed
+	$(PY) scripts/cluster.py

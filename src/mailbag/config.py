@@ -59,6 +59,8 @@ class Limits:
 class AuthSettings:
     """Where users come from and how logins are defended."""
 
+    #: "file": the users file; "postgres": the ``users`` table of [database].
+    backend: str = "file"
     users_file: Path = Path("users")
     #: Login as ``name`` or ``name@default_domain`` reaches the same account.
     default_domain: str = ""
@@ -119,6 +121,24 @@ class StorageSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    """PostgreSQL, used when storage.backend or auth.backend is "postgres"."""
+
+    #: libpq URI; several hosts + ``target_session_attrs=read-write`` follow a failover.
+    dsn: str = ""
+    #: Connections per node: a few, however many sessions the node serves.
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    connect_timeout: float = 5.0
+    #: A statement running longer is abandoned (the client gets a temporary error).
+    command_timeout: float = 30.0
+    #: A node that stops heartbeating loses its maildrop locks after this long.
+    lease_time: float = 30.0
+    #: Prefix of this node's lock-owner id ("" = the host name).
+    node_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessSettings:
     """Who the server runs as once its ports are bound, and how it creates files."""
 
@@ -173,6 +193,8 @@ class Config:
     hostname: str = ""
     greeting: str = DEFAULT_GREETING
     listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 1110),)
+    #: ``server.trusted_proxies``: load balancers whose connections start with a PROXY header.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     tls: TlsSettings = field(default_factory=TlsSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -181,6 +203,7 @@ class Config:
     quota: QuotaSettings = field(default_factory=QuotaSettings)
     process: ProcessSettings = field(default_factory=ProcessSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
     log_level: str = "info"
     log_format: str = "text"
 
@@ -195,6 +218,18 @@ def parse_listen(value: str, *, tls: bool = False, key: str = "listen") -> Liste
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:1110)")
     return ListenAddress(host, int(port), tls)
+
+
+def _networks(
+    value: object, name: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of addresses or networks (``"10.0.0.0/8"``, ``"::1"``)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name}: expected a list of strings")
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
@@ -229,12 +264,7 @@ def _build(cls: type, section: dict[str, Any], prefix: str, base: Path) -> Any:
                 raise ConfigError(f"{name}: expected a path")
             value = (base / value).resolve() if value else None
         elif isinstance(default, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{name}: expected a list of strings")
-            try:
-                value = tuple(ipaddress.ip_network(v, strict=False) for v in value)
-            except ValueError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
+            value = _networks(value, name)
         elif isinstance(default, str) and not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string")
         values[key] = value
@@ -286,17 +316,36 @@ def _lmtp_settings(section: dict[str, Any], base: Path) -> LmtpSettings:
     )
 
 
+def _database_settings(
+    section: dict[str, Any], base: Path, storage: StorageSettings, auth: AuthSettings
+) -> DatabaseSettings:
+    """``[database]``, checked against the backends that need it."""
+    db: DatabaseSettings = _build(DatabaseSettings, section, "database", base)
+    if auth.backend not in ("file", "postgres"):
+        raise ConfigError(f'auth.backend: expected "file" or "postgres", not {auth.backend!r}')
+    users = [name for name, value in (("storage", storage.backend), ("auth", auth.backend))
+             if value == "postgres"]
+    if users and not db.dsn:
+        raise ConfigError(f"database.dsn: needed because {users[0]}.backend is \"postgres\"")
+    if db.pool_max_size < 1 or db.pool_min_size > db.pool_max_size:
+        raise ConfigError("database.pool_max_size: must be >= 1 and >= database.pool_min_size")
+    if not 1.0 <= db.lease_time <= 300.0:
+        raise ConfigError("database.lease_time: expected 1 to 300 seconds")
+    return db
+
+
 def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Config:
     """Build a ``Config`` from parsed TOML (also used by tests and the demo)."""
     base = path.parent if path is not None else Path.cwd()
     known_top = {
         "server", "tls", "storage", "auth", "limits", "log", "lmtp", "quota", "process", "metrics",
+        "database",
     }
     for key in data:
         if key not in known_top:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known_top))})")
     server = _section(data, "server")
-    allowed_server = {"hostname", "greeting", "listen", "listen_tls"}
+    allowed_server = {"hostname", "greeting", "listen", "listen_tls", "trusted_proxies"}
     for key in server:
         if key not in allowed_server:
             raise ConfigError(f"server.{key}: unknown setting")
@@ -309,6 +358,7 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
     for key in ("hostname", "greeting"):
         if key in server and not isinstance(server[key], str):
             raise ConfigError(f"server.{key}: expected a string")
+    trusted_proxies = _networks(server.get("trusted_proxies", []), "server.trusted_proxies")
     log = _section(data, "log")
     level = log.get("level", "info")
     fmt = log.get("format", "text")
@@ -350,11 +400,13 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         parse_listen(metrics.listen, key="metrics.listen")
     lmtp = _lmtp_settings(_section(data, "lmtp"), base)
     quota: QuotaSettings = _build(QuotaSettings, _section(data, "quota"), "quota", base)
+    database = _database_settings(_section(data, "database"), base, storage, auth)
     return Config(
         path=path,
         hostname=server.get("hostname", ""),
         greeting=server.get("greeting", DEFAULT_GREETING),
         listen=tuple(listen),
+        trusted_proxies=trusted_proxies,
         tls=tls_settings,
         storage=storage,
         auth=auth,
@@ -363,6 +415,7 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         quota=quota,
         process=process,
         metrics=metrics,
+        database=database,
         log_level=level,
         log_format=fmt,
     )

@@ -53,6 +53,7 @@ def test_config_template_documents_every_key_with_its_default() -> None:
     assert config.limits == defaults.limits
     assert config.auth == defaults.auth
     assert config.storage == defaults.storage
+    assert config.trusted_proxies == defaults.trusted_proxies == ()
     assert config.log_level == defaults.log_level and config.log_format == defaults.log_format
     for section in ("limits", "auth", "storage"):
         documented = set(data[section])
@@ -69,6 +70,8 @@ def test_config_template_documents_every_key_with_its_default() -> None:
         ("[server]\nlisten = ['nonsense']\n", "server.listen"),
         ("[storage]\nmaildir = '/var/mail'\n", "storage.maildir"),
         ("[auth]\nplaintext_networks = ['300.1.1.1/8']\n", "auth.plaintext_networks"),
+        ("[server]\ntrusted_proxies = ['10.0.0.300']\n", "server.trusted_proxies"),
+        ("[server]\ntrusted_proxies = '10.0.0.1'\n", "server.trusted_proxies"),
         ("not toml [", "invalid TOML"),
         ("[wat]\n", "wat: unknown section"),
     ],

@@ -10,7 +10,9 @@ reached without sockets.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -26,6 +28,7 @@ from mailbag.session.delivery import (
     trace_headers,
 )
 from mailbag.session.lmtp import LmtpSession, LmtpSessionSettings
+from mailbag.storage.base import Delivery
 from mailbag.storage.memory import MemoryStore
 from tests.session.memstream import MemoryStream
 
@@ -241,3 +244,119 @@ def test_deliver_reports_every_outcome_to_on_result() -> None:
     deliver(agent, user, b"one\r\n")
     deliver(agent, user, b"two\r\n")
     assert seen == [Outcome.DELIVERED, Outcome.OVER_QUOTA]
+
+
+# ------------------------------------------------ one message, N recipients, one transaction
+
+
+class OneTransactionStore(MemoryStore):
+    """A MemoryStore that is a ``MultiDelivery``: records each ``deliver_many`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[Delivery]] = []
+        self.fail: StorageError | None = None
+
+    async def deliver_many(self, deliveries: Sequence[Delivery]) -> list[str | StorageError]:
+        self.calls.append(list(deliveries))
+        if self.fail is not None:
+            raise self.fail
+        return await deliver_many_one_by_one(self, deliveries)
+
+
+async def deliver_many_one_by_one(
+    store: MemoryStore, deliveries: Sequence[Delivery]
+) -> list[str | StorageError]:
+    results: list[str | StorageError] = []
+    for d in deliveries:
+        usage = await store.usage(d.user)
+        if d.max_messages and usage.messages + 1 > d.max_messages:
+            results.append(QuotaExceeded(d.user))
+        else:
+            results.append(await store.deliver(d.user, d.message))
+    return results
+
+
+def multi_agent(*records: UserRecord) -> tuple[DeliveryAgent, OneTransactionStore]:
+    store = OneTransactionStore()
+    agent = DeliveryAgent(store, Users({r.name: r for r in records}), hostname="mx.test",
+                          clock=lambda: NOW)
+    return agent, store
+
+
+THREE = (b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<bob>\r\nRCPT TO:<carol>\r\nRCPT TO:<alice>\r\n"
+         b"RCPT TO:<bob>\r\nDATA\r\nSubject: s\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+
+
+def data_replies(out: bytes) -> list[bytes]:
+    tail = out.split(b"354 Start mail input; end with <CRLF>.<CRLF>\r\n")[1]
+    return [line for line in tail.split(b"\r\n") if line][:-1]  # without QUIT's 221
+
+
+def test_lmtp_all_recipients_in_one_transaction_one_reply_each_quota_per_recipient() -> None:
+    """Issue 13 + RFC 2033 section 4.2: one deliver_many for every account of the DATA;
+    one reply per RCPT, in RCPT order; a full mailbox refuses that recipient alone."""
+    alice = UserRecord("alice", "{PLAIN}x")
+    carol = UserRecord("carol", "{PLAIN}x", quota_messages=1)
+    agent, store = multi_agent(BOB, alice, carol)
+    asyncio.run(store.deliver("carol", b"already full\r\n"))
+    replies = data_replies(run_session(agent, THREE))
+    assert [r[:9] for r in replies] == [b"250 2.0.0", b"552 5.2.2", b"250 2.0.0", b"250 2.0.0"]
+    assert b"<bob>" in replies[0] and b"<carol>" in replies[1] and b"<alice>" in replies[2]
+    assert replies[3] == replies[0]  # bob named twice: delivered once, both RCPTs told so
+    assert len(store.calls) == 1
+    assert [d.user for d in store.calls[0]] == ["bob", "carol", "alice"]
+    assert [d.max_messages for d in store.calls[0]] == [0, 1, 0]
+    for d in store.calls[0]:  # each copy carries its own recipient's trace headers
+        assert f"Delivered-To: {d.user}\r\n".encode() in d.message
+    assert asyncio.run(store.usage("bob")).messages == 1
+
+
+def test_lmtp_failed_transaction_is_451_for_every_recipient_and_stores_nothing() -> None:
+    alice = UserRecord("alice", "{PLAIN}x")
+    agent, store = multi_agent(BOB, alice)
+    store.fail = StorageError("database: connection lost")
+    replies = data_replies(run_session(agent, SCRIPT))
+    assert [r[:9] for r in replies] == [b"451 4.3.0", b"451 4.3.0"]
+    assert asyncio.run(store.usage("bob")).messages == 0
+
+
+def test_lmtp_too_large_is_refused_per_recipient_before_the_transaction() -> None:
+    agent, store = multi_agent(BOB, UserRecord("alice", "{PLAIN}x"))
+    agent.max_message_size = 5
+    replies = data_replies(run_session(agent, SCRIPT))
+    assert [r[:9] for r in replies] == [b"552 5.3.4", b"552 5.3.4"]
+    assert store.calls == []
+
+
+def test_lmtp_on_postgres_is_one_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the shared store: a failure writing the second copy leaves none of them stored."""
+    from mailbag.storage.postgres import PostgresStore
+    from mailbag.storage.postgres import store as pg_store
+    from tests.pgtest import fresh_database
+
+    real_insert = pg_store.insert_message
+    inserts: list[int] = []
+
+    async def second_fails(*args: Any, **kwargs: Any) -> int:
+        inserts.append(1)
+        if len(inserts) == 2:
+            raise OSError("connection reset")  # the driver's failure, mid-transaction
+        return await real_insert(*args, **kwargs)
+
+    alice, carol = UserRecord("alice", "{PLAIN}x"), UserRecord("carol", "{PLAIN}x",
+                                                               quota_messages=1)
+    with fresh_database() as dsn:
+        store = PostgresStore(dsn, pool_min_size=0, pool_max_size=2)
+        agent = DeliveryAgent(store, Users({r.name: r for r in (BOB, alice, carol)}),
+                              hostname="mx.test", clock=lambda: NOW)
+        asyncio.run(store.deliver("carol", b"already full\r\n"))
+        monkeypatch.setattr(pg_store, "insert_message", second_fails)
+        replies = data_replies(run_session(agent, THREE))
+        assert [r[:9] for r in replies] == [b"451 4.3.0"] * 4
+        assert [asyncio.run(store.usage(u)).messages for u in ("bob", "alice")] == [0, 0]
+        monkeypatch.setattr(pg_store, "insert_message", real_insert)
+        replies = data_replies(run_session(agent, THREE))
+        assert [r[:9] for r in replies] == [b"250 2.0.0", b"552 5.2.2", b"250 2.0.0", b"250 2.0.0"]
+        assert [asyncio.run(store.usage(u)).messages for u in ("bob", "alice", "carol")] == [
+            1, 1, 1]

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
+import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import scramp  # type: ignore[import-untyped]
 
 from mailbag.auth.scram import ScramSecrets
-from mailbag.auth.users import UsersFile
+from mailbag.auth.users import UserRecord, UsersFile
 from mailbag.errors import AuthError
 from mailbag.protocol.capabilities import Pop3Policy
 from mailbag.session.authenticate import Authenticator
@@ -230,3 +232,73 @@ def test_pass_login_switches_from_login_deadline_to_idle_timer(users: UsersFile)
 
     session = run(users, script, login_timeout=0.3)
     assert session.outcome != "timeout"
+
+
+class DatabaseUsers:
+    """A users store that answers over the network: ``lookup_async``, and a blocking ``lookup``.
+
+    ``lookup`` blocks the calling thread for a while (a query); it records
+    which thread called it and whether the loop kept running meanwhile.
+    """
+
+    def __init__(self, users: UsersFile) -> None:
+        self.users = users
+        self.lookup_threads: list[int] = []
+        self.in_lookup = False
+
+    def lookup(self, login: str) -> UserRecord | None:
+        self.lookup_threads.append(threading.get_ident())
+        self.in_lookup = True
+        try:
+            time.sleep(0.3)
+            return self.users.lookup(login)
+        finally:
+            self.in_lookup = False
+
+    async def lookup_async(self, login: str) -> UserRecord | None:
+        return self.users.lookup(login)
+
+
+def test_auth_scram_lookup_on_a_database_does_not_block_the_loop(users: UsersFile) -> None:
+    """The SCRAM step's synchronous user lookup runs off the event loop (issue 13)."""
+    slow = DatabaseUsers(users)
+    auth = Authenticator(slow, FailureThrottle(base=0.0, cap=0.0))
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop in this thread
+    ticks_during_lookup = 0
+
+    async def ticker() -> None:
+        nonlocal ticks_during_lookup
+        while True:
+            await asyncio.sleep(0.005)
+            ticks_during_lookup += slow.in_lookup
+
+    async def script(client: Client) -> None:
+        tick = asyncio.create_task(ticker())
+        try:
+            assert (await scram(client, "demo", "demo")).startswith(b"+OK Logged in")
+        finally:
+            tick.cancel()
+
+    session = run(users, script, authenticator=auth)
+    assert session.conn.user == "demo"
+    assert slow.lookup_threads and loop_thread not in slow.lookup_threads
+    assert ticks_during_lookup > 0  # other sessions' work went on during the query
+
+
+def test_auth_scram_with_users_in_postgres(users: UsersFile) -> None:
+    """SCRAM against ``auth.backend = "postgres"``: the same keys work, off the loop."""
+    from mailbag.auth.pg_users import PostgresUsers
+    from mailbag.auth.schemes import Argon2Params
+    from tests.pgtest import fresh_database
+
+    with fresh_database() as dsn:
+        db_users = PostgresUsers(dsn, argon2_params=Argon2Params(1, 8, 1))
+        db_users.add("carol", "s3cret")
+
+        async def script(client: Client) -> None:
+            assert await scram(client, "carol", "wrong") == b"-ERR [AUTH] Authentication failed."
+            assert (await scram(client, "carol", "s3cret")).startswith(b"+OK Logged in")
+
+        auth = Authenticator(db_users, FailureThrottle(base=0.0, cap=0.0))
+        session = run(users, script, authenticator=auth)
+        assert session.conn.user == "carol"

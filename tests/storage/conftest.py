@@ -7,6 +7,7 @@ through ``asyncio.run`` (see ``helpers.run``; no pytest plugin needed).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from mailbag.storage.base import Store
 from mailbag.storage.maildir import MaildirStore
 from mailbag.storage.memory import MemoryStore
+from tests.pgtest import fresh_database
 
 
 @pytest.fixture
@@ -23,10 +25,17 @@ def maildir_store(tmp_path: Path) -> MaildirStore:
     return MaildirStore(str(tmp_path / "mail" / "{user}"))
 
 
-@pytest.fixture(params=["maildir", "memory"])
+@pytest.fixture(params=["maildir", "memory", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """Every backend, one test run each."""
+    """Every backend, one test run each (PostgreSQL: in a fresh database)."""
     if request.param == "maildir":
         yield MaildirStore(str(tmp_path / "mail" / "{user}"))
-    else:
+    elif request.param == "memory":
         yield MemoryStore()
+    else:
+        from mailbag.storage.postgres import PostgresStore
+
+        with fresh_database() as dsn:
+            pg = PostgresStore(dsn, pool_min_size=1, pool_max_size=4)
+            yield pg
+            asyncio.run(pg.close())

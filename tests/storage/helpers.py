@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,8 +18,22 @@ SRC = HERE.parents[1] / "src"
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run one coroutine to completion on a fresh event loop."""
-    return asyncio.run(coro)
+    """Run one coroutine to completion on a fresh event loop.
+
+    Database pools opened on that loop are closed before it ends (they
+    cannot outlive their loop).
+    """
+
+    async def main() -> T:
+        try:
+            return await coro
+        finally:
+            if "mailbag.database.pool" in sys.modules:
+                from mailbag.database.pool import close_all
+
+                await close_all()
+
+    return asyncio.run(main())
 
 
 async def read_all(maildrop: Maildrop, uid: str, chunk_size: int = 65536) -> bytes:

@@ -12,8 +12,14 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from mailbag.auth.schemes import split_scheme, verify_dummy, verify_password
-from mailbag.auth.scram import SCRAM_SCHEME, ScramSecrets
+from mailbag.auth.schemes import (
+    Argon2Params,
+    hash_password,
+    split_scheme,
+    verify_dummy,
+    verify_password,
+)
+from mailbag.auth.scram import SCRAM_SCHEME, ScramSecrets, make_scram_secrets
 from mailbag.errors import AuthError, InvalidUsername, MailbagError
 
 MAX_USERNAME_OCTETS = 255
@@ -155,10 +161,68 @@ def _set_extras(line: str, updates: dict[str, str | None]) -> str:
     return ":".join(fields)
 
 
-def _check_storable(what: str, value: str, *, allow_colon: bool) -> None:
+def check_storable(what: str, value: str, *, allow_colon: bool) -> None:
+    """Refuse a value that could not be written on one users-file line."""
     bad = [c for c in value if c.isspace() or unicodedata.category(c)[0] == "C"]
     if bad or (not allow_colon and ":" in value):
         raise AuthError(
             f"{what} cannot be stored in the users file (whitespace, ':' or a "
             "control character; for PLAIN use PLAIN.B64)"
         )
+
+
+def make_secrets(
+    password: str,
+    scheme: str,
+    *,
+    with_scram: bool,
+    apop_secret: str | None,
+    argon2_params: Argon2Params,
+    scram_iterations: int,
+) -> tuple[str, str | None, str | None]:
+    """What any user store keeps for a password: (hash, SCRAM field or None, APOP or None).
+
+    Checks the APOP secret first.  The SCRAM field is None when not wanted or when the
+    password field is SCRAM itself.  Values are checked to fit a users-file line, so an
+    account can always move between the file and the database.
+    """
+    if apop_secret is not None:
+        check_storable("the APOP secret", apop_secret, allow_colon=True)
+    stored = hash_password(
+        password, scheme, argon2_params=argon2_params, scram_iterations=scram_iterations
+    )
+    check_storable("the password hash", stored, allow_colon=False)
+    scram = None
+    if with_scram and split_scheme(stored)[0] != SCRAM_SCHEME:
+        scram = make_scram_secrets(password, iterations=scram_iterations).to_field()
+    return stored, scram, apop_secret or None
+
+
+def user_key(name: str) -> str:
+    """The lookup key of a name: the domain after the last ``@`` is case-insensitive."""
+    return _key(name)
+
+
+def login_candidates(login: str, default_domain: str | None) -> list[str]:
+    """Names ``login`` may mean, in order: itself, then via ``default_domain``."""
+    candidates = [login]
+    if default_domain:
+        local, at, domain = login.rpartition("@")
+        if not at:
+            candidates.append(f"{login}@{default_domain}")
+        elif domain.lower() == default_domain.lower():
+            candidates.append(local)
+    return candidates
+
+
+async def lookup_user(db: UserDatabase, login: str) -> UserRecord | None:
+    """Look ``login`` up without blocking the event loop.
+
+    A database-backed store offers ``lookup_async`` (a query); the users file
+    answers from memory through ``lookup``.  Callers in async code use this.
+    """
+    lookup_async = getattr(db, "lookup_async", None)
+    if lookup_async is not None:
+        found: UserRecord | None = await lookup_async(login)
+        return found
+    return db.lookup(login)

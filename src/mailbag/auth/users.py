@@ -40,6 +40,11 @@ from mailbag.auth.user_records import (
     _key,
     _parse_line,
     authenticate,
+    check_storable,
+    login_candidates,
+    lookup_user,
+    make_secrets,
+    user_key,
     validate_username,
 )
 from mailbag.auth.users_admin import UsersFileAdmin
@@ -52,6 +57,11 @@ __all__ = [
     "UserRecord",
     "UsersFile",
     "authenticate",
+    "check_storable",
+    "login_candidates",
+    "lookup_user",
+    "make_secrets",
+    "user_key",
     "validate_username",
 ]
 
@@ -185,13 +195,7 @@ class UsersFile(UsersFileAdmin):
         except InvalidUsername:
             return None
         self._refresh()
-        candidates = [login]
-        if self.default_domain:
-            local, at, domain = login.rpartition("@")
-            if not at:
-                candidates.append(f"{login}@{self.default_domain}")
-            elif domain.lower() == self.default_domain.lower():
-                candidates.append(local)
+        candidates = login_candidates(login, self.default_domain)
         index = self._index
         for candidate in candidates:
             record = index.get(_key(candidate))

@@ -18,15 +18,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from mailbag.auth.schemes import Argon2Params, hash_password, split_scheme
-from mailbag.auth.scram import SCRAM_SCHEME, make_scram_secrets
+from mailbag.auth.schemes import Argon2Params
 from mailbag.auth.user_records import (
     UserExists,
     UserRecord,
-    _check_storable,
     _key,
     _parse_line,
     _set_extras,
+    check_storable,
+    make_secrets,
     validate_username,
 )
 from mailbag.errors import AuthError, UnknownUser
@@ -114,24 +114,12 @@ class UsersFileAdmin:
         self, password: str, scheme: str, with_scram: bool, apop_secret: str | None,
         params: Argon2Params | None,
     ) -> tuple[str, dict[str, str | None]]:
-        """The password field and the ``scram=``/``apop=`` extras (a None value: left out).
-
-        Checks the APOP secret first.  ``scram`` is None when not wanted or when the
-        password field is SCRAM itself.
-        """
-        if apop_secret is not None:
-            _check_storable("the APOP secret", apop_secret, allow_colon=True)
-        stored = hash_password(
-            password,
-            scheme,
-            argon2_params=params or self.argon2_params,
-            scram_iterations=self.scram_iterations,
+        """The password field and the ``scram=``/``apop=`` extras (a None value: left out)."""
+        stored, scram, apop = make_secrets(
+            password, scheme, with_scram=with_scram, apop_secret=apop_secret,
+            argon2_params=params or self.argon2_params, scram_iterations=self.scram_iterations,
         )
-        _check_storable("the password hash", stored, allow_colon=False)
-        scram = None
-        if with_scram and split_scheme(stored)[0] != SCRAM_SCHEME:
-            scram = make_scram_secrets(password, iterations=self.scram_iterations).to_field()
-        return stored, {"scram": scram, "apop": apop_secret or None}
+        return stored, {"scram": scram, "apop": apop}
 
     def add(
         self,
@@ -206,7 +194,7 @@ class UsersFileAdmin:
     def set_apop_secret(self, name: str, secret: str | None) -> UserRecord:
         """Set (or with None, remove) the plaintext APOP secret."""
         if secret is not None:
-            _check_storable("the APOP secret", secret, allow_colon=True)
+            check_storable("the APOP secret", secret, allow_colon=True)
         return self._update(name, lambda line: _set_extras(line, {"apop": secret or None}))
 
     def set_quota(

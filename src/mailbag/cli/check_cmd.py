@@ -12,6 +12,7 @@ failed (warnings allowed), 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ from mailbag.auth.users import UsersFile
 from mailbag.cli.common import add_config_option, config_from_args
 from mailbag.cli.wiring import build_store
 from mailbag.config import Config
-from mailbag.errors import AuthError, ConfigError
+from mailbag.errors import AuthError, ConfigError, MailbagError
 from mailbag.server.metrics import load_prometheus
 from mailbag.server.privileges import resolve
 from mailbag.server.tls import TlsContext
@@ -96,6 +97,9 @@ def _check_tls(config: Config, report: Report) -> None:
 
 
 def _check_users(config: Config, report: Report) -> None:
+    if config.auth.backend == "postgres":
+        report.ok("users: the users table of [database]")
+        return
     path = config.auth.users_file
     if not path.exists():
         report.warn(f"auth.users_file: {path} does not exist yet (no one can log in); "
@@ -117,6 +121,37 @@ def _check_users(config: Config, report: Report) -> None:
         report.warn(f"auth.users_file: {path} is readable by everyone (mode {mode:04o}); "
                     "use 0600 or 0640")
     report.ok(f"users: {path} ({count} accounts)")
+
+
+def _check_database(config: Config, report: Report) -> None:
+    """Reach the database and compare its schema version with this mailbag's."""
+    if "postgres" not in (config.storage.backend, config.auth.backend):
+        return
+    try:
+        from mailbag.cli.wiring import build_database
+        from mailbag.database import schema
+    except ImportError as exc:
+        report.fail(f"database: the postgres backend needs asyncpg "
+                    f"(pip install 'mailbag[postgres]'): {exc}")
+        return
+
+    async def version() -> int:
+        db = build_database(config)
+        try:
+            return await schema.version(db)
+        finally:
+            await db.close()
+
+    try:
+        found = asyncio.run(version())
+    except MailbagError as exc:
+        report.fail(f"database: {exc}")
+        return
+    problem = schema.problem(found)
+    if problem is not None:
+        report.fail(f"database: {problem}")
+    else:
+        report.ok(f"database: schema version {found} (current)")
 
 
 def _check_storage(config: Config, report: Report) -> None:
@@ -170,6 +205,7 @@ def check_config(config: Config) -> Report:
     _check_tls(config, report)
     _check_users(config, report)
     _check_storage(config, report)
+    _check_database(config, report)
     _check_process(config, report)
     _check_metrics(config, report)
     return report

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "mailbag.cli.check_cmd",
     "mailbag.cli.status_cmd",
     "mailbag.cli.migrate_cmd",
+    "mailbag.cli.db_cmd",
 )
 
 

@@ -1,4 +1,9 @@
-"""``mailbag migrate dovecot``: move accounts and mail from Dovecot, keeping every POP3 UIDL.
+"""``mailbag migrate``: move mail in, or between storage backends, keeping every POP3 UIDL.
+
+``migrate dovecot`` brings accounts and mail from Dovecot; ``migrate maildir
+postgres`` (and ``postgres maildir``) moves every user's maildrop from one
+backend to the other through the ``Store`` interface (``StoreSource`` ->
+``Store.import_messages``), both built from the same config.
 
 One line per user as it is done (progress), then a summary; ``--dry-run``
 shows the same without writing.  Re-running is safe and is the way to pick
@@ -9,18 +14,24 @@ and verified, 1 when any failed (the others are still done).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import pwd
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from mailbag.cli.common import UsageError, add_config_option, config_from_args
-from mailbag.cli.wiring import build_store
-from mailbag.errors import ConfigError
+from mailbag.cli.progress import ProgressBar
+from mailbag.cli.wiring import build_store, build_users, check_backend_schema, close_backend
+from mailbag.errors import ConfigError, MailbagError
 from mailbag.migrate.dovecot import DEFAULT_UIDL_FORMAT, UidlFormat, read_passwd_file
+from mailbag.migrate.pipeline import StoreSource, import_user
 from mailbag.migrate.run import MigrationUsersFile, Options, UserReport, migrate_user
 from mailbag.server.privileges import resolve
-from mailbag.storage.base import FileOwner
+from mailbag.storage import registry
+from mailbag.storage.base import FileOwner, ImportMessage, ImportOptions, Store
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -71,6 +82,35 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                          help="move mail only; leave mailbag's users file alone")
     dovecot.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     dovecot.set_defaults(handler=run_dovecot, mode="copy")
+    _register_backends(sub)
+
+
+def _register_backends(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``migrate SOURCE TARGET`` for every pair of persistent storage backends."""
+    # "memory" lives and dies with one process: there is nothing to move from or to.
+    names = [name for name in registry.available() if name != "memory"]
+    for name in names:
+        parser = sub.add_parser(
+            name,
+            help=f"from {name} storage to another backend, keeping UIDLs",
+            description=f"Copy every user's maildrop from the {name} storage backend to "
+            "TARGET, both as configured in the config file ([storage], [database]), "
+            "keeping every UIDL exactly and the order of the messages. Users are those of "
+            "the users backend (auth.backend). Stop the server first (a maildrop in use is "
+            "reported and skipped). Safe to run again: what is there already is not copied "
+            "twice, and a message deleted from TARGET since is not brought back. Then set "
+            "storage.backend to TARGET.",
+        )
+        parser.add_argument("target", choices=[n for n in names if n != name],
+                            help="storage backend to copy to")
+        add_config_option(parser)
+        parser.add_argument("--user", action="append", dest="only", metavar="NAME",
+                            help="migrate only this user (repeatable)")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="read and report everything, write nothing")
+        parser.add_argument("-q", "--quiet", action="store_true",
+                            help="no progress bar and no line per user; only the summary")
+        parser.set_defaults(handler=run_between_backends, source_backend=name)
 
 
 def _owner(config_user: str, config_group: str) -> tuple[int, int] | None:
@@ -163,3 +203,73 @@ def run_dovecot(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 1 if failed else 0
+
+
+def run_between_backends(args: argparse.Namespace) -> int:
+    """Handle ``mailbag migrate SOURCE TARGET`` (e.g. ``maildir postgres``)."""
+    config = config_from_args(args)
+    source = build_store(config, args.source_backend)
+    target = build_store(config, args.target)
+    owner = _owner(config.process.user, config.process.group)
+    if owner and isinstance(target, FileOwner):
+        target.set_owner(*owner)
+    names = [record.name for record in build_users(config).list()]
+    if args.only:
+        unknown = set(args.only) - set(names)
+        if unknown:
+            raise UsageError(f"--user: no such user: {', '.join(sorted(unknown))}")
+        names = [name for name in names if name in set(args.only)]
+    with open(os.devnull, "w") if args.quiet else contextlib.nullcontext(sys.stderr) as out:
+        bar = ProgressBar(out)
+        return asyncio.run(_between_backends(args, source, target, names, bar))
+
+
+async def _between_backends(
+    args: argparse.Namespace, source: Store, target: Store, names: list[str], bar: ProgressBar
+) -> int:
+    options = ImportOptions(dry_run=args.dry_run)
+    would = "would be " if args.dry_run else ""
+    failed = messages = copied = 0
+    try:
+        for store in (source, target):
+            await check_backend_schema(store)
+        if args.dry_run:
+            print("dry run: nothing is written", flush=True)
+        for name in names:
+            try:
+                result, verified = await import_user(
+                    target, name, _tracked(StoreSource(source), name, bar), options)
+            except MailbagError as exc:
+                bar.finish()
+                failed += 1
+                print(f"{name}: FAILED: {exc}", flush=True)
+                continue
+            bar.finish()
+            messages += result.imported + result.present
+            copied += result.imported
+            if not args.quiet:
+                line = (f"{name}: {result.imported + result.present} messages, "
+                        f"{result.imported} {would}copied, {result.present} already there")
+                if result.conflicts:
+                    line += f", {result.conflicts} kept under their earlier UIDL"
+                line += "; verified" if verified else ""
+                for warning in result.warnings:
+                    line += f"\n  warning: {warning}"
+                print(line, flush=True)
+    finally:
+        for store in (source, target):
+            await close_backend(store)
+    print(f"{'dry run: ' if args.dry_run else ''}{len(names)} users, {messages} messages "
+          f"({copied} {'to copy' if args.dry_run else 'copied'}) from {args.source_backend} "
+          f"to {args.target}, {failed} failed", flush=True)
+    return 1 if failed else 0
+
+
+async def _tracked(
+    source: StoreSource, user: str, bar: ProgressBar
+) -> AsyncIterator[ImportMessage]:
+    """``user``'s messages from ``source``, advancing ``bar``; the source closed at the end."""
+    async with contextlib.aclosing(source.messages(user, lambda n: bar.start(user, n))) as it:
+        async for message in it:
+            yield message
+            bar.advance()

@@ -25,7 +25,13 @@ from collections.abc import Callable
 from typing import Any
 
 from mailbag import __version__
-from mailbag.cli.wiring import Runtime, build_runtime, lmtp_service, mail_root, pop3_service
+from mailbag.cli.wiring import (
+    Runtime,
+    build_runtime,
+    lmtp_service,
+    pop3_service,
+    store_problems,
+)
 from mailbag.config import Config
 from mailbag.errors import ConfigError, MailbagError
 from mailbag.logs import log_event, setup_logging
@@ -65,11 +71,10 @@ def check_runtime_access(runtime: Runtime, *, after_drop: Account | None) -> Non
     """
     config = runtime.config
     who = after_drop.user if after_drop is not None else "the server's user"
-    root = mail_root(config)
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise ConfigError(f"storage.maildir: {root} is not writable by {who}")
+    for problem in store_problems(runtime.store):
+        raise ConfigError(f"storage: {problem} by {who}")
     users = config.auth.users_file
-    if users.exists() and not os.access(users, os.R_OK):
+    if config.auth.backend == "file" and users.exists() and not os.access(users, os.R_OK):
         raise ConfigError(f"auth.users_file: {users} is not readable by {who}")
     for label, path in (("tls.cert", config.tls.cert), ("tls.key", config.tls.key)):
         if path is not None and not os.access(path, os.R_OK):
@@ -185,12 +190,10 @@ class Service:
         """What ``/healthz`` reports; cheap (a few ``access`` calls) so it can be polled often."""
         problems: list[str] = []
         config = self.config
-        root = mail_root(config)
-        if not os.access(root, os.W_OK | os.X_OK):
-            problems.append(f"mail root {root} not writable")
+        problems.extend(store_problems(self.runtime.store))
         users = config.auth.users_file
         try:
-            if not os.access(users, os.R_OK):
+            if config.auth.backend == "file" and not os.access(users, os.R_OK):
                 problems.append(f"users file {users} not readable")
         except OSError as exc:  # pragma: no cover - access() does not raise in practice
             problems.append(f"users file {users}: {exc}")

@@ -23,7 +23,14 @@ from typing import Any
 
 from mailbag.cli.common import add_config_option, config_from_args
 from mailbag.cli.reload import Service, check_runtime_access, drop_privileges
-from mailbag.cli.wiring import build_lmtp_server, build_runtime, build_server
+from mailbag.cli.wiring import (
+    Runtime,
+    build_lmtp_server,
+    build_runtime,
+    build_server,
+    check_backend_schema,
+    close_backend,
+)
 from mailbag.config import Config, parse_listen
 from mailbag.errors import ConfigError
 from mailbag.logs import log_event, setup_logging
@@ -94,6 +101,7 @@ async def serve(
     """Run until a stop signal arrives; ``reload_config`` re-reads the config on SIGHUP."""
     os.umask(config.process.umask)
     runtime = build_runtime(config)
+    await prepare_backends(runtime)
     if any(a.tls for a in config.listen) and runtime.tls is None:
         raise ConfigError("server.listen_tls: needs tls.cert and tls.key")
     metrics = Metrics() if config.metrics.listen else None
@@ -149,6 +157,19 @@ async def serve(
             lmtp.shutdown(config.limits.shutdown_grace),
         )
     await service.runtime.defence.close()  # known-good networks written before exit
+    await close_backends(service.runtime)
+
+
+async def prepare_backends(runtime: Runtime) -> None:
+    """Refuse to start on a database schema that is behind or ahead (never upgrade it here)."""
+    for backend in (runtime.store, runtime.users):
+        await check_backend_schema(backend)
+
+
+async def close_backends(runtime: Runtime) -> None:
+    """Close database pools and stop lease heartbeats (leases still held then expire)."""
+    for backend in (runtime.store, runtime.users):
+        await close_backend(backend)
 
 
 def run_event_loop(config: Config, reload_config: Callable[[], Config] | None = None) -> int:

@@ -8,11 +8,12 @@ Everything else receives interfaces.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailbag.auth.cache import VerificationCache
 from mailbag.auth.users import UsersFile
@@ -36,6 +37,9 @@ from mailbag.session.throttle import DefenceState, FailureThrottle
 from mailbag.storage import registry
 from mailbag.storage.base import SelfCheck, Store
 
+if TYPE_CHECKING:
+    from mailbag.database.pool import Database
+
 
 @dataclass(slots=True)
 class Runtime:
@@ -49,16 +53,44 @@ class Runtime:
     defence: DefenceState
 
 
-def build_store(config: Config) -> Store:
-    """The storage backend named by ``storage.backend``, built by the registry.
+def build_store(config: Config, backend: str | None = None) -> Store:
+    """The storage backend named by ``storage.backend`` (or ``backend``), built by the registry.
 
-    ``storage.maildir`` is offered to every backend that declares it; any
-    other ``[storage]`` key must be one the chosen backend declares.
+    The typed settings (``storage.maildir``, the ``[database]`` section, the
+    host name) are offered to every backend and passed to those that declare
+    them; any other ``[storage]`` key must be one the chosen backend declares.
+
+    ``backend`` builds another one from the same config (``mailbag migrate
+    maildir postgres``): it gets the typed settings only, since the other
+    ``[storage]`` keys belong to ``storage.backend``.
     """
     storage = config.storage
-    return registry.create_from_settings(
-        storage.backend, {"maildir": storage.maildir}, dict(storage.options)
-    )
+    common = {"maildir": storage.maildir, "database": config.database,
+              "hostname": config.hostname}
+    if backend is not None and backend != storage.backend:
+        return registry.create_from_settings(backend, common, {})
+    return registry.create_from_settings(storage.backend, common, dict(storage.options))
+
+
+def build_database(config: Config) -> Database:
+    """The node's one PostgreSQL pool (``[database]``), shared by storage and users."""
+    from mailbag.database.pool import shared_database
+
+    return shared_database(config.database)
+
+
+async def check_backend_schema(backend: object) -> None:
+    """Refuse a database schema that is behind or ahead (backends with ``check_schema``)."""
+    check = getattr(backend, "check_schema", None)
+    if check is not None:
+        await check()
+
+
+async def close_backend(backend: object) -> None:
+    """Close a backend's pool and heartbeat, if it has any (an async ``close``)."""
+    close = getattr(backend, "close", None)
+    if close is not None and asyncio.iscoroutinefunction(close):
+        await close()
 
 
 def prepare_store(store: Store) -> None:
@@ -72,22 +104,19 @@ def store_problems(store: Store) -> list[str]:
     return store.problems() if isinstance(store, SelfCheck) else []
 
 
-def mail_root(config: Config) -> Path:
-    """Deprecated: the local directory a file-based store keeps mail under.
-
-    Kept only for ``cli/reload.py``'s access checks until they use
-    ``store_problems(runtime.store)``; a store without a local root (a
-    database) reports the config file's directory, which it never writes.
-    """
-    store = build_store(config)
-    root = getattr(store, "root", None)
-    if isinstance(root, str):
-        return Path(root)
-    return config.path.parent if config.path is not None else Path.cwd()
-
-
 def build_users(config: Config) -> UsersFile:
-    """The users file, with the default domain for ``name`` == ``name@domain`` logins."""
+    """The user store of ``auth.backend``, with the default domain for ``name@domain`` logins.
+
+    Typed as ``UsersFile``: ``PostgresUsers`` has the same methods (lookup,
+    list and the admin operations), checked by the CLI tests on both.
+    """
+    if config.auth.backend == "postgres":
+        from mailbag.auth.pg_users import PostgresUsers
+
+        users: UsersFile = PostgresUsers(  # type: ignore[assignment]
+            database=build_database(config), default_domain=config.auth.default_domain or None
+        )
+        return users
     path = config.auth.users_file
     if path.exists() and not path.is_file():
         raise ConfigError(f"auth.users_file: {path} is not a file")
@@ -176,6 +205,7 @@ def pop3_service(runtime: Runtime, metrics: Metrics | None = None) -> Pop3Servic
         limits=ConnectionLimits(limits.max_connections, limits.max_connections_per_ip),
         tls=runtime.tls,
         observer=metrics or NULL_OBSERVER,
+        trusted_proxies=config.trusted_proxies,
     )
 
 
@@ -230,6 +260,7 @@ def lmtp_service(runtime: Runtime, metrics: Metrics | None = None) -> LmtpServic
         settings=LmtpSessionSettings(policy=policy, timeout=config.lmtp.timeout),
         agent=agent,
         limits=ConnectionLimits(total=total, per_address=total),
+        trusted_proxies=config.trusted_proxies,
     )
 
 

@@ -17,7 +17,7 @@ interface and writes the other).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from mailbag.errors import MailbagError
@@ -93,10 +93,13 @@ class StoreSource:
     store: Store
     chunk_size: int = 1 << 20
 
-    async def messages(self, user: str) -> AsyncIterator[ImportMessage]:
-        """``user``'s messages, in the source's order."""
+    async def messages(
+        self, user: str, on_open: Progress = lambda _n: None
+    ) -> AsyncGenerator[ImportMessage, None]:
+        """``user``'s messages, in the source's order; ``on_open(count)`` once it is open."""
         maildrop = await self.store.open_maildrop(user)
         try:
+            on_open(len(maildrop.messages))
             for info in maildrop.messages:
                 yield ImportMessage(key=info.uid, uid=info.uid,
                                     read=_reader(maildrop, info.uid, self.chunk_size))

@@ -91,6 +91,15 @@ class ConnectionStream(asyncio.Protocol):
     def secure(self) -> bool:
         return self._secure
 
+    def use_peer(self, peer: tuple[str, int]) -> None:
+        """Serve ``peer`` as the client's address (the PROXY header of a trusted proxy)."""
+        self._peer = peer
+
+    def unread(self, data: bytes) -> None:
+        """Put octets back in front of the input (read past the PROXY header)."""
+        if data:
+            self._buffer[:0] = data
+
     async def read(self) -> bytes:
         while not self._buffer and not self._eof:
             self._waiter = asyncio.get_running_loop().create_future()

@@ -21,6 +21,11 @@ deliver it again (a duplicate).
 Reuse: ``Endpoint.sock`` starts a listener on an already-bound socket (a
 supervisor's inherited or shared socket), and the session takes the peer
 address from the stream alone, so a PROXY-protocol front can replace it.
+
+Behind a load balancer (``server.trusted_proxies``, ``server.proxy_front``):
+a connection from a trusted proxy counts against the total cap at accept,
+but against the per-address cap only once its PROXY header has named the
+real client (the proxy itself would otherwise exhaust it at once).
 """
 
 from __future__ import annotations
@@ -42,7 +47,15 @@ from typing import Any, Protocol
 from mailbag.config import ListenAddress
 from mailbag.errors import ConfigError
 from mailbag.logs import log_event
+from mailbag.protocol.proxy import ProxyError
 from mailbag.server.connection import ConnectionStream
+from mailbag.server.proxy_front import (
+    Network,
+    client_address,
+    is_trusted,
+    read_from_socket,
+    read_from_stream,
+)
 from mailbag.server.tls import TlsContext
 from mailbag.session.driver import Driver
 from mailbag.session.stream import tls_failure_reason
@@ -90,8 +103,13 @@ class Service(Protocol):
     #: Sent (in plaintext) to a connection refused by the caps, then it is closed.
     refusal: bytes
     @property
+    def trusted_proxies(self) -> Sequence[Network]:
+        """Peers that must (and alone may) announce the real client with a PROXY header."""
+        ...
+
+    @property
     def handshake_timeout(self) -> float:
-        """Longest an implicit-TLS handshake may take."""
+        """Longest an implicit-TLS handshake (or a PROXY header) may take."""
         ...
 
     def session(self, stream: ConnectionStream, number: int) -> Driver:
@@ -136,6 +154,8 @@ class Listener:
         self._accept_loops: list[asyncio.Task[None]] = []
         self._sessions: dict[asyncio.Task[None], Driver | None] = {}
         self._per_address: Counter[str] = Counter()
+        #: The address each connection counts under (None: a proxy's, not counted yet).
+        self._address_of: dict[asyncio.Task[None], str | None] = {}
         self._counter = itertools.count(1)
 
     @property
@@ -262,10 +282,11 @@ class Listener:
                 loop.create_task(self._accept_tls(sock)) for sock, _ in self._tls_socks
             ]
 
-    def _admit(self, address: str, port: int) -> bool:
+    def _admit(self, address: str, port: int, *, per_address: bool = True) -> bool:
         """Count a new connection against the caps, at accept; False: refuse it."""
         limits = self.service.limits
-        if len(self._sessions) >= limits.total or self._per_address[address] >= limits.per_address:
+        over_address = per_address and self._per_address[address] >= limits.per_address
+        if len(self._sessions) >= limits.total or over_address:
             self.refused += 1
             if self.observer is not None:
                 self.observer.connection_refused()
@@ -274,13 +295,50 @@ class Listener:
             return False
         return True
 
+    def _claim(self, address: str, port: int) -> bool:
+        """A proxied connection now has its real address: count it there (False: over cap)."""
+        if self._per_address[address] >= self.service.limits.per_address:
+            return self._admit(address, port)  # refuses, counts and logs the refusal
+        task = asyncio.current_task()
+        if task is not None and task in self._address_of:
+            self._address_of[task] = address
+            self._per_address[address] += 1
+        return True
+
     def _accepted(self, stream: ConnectionStream, endpoint: Endpoint) -> None:
         """A plain connection: count it against the caps at once, then serve it in a task."""
-        if not self._admit(*stream.peer):
-            stream.write(self.service.refusal)
+        service = self.service
+        proxied = is_trusted(stream.peer[0], service.trusted_proxies)
+        if not self._admit(*stream.peer, per_address=not proxied):
+            stream.write(service.refusal)
             stream.close()
             return
-        self._track(self._run(stream, self.service), stream.peer[0])
+        if proxied:
+            self._track(self._run_proxied(stream, service), None)
+        else:
+            self._track(self._run(stream, service), stream.peer[0])
+
+    async def _run_proxied(self, stream: ConnectionStream, service: Service) -> None:
+        """A trusted proxy's connection: its PROXY header first, then the session."""
+        proxy = stream.peer
+        try:
+            header = await read_from_stream(stream, service.handshake_timeout)
+        except (ProxyError, TimeoutError, ConnectionError) as exc:
+            self._proxy_failed(proxy, exc)
+            stream.close()
+            return
+        real = client_address(header, proxy)
+        stream.use_peer(real)
+        if not self._claim(*real):
+            stream.write(service.refusal)
+            stream.close()
+            return
+        await self._run(stream, service)
+
+    def _proxy_failed(self, proxy: tuple[str, int], exc: BaseException) -> None:
+        reason = "timeout" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        log_event("proxy-failed", logging.WARNING, proxy=f"{proxy[0]}:{proxy[1]}",
+                  protocol=self.service.name, reason=reason)
 
     async def _accept_tls(self, listening: socket.socket) -> None:
         """Accept implicit-TLS connections ourselves, so they count during the handshake."""
@@ -293,14 +351,31 @@ class Listener:
                 await asyncio.sleep(0.1)
                 continue
             address, port = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("?", 0)
-            if not self._admit(address, port):
+            service = self.service
+            proxied = is_trusted(address, service.trusted_proxies)
+            if not self._admit(address, port, per_address=not proxied):
                 sock.close()  # a TLS client could not read a plaintext refusal
                 continue
-            self._track(self._serve_tls(sock, f"{address}:{port}", self.service), address)
+            coro = self._serve_tls(sock, (address, port), service, proxied=proxied)
+            self._track(coro, None if proxied else address)
 
-    async def _serve_tls(self, sock: socket.socket, peer: str, service: Service) -> None:
+    async def _serve_tls(
+        self, sock: socket.socket, client: tuple[str, int], service: Service, *, proxied: bool
+    ) -> None:
         assert self.tls is not None
         loop = asyncio.get_running_loop()
+        if proxied:  # the PROXY header comes before the TLS handshake (HAProxy, TCP mode)
+            try:
+                header = await read_from_socket(sock, service.handshake_timeout)
+            except (ProxyError, OSError) as exc:  # TimeoutError is an OSError
+                self._proxy_failed(client, exc)
+                sock.close()
+                return
+            client = client_address(header, client)
+            if not self._claim(*client):
+                sock.close()
+                return
+        peer = f"{client[0]}:{client[1]}"
         streams: list[ConnectionStream] = []
         try:
             await loop.connect_accepted_socket(
@@ -313,6 +388,7 @@ class Listener:
             sock.close()
             return
         stream = streams[0]
+        stream.use_peer(client)
         log_event("tls", peer=peer, version=stream.tls_version or "started")
         await self._run(stream, service)
 
@@ -323,21 +399,28 @@ class Listener:
             self._sessions[task] = session
         await session.run()
 
-    def _track(self, coro: Coroutine[Any, Any, None], address: str) -> None:
-        """Run one connection in a task that holds its place in the caps until it ends."""
+    def _track(self, coro: Coroutine[Any, Any, None], address: str | None) -> None:
+        """Run one connection in a task that holds its place in the caps until it ends.
+
+        ``address`` None: a proxy's connection, counted per address by ``_claim`` later.
+        """
         if self.observer is not None:
             self.observer.connection_opened()
-        self._per_address[address] += 1
+        if address is not None:
+            self._per_address[address] += 1
         task = asyncio.get_running_loop().create_task(coro)
         self._sessions[task] = None
+        self._address_of[task] = address
 
         def done(t: asyncio.Task[None]) -> None:
             self._sessions.pop(t, None)
             if self.observer is not None:
                 self.observer.connection_closed()
-            self._per_address[address] -= 1
-            if self._per_address[address] <= 0:
-                del self._per_address[address]
+            counted = self._address_of.pop(t, None)
+            if counted is not None:
+                self._per_address[counted] -= 1
+                if self._per_address[counted] <= 0:
+                    del self._per_address[counted]
 
         task.add_done_callback(done)
 

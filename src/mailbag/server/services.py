@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from mailbag.protocol.lmtp import Status
 from mailbag.server.connection import ConnectionStream
 from mailbag.server.listeners import ConnectionLimits
+from mailbag.server.proxy_front import Network
 from mailbag.server.tls import TlsContext
 from mailbag.session.authenticate import Authenticator
 from mailbag.session.delivery import DeliveryAgent
@@ -43,6 +44,8 @@ class Pop3Service:
     name: str = "pop3"
     refusal: bytes = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
     hostname: str = ""
+    #: ``server.trusted_proxies``: peers whose connections start with a PROXY header.
+    trusted_proxies: tuple[Network, ...] = ()
 
     def __post_init__(self) -> None:
         # For the APOP timestamp; looked up once, not per connection.
@@ -80,6 +83,7 @@ class LmtpService:
     name: str = "lmtp"
     refusal: bytes = LMTP_TOO_MANY.line()
     handshake_timeout: float = 30.0
+    trusted_proxies: tuple[Network, ...] = ()
 
     def session(self, stream: ConnectionStream, number: int) -> Driver:
         return LmtpSession(

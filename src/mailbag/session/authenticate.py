@@ -20,17 +20,20 @@ import functools
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from mailbag.auth.cache import VerificationCache
 from mailbag.auth.schemes import is_fast_scheme, verify_dummy, verify_password
 from mailbag.auth.scram import ScramSecrets
-from mailbag.auth.users import UserDatabase, UserRecord
+from mailbag.auth.users import UserDatabase, UserRecord, lookup_user
 from mailbag.errors import AuthError, InvalidUsername
 from mailbag.logs import log_event
 from mailbag.session.throttle import Admission, FailureThrottle
+
+T = TypeVar("T")
 
 
 @functools.cache
@@ -86,6 +89,13 @@ class Authenticator:
         except InvalidUsername:
             return None
 
+    async def _lookup_async(self, login: str) -> UserRecord | None:
+        """``_lookup`` that never blocks the loop on a database-backed user store."""
+        try:
+            return await lookup_user(self.users, login)
+        except InvalidUsername:
+            return None
+
     async def _run(self, func: object, *args: object) -> object:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, func, *args)  # type: ignore[arg-type]
@@ -93,7 +103,7 @@ class Authenticator:
     async def check_password(self, login: str, password: str, address: str) -> AuthResult:
         """USER/PASS and SASL PLAIN: every check of a plaintext password comes here."""
         admission = await self._admit(address, login)
-        record = self._lookup(login)
+        record = await self._lookup_async(login)
         if record is None:
             await self._run(verify_dummy, password)
             return await self._failed(admission, "unknown user")
@@ -131,7 +141,7 @@ class Authenticator:
         fails exactly like a wrong password.
         """
         admission = await self._admit(address, login)
-        record = self._lookup(login)
+        record = await self._lookup_async(login)
         secret = record.apop_secret if record is not None else None
         expected = hashlib.md5(
             (timestamp + (secret or "\x00no-secret")).encode(), usedforsecurity=False
@@ -143,6 +153,19 @@ class Authenticator:
             return await self._failed(admission, reason)
         await self.throttle.record_success(admission, record.name)
         return AuthResult(record.name, "ok")
+
+    async def sasl_step(self, step: Callable[[], T]) -> T:
+        """Run one SASL mechanism step, which may look a user up synchronously.
+
+        SCRAM's mechanism is sans-IO and calls ``scram_credentials`` from
+        inside ``step``.  With the users file that is a dictionary lookup, run
+        in place; with a store that answers over the network (one that offers
+        ``lookup_async``, e.g. PostgreSQL) the step runs in a worker thread,
+        so one slow query never stalls every other session on the loop.
+        """
+        if getattr(self.users, "lookup_async", None) is None:
+            return step()
+        return await asyncio.to_thread(step)
 
     def scram_credentials(self, login: str) -> tuple[str, ScramSecrets | None] | None:
         """SCRAM-SHA-256 keys for ``login`` (``session.sasl.ScramLookup``); None: no such user.
@@ -166,7 +189,7 @@ class Authenticator:
         await self.throttle.record_success(admission, user)
         return AuthResult(user, "ok")
 
-    def _account(self, login: str) -> tuple[str, bool]:
+    async def _account(self, login: str) -> tuple[str, bool]:
         """The account an attempt is about, and whether it exists.
 
         Canonical for a known user, so ``alice`` and ``alice@default.domain`` share
@@ -176,13 +199,13 @@ class Authenticator:
         not tell the two apart.
         """
         try:
-            record = self._lookup(login)
+            record = await self._lookup_async(login)
         except AuthError:  # reported by the check itself, after the delay
             return login, False
         return (record.name, True) if record is not None else (login, False)
 
     async def _admit(self, address: str, login: str) -> Admission:
-        account, exists = self._account(login)
+        account, exists = await self._account(login)
         admission = await self.throttle.admit(address, account, may_be_known=exists)
         if admission.delay > 0:
             # Logged so an administrator can see guessing being slowed down (never the secret).

@@ -24,10 +24,10 @@ import enum
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mailbag.auth.users import UserDatabase, UserRecord
+from mailbag.auth.users import UserDatabase, UserRecord, lookup_user
 from mailbag.errors import (
     InvalidUsername,
     MailbagError,
@@ -39,7 +39,7 @@ from mailbag.errors import (
 )
 from mailbag.logs import log_event
 from mailbag.protocol.lmtp import Status
-from mailbag.storage.base import Store
+from mailbag.storage.base import Delivery, MultiDelivery, Store
 from mailbag.wireform import wire_size
 
 
@@ -51,6 +51,10 @@ class QuotaDefaults:
     messages: int = 0
     #: Answer "over quota" with 452 4.2.2 (MTA retries) instead of 552 5.2.2 (bounce).
     tempfail: bool = False
+
+
+#: The reply to a copy that hit a bug (never a traceback to the client, DESIGN.md rule 9).
+INTERNAL_ERROR = Status(451, "4.3.0", "Temporary failure, try again later")
 
 
 class Outcome(enum.Enum):
@@ -140,7 +144,7 @@ def trace_headers(
 
 
 class DeliveryAgent:
-    """Checks and stores one message for one recipient at a time."""
+    """Checks and stores a message for its recipients (one transaction where the store can)."""
 
     def __init__(
         self,
@@ -177,6 +181,13 @@ class DeliveryAgent:
         except InvalidUsername:
             return None
 
+    async def lookup_async(self, address: str) -> UserRecord | None:
+        """``lookup`` without blocking the loop when users live in a database."""
+        try:
+            return await lookup_user(self.users, address)
+        except InvalidUsername:
+            return None
+
     def limits(self, record: UserRecord) -> tuple[int, int]:
         """(bytes, messages) limits for ``record``; a per-user value wins, 0 = unlimited."""
         qb = record.quota_bytes if record.quota_bytes is not None else self.quota.bytes
@@ -190,43 +201,146 @@ class DeliveryAgent:
             self._locks[user] = lock
         return lock
 
+    async def deliver_all(
+        self, message: bytes, copies: Sequence[tuple[UserRecord, Envelope]]
+    ) -> list[DeliveryResult]:
+        """Store one message for several accounts; one result per copy, in order.
+
+        With a store that can (``MultiDelivery``) every accepted copy is
+        written in one transaction, each recipient's size and quota still
+        checked on its own (a full mailbox refuses that recipient alone);
+        otherwise the copies are delivered one by one, in parallel.  Never
+        raises ``MailbagError``.
+        """
+        if not isinstance(self.store, MultiDelivery) or len(copies) < 2:
+            results = await self._deliver_each(message, copies)
+        else:
+            results = await self._deliver_together(self.store, message, copies)
+        if self.on_result is not None:
+            for result in results:
+                self.on_result(result.outcome)
+        return results
+
     async def deliver(
         self, record: UserRecord, message: bytes, envelope: Envelope
     ) -> DeliveryResult:
         """Store ``message`` for ``record`` with trace headers; never raises MailbagError."""
-        result = await self._deliver(record, message, envelope)
-        if self.on_result is not None:
-            self.on_result(result.outcome)
+        (result,) = await self.deliver_all(message, [(record, envelope)])
         return result
 
-    async def _deliver(
-        self, record: UserRecord, message: bytes, envelope: Envelope
-    ) -> DeliveryResult:
-        who = envelope.recipient or record.name
+    async def _deliver_each(
+        self, message: bytes, copies: Sequence[tuple[UserRecord, Envelope]]
+    ) -> list[DeliveryResult]:
+        """One delivery per copy, in parallel; a bug hitting one copy spares the others."""
+        outcomes = await asyncio.gather(
+            *(self._deliver(record, message, envelope) for record, envelope in copies),
+            return_exceptions=True,
+        )
+        results: list[DeliveryResult] = []
+        for (record, _), outcome in zip(copies, outcomes, strict=True):
+            if isinstance(outcome, DeliveryResult):
+                results.append(outcome)
+                continue
+            if not isinstance(outcome, Exception):
+                raise outcome  # cancellation: the session is going away
+            log_event("delivery-failed", logging.ERROR, user=record.name, error=repr(outcome))
+            results.append(DeliveryResult(Outcome.TEMPORARY, INTERNAL_ERROR))
+        return results
+
+    def _too_large(self, message: bytes, who: str) -> DeliveryResult | None:
         if self.max_message_size and len(message) > self.max_message_size:
             return DeliveryResult(
                 Outcome.TOO_LARGE,
                 Status(552, "5.3.4", f"<{who}> Message too large"),
             )
+        return None
+
+    def _decorated(self, message: bytes, envelope: Envelope) -> bytes:
+        """The copy to store: this recipient's trace headers, then the message."""
         eol = line_ending(message)
-        stored = (
-            trace_headers(envelope, hostname=self.hostname, eol=eol, now=self._clock()) + message
-        )
-        lock = self._lock(record.name)
-        async with lock:
-            try:
-                refusal = await self._check_quota(record, stored, who)
-                if refusal is not None:
-                    return refusal
-                uid = await self.store.deliver(record.name, stored)
-            except MailbagError as exc:
-                result = self._failure(exc, who)
-                log_event("delivery-failed", logging.WARNING, user=record.name,
-                          outcome=result.outcome.value, error=str(exc))
-                return result
+        return trace_headers(envelope, hostname=self.hostname, eol=eol, now=self._clock()) + message
+
+    @staticmethod
+    def _delivered(uid: str, who: str) -> DeliveryResult:
         return DeliveryResult(
             Outcome.DELIVERED, Status(250, "2.0.0", f"<{who}> Saved as {uid}"), uid
         )
+
+    def _failed(self, exc: MailbagError, record: UserRecord, who: str) -> DeliveryResult:
+        result = self._failure(exc, who)
+        log_event("delivery-failed", logging.WARNING, user=record.name,
+                  outcome=result.outcome.value, error=str(exc))
+        return result
+
+    async def _deliver_together(
+        self,
+        store: MultiDelivery,
+        message: bytes,
+        copies: Sequence[tuple[UserRecord, Envelope]],
+    ) -> list[DeliveryResult]:
+        """One ``deliver_many`` transaction for every copy that passed the size check.
+
+        No per-user lock here: the store checks each quota in the same
+        transaction as the write, which serialises deliveries on any node.
+        """
+        results: list[DeliveryResult | None] = []
+        pending: list[tuple[int, UserRecord, str, bytes, int]] = []
+        deliveries: list[Delivery] = []
+        for record, envelope in copies:
+            who = envelope.recipient or record.name
+            refusal = self._too_large(message, who)
+            results.append(refusal)
+            if refusal is None:
+                stored = self._decorated(message, envelope)
+                max_bytes, max_messages = self.limits(record)
+                pending.append((len(results) - 1, record, who, stored, max_bytes))
+                deliveries.append(Delivery(record.name, stored, max_bytes, max_messages))
+        outcomes: list[str | MailbagError]
+        try:
+            outcomes = list(await store.deliver_many(deliveries)) if deliveries else []
+        except MailbagError as exc:  # the transaction failed: nobody got the message
+            outcomes = [exc] * len(deliveries)
+        for (i, record, who, stored, max_bytes), outcome in zip(pending, outcomes, strict=True):
+            if isinstance(outcome, QuotaExceeded):
+                log_event("over-quota", user=record.name, size=wire_size([stored]))
+                results[i] = self._over_quota(record, stored, who, max_bytes)
+            elif isinstance(outcome, MailbagError):
+                results[i] = self._failed(outcome, record, who)
+            else:
+                results[i] = self._delivered(outcome, who)
+        return [r for r in results if r is not None]
+
+    async def _deliver(
+        self, record: UserRecord, message: bytes, envelope: Envelope
+    ) -> DeliveryResult:
+        who = envelope.recipient or record.name
+        refusal = self._too_large(message, who)
+        if refusal is not None:
+            return refusal
+        stored = self._decorated(message, envelope)
+        lock = self._lock(record.name)
+        async with lock:
+            try:
+                if isinstance(self.store, MultiDelivery):
+                    # A shared store checks the quota in the write's own transaction,
+                    # so deliveries on other nodes cannot overshoot it together.
+                    max_bytes, max_messages = self.limits(record)
+                    (outcome,) = await self.store.deliver_many(
+                        [Delivery(record.name, stored, max_bytes, max_messages)]
+                    )
+                    if isinstance(outcome, QuotaExceeded):
+                        return self._over_quota(record, stored, who, max_bytes)
+                    if isinstance(outcome, StorageError):
+                        raise outcome
+                    uid = outcome
+                else:
+                    refusal = await self._check_quota(record, stored, who)
+                    if refusal is not None:
+                        return refusal
+                    uid = await self.store.deliver(record.name, stored)
+            except MailbagError as exc:
+                return self._failed(exc, record, who)
+        return self._delivered(uid, who)
 
     async def _check_quota(
         self, record: UserRecord, stored: bytes, who: str
@@ -244,6 +358,13 @@ class DeliveryAgent:
             return None
         log_event("over-quota", user=record.name, messages=usage.messages,
                   octets=usage.octets, size=size)
+        return self._over_quota(record, stored, who, max_bytes)
+
+    def _over_quota(
+        self, record: UserRecord, stored: bytes, who: str, max_bytes: int
+    ) -> DeliveryResult:
+        """452 or 552 for a refusal by quota (``quota.tempfail``)."""
+        size = wire_size([stored])
         # Bigger than the whole quota: waiting cannot help, so never tempfail that.
         if self.quota.tempfail and not (max_bytes and size > max_bytes):
             return DeliveryResult(Outcome.OVER_QUOTA, Status(452, "4.2.2", f"<{who}> Mailbox full"))

@@ -21,7 +21,11 @@ else is here, once:
 * the crash ladder: an internal error is logged, never shown; the client gets
   the core's generic last words (POP3 ``-ERR [SYS/TEMP]``, LMTP ``421``);
 * cancellation (shutdown after the grace period) propagates: nothing after
-  it runs, so a cancelled session never commits anything.
+  it runs, so a cancelled session never commits anything;
+* a PROXY header as the first client bytes is refused (closed, one log
+  line): a trusted proxy's header was consumed by the listener before the
+  session began (``server.proxy_front``), so one seen here comes from a
+  client that wants to choose the address we believe it has.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 
 from mailbag.logs import log_event
 from mailbag.protocol.events import Abort, AbortReason, Close, NeedData, Reply, SansIOCore
+from mailbag.protocol.proxy import starts_with_header
 from mailbag.session.stream import Stream
 
 #: Flush batched output once it grows past this (a RETR body streams at this granularity).
@@ -60,6 +65,7 @@ class Driver:
         self._stop = asyncio.Event()
         self._stop_wait: asyncio.Future[Any] | None = None
         self._linger = 0.0
+        self._first_read = True
 
     # ------------------------------------------------------- protocol hooks
 
@@ -178,6 +184,12 @@ class Driver:
                     await read
                 return "shutdown" if self._stop.is_set() else "timeout"
             data = read.result()
+        if self._first_read:
+            self._first_read = False
+            if starts_with_header(data):
+                self.outcome = "PROXY header from an untrusted address"
+                self.log("proxy-refused", logging.WARNING)
+                raise SessionOver(self.outcome)
         self.core.receive_data(data)
         return None
 

@@ -15,7 +15,6 @@ delivers through the shared ``DeliveryAgent``.  The rules that keep mail safe:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from mailbag.protocol.lmtp import (
     RecipientChecked,
     Status,
 )
-from mailbag.session.delivery import DeliveryAgent, DeliveryResult, Envelope, Outcome
+from mailbag.session.delivery import INTERNAL_ERROR, DeliveryAgent, Envelope, Outcome
 from mailbag.session.driver import Driver
 from mailbag.session.stream import Stream
 
@@ -40,7 +39,6 @@ DEFAULT_TIMEOUT = 300.0
 
 RECIPIENT_OK = Status(250, "2.1.5", "Recipient OK")
 LOOKUP_FAILED = Status(451, "4.3.0", "Temporary lookup failure, try again later")
-INTERNAL_ERROR = Status(451, "4.3.0", "Temporary failure, try again later")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +90,14 @@ class LmtpSession(Driver):
 
     async def handle(self, event: object) -> None:
         if isinstance(event, CheckRecipient):
-            self.conn.send(RecipientChecked(self._check_recipient(event.address)))
+            self.conn.send(RecipientChecked(await self._check_recipient(event.address)))
         elif isinstance(event, DeliverMessage):
             await self.flush()
             self.conn.send(DeliveryDone(await self._deliver(event)))
 
-    def _check_recipient(self, address: str) -> Status:
+    async def _check_recipient(self, address: str) -> Status:
         try:
-            record = self.agent.lookup(address)
+            record = await self.agent.lookup_async(address)
         except AuthError as exc:
             self.log("auth-error", logging.ERROR, error=str(exc))
             return LOOKUP_FAILED
@@ -111,34 +109,40 @@ class LmtpSession(Driver):
         return RECIPIENT_OK
 
     async def _deliver(self, event: DeliverMessage) -> list[Status]:
-        """Deliver once per account, in parallel; reply once per RCPT, in order."""
+        """Deliver once per account (one transaction where the store can); reply per RCPT.
+
+        RFC 2033 section 4.2: one reply per successful RCPT, in RCPT order,
+        each saying what became of that recipient's copy; size and quota are
+        checked per recipient.
+        """
         name_of = {address: self._records[address].name for address in event.recipients}
         first_address: dict[str, str] = {}
         for address in event.recipients:
             first_address.setdefault(name_of[address], address)
-        names = list(first_address)
-        records = self._records
-        tasks = [
-            self._deliver_one(records[first_address[name]], first_address[name], event)
-            for name in names
+        copies = [
+            (self._records[address], self._envelope(address, event))
+            for address in first_address.values()
         ]
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-        by_name: dict[str, Status] = {}
-        for name, outcome in zip(names, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
-                self.log("error", logging.ERROR, user=name, error=repr(outcome))
-                by_name[name] = INTERNAL_ERROR
-            else:
-                by_name[name] = outcome.status
         self._records.clear()
+        try:
+            results = await self.agent.deliver_all(event.message, copies)
+        except Exception as exc:  # a bug: every recipient gets a temporary failure
+            self.log("error", logging.ERROR, error=repr(exc))
+            return [INTERNAL_ERROR for _ in event.recipients]
+        by_name: dict[str, Status] = {}
+        for (record, _), result in zip(copies, results, strict=True):
+            by_name[record.name] = result.status
+            if result.outcome is Outcome.DELIVERED:
+                self.delivered += 1
+                self.log("lmtp-delivered", user=record.name, sender=event.sender,
+                          size=len(event.message), uid=result.uid)
+            else:
+                self.log("lmtp-rejected", user=record.name, sender=event.sender,
+                          reason=result.outcome.value, reply=result.status.code)
         return [by_name[name_of[address]] for address in event.recipients]
 
-    async def _deliver_one(
-        self, record: UserRecord, address: str, event: DeliverMessage
-    ) -> DeliveryResult:
-        envelope = Envelope(
+    def _envelope(self, address: str, event: DeliverMessage) -> Envelope:
+        return Envelope(
             sender=event.sender,
             recipient=address,
             protocol="LMTP",
@@ -146,12 +150,3 @@ class LmtpSession(Driver):
             peer=f"[{self.peer_ip}]" if self.peer_ip else "",
             id=self.session_id,
         )
-        result = await self.agent.deliver(record, event.message, envelope)
-        if result.outcome is Outcome.DELIVERED:
-            self.delivered += 1
-            self.log("lmtp-delivered", user=record.name, sender=event.sender,
-                      size=len(event.message), uid=result.uid)
-        else:
-            self.log("lmtp-rejected", user=record.name, sender=event.sender,
-                      reason=result.outcome.value, reply=result.status.code)
-        return result

@@ -237,7 +237,7 @@ class Pop3Session(Driver):
         guessing by USER/PASS.
         """
         try:
-            result = step()
+            result = await self.authenticator.sasl_step(step)
         except AuthError as exc:
             self._sasl = self._sasl_verdict = None
             self._auth_unavailable(exc, mechanism.name)

@@ -26,6 +26,9 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, overload, runtime_checkable
 
+from mailbag.errors import QuotaExceeded, StorageError
+from mailbag.wireform import wire_size
+
 
 class MessageInfo(NamedTuple):
     """One message as the POP3 session sees it.
@@ -274,6 +277,58 @@ class FileOwner(Protocol):
     def set_owner(self, uid: int, gid: int) -> None:
         """Files and directories created from now on get this owner."""
         ...
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message for one recipient, with the quota to enforce (0 = no limit).
+
+    Backends that can check the quota in the same transaction as the write
+    (``MultiDelivery``) make two deliveries at once, on any node, unable to
+    overshoot it.
+    """
+
+    user: str
+    message: bytes
+    max_octets: int = 0
+    max_messages: int = 0
+
+
+@runtime_checkable
+class MultiDelivery(Protocol):
+    """Optional: store messages for several recipients in one transaction.
+
+    Returns, per delivery and in order, the new UIDL or the error that
+    refused that recipient alone (``QuotaExceeded``); the accepted ones are
+    committed together.  A failure of the storage itself raises and commits
+    nothing.
+    """
+
+    async def deliver_many(self, deliveries: Sequence[Delivery]) -> list[str | StorageError]:
+        """Deliver all of ``deliveries`` atomically (see the class docstring)."""
+        ...
+
+
+async def deliver_many(store: Store, deliveries: Sequence[Delivery]) -> list[str | StorageError]:
+    """Deliver through the backend's ``deliver_many`` when it has one, else one by one.
+
+    The fallback checks quotas against ``usage`` first, which is exact for a
+    single process (the caller serialises per user) but not across nodes;
+    that is why shared backends implement ``MultiDelivery``.
+    """
+    if isinstance(store, MultiDelivery):
+        return await store.deliver_many(deliveries)
+    results: list[str | StorageError] = []
+    for d in deliveries:
+        if d.max_octets or d.max_messages:
+            usage = await store.usage(d.user)
+            size = wire_size([d.message])
+            if (d.max_messages and usage.messages + 1 > d.max_messages) or (
+                d.max_octets and usage.octets + size > d.max_octets
+            ):
+                results.append(QuotaExceeded(f"{d.user}: over quota"))
+                continue
+        results.append(await store.deliver(d.user, d.message))
+    return results
 
 
 @runtime_checkable

@@ -122,5 +122,32 @@ def _memory(**options: Any) -> Store:
     return MemoryStore(**options)
 
 
+def _postgres(*, database: Any = None, hostname: Any = "", **options: Any) -> Store:
+    """The PostgreSQL backend on the node's shared pool of ``[database]``.
+
+    Its settings live in ``[database]`` (shared with ``auth.backend =
+    "postgres"``), which the wiring passes as ``database``; ``hostname``
+    goes into the Maildir-style unique names it makes for UIDLs.
+    """
+    if not isinstance(hostname, str):
+        raise ConfigError("storage.hostname: expected a string")
+    try:
+        from mailbag.database.pool import shared_database, shared_settings
+        from mailbag.storage.postgres import PostgresStore, make_node_id
+    except ImportError as exc:  # asyncpg is an optional extra
+        raise ConfigError(
+            f"storage backend 'postgres' needs asyncpg: pip install 'mailbag[postgres]' ({exc})"
+        ) from None
+    settings = shared_settings(database)
+    return PostgresStore(
+        database=shared_database(settings),
+        lease_time=settings.lease_time,
+        node_id=make_node_id(settings.node_name),
+        hostname=hostname or None,
+        **options,
+    )
+
+
 register("maildir", _maildir, settings=("maildir", "trust_mtimes"))
 register("memory", _memory, settings=())
+register("postgres", _postgres, settings=("database", "hostname"))

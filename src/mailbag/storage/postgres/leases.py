@@ -1,0 +1,200 @@
+"""The RFC 1939 maildrop lock across nodes: leases that die with their node.
+
+A POP3 session holds its maildrop for minutes while the client idles, so the
+lock cannot be a database connection (or a transaction, or a session-level
+advisory lock): that would cost a connection per session.  Instead each
+open maildrop has one row in ``leases`` naming the node process and a
+session token, with an expiry in *database* time.
+
+* **One heartbeat per node**, not per session: every ``lease_time / 3``
+  seconds one ``UPDATE leases SET expires_at = ... WHERE node = $1`` renews
+  every lease the node holds, however many sessions it serves.
+* **A dead node frees its locks within ``lease_time``**: killed with -9 or
+  cut off from the database, it stops renewing, and after the bound any node
+  may take the row over (the acquire is an upsert that only replaces an
+  expired row).
+* **A node past its bound can never commit**: the heartbeat renews only
+  leases that are still alive, so an expired lease stays dead; and the QUIT
+  transaction locks the lease row, checks owner, token and expiry against
+  ``clock_timestamp()``, and deletes in the same transaction.  A takeover
+  has to update that row too, so it waits for the commit, or the commit
+  sees the takeover and refuses.
+* **Node identity is per process**: ``{name}/{pid}/{random}``.  A node that
+  restarts under the same name cannot adopt (and keep alive forever) the
+  leases of the process that died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import time
+
+from mailbag.database.pool import Connection, Database, describe
+from mailbag.errors import MaildropLocked, StorageError
+
+log = logging.getLogger(__name__)
+
+#: RFC-style upper bound from issue 13: a dead node's locks are free within 30 s.
+DEFAULT_LEASE_TIME = 30.0
+
+
+def make_node_id(name: str = "") -> str:
+    """A cluster-unique id for this process: the name, pid and 48 random bits."""
+    base = name or socket.gethostname() or "node"
+    return f"{base}/{os.getpid()}/{os.urandom(6).hex()}"
+
+
+class LeaseLost(StorageError):
+    """This node no longer holds the maildrop's lease: the QUIT must not commit."""
+
+
+class LeaseKeeper:
+    """Acquires, renews (all at once) and releases this node's leases."""
+
+    def __init__(
+        self, db: Database, *, node_id: str | None = None, lease_time: float = DEFAULT_LEASE_TIME
+    ) -> None:
+        if lease_time < 1.0:
+            raise ValueError(f"lease_time must be at least 1 second, not {lease_time}")
+        self.db = db
+        self.node_id = node_id or make_node_id()
+        self.lease_time = lease_time
+        self.interval = lease_time / 3
+        self._tokens = itertools.count(1)
+        #: Tokens of the leases this node's sessions hold; only these are renewed,
+        #: so a lease whose release failed (database down) is left to expire.
+        self._held: set[int] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stopped = False
+        #: ``time.monotonic()`` of the last renewal that reached the database.
+        self.last_renewal = 0.0
+
+    @property
+    def holding(self) -> bool:
+        """Whether any session of this node holds a lease (the heartbeat has work)."""
+        return bool(self._held)
+
+    # -- acquire / release ------------------------------------------------------
+
+    async def acquire(self, conn: Connection, maildrop_id: int, user: str) -> int:
+        """Take the lease for this maildrop; return the session's token.
+
+        Raises ``MaildropLocked`` when a live lease of any node (this one
+        included) exists.
+        """
+        token = next(self._tokens)
+        row = await conn.fetchrow(
+            """
+            INSERT INTO leases AS l (maildrop_id, node, token, expires_at)
+            VALUES ($1, $2, $3, clock_timestamp() + make_interval(secs => $4))
+            ON CONFLICT (maildrop_id) DO UPDATE
+                SET node = EXCLUDED.node, token = EXCLUDED.token,
+                    acquired_at = now(), expires_at = EXCLUDED.expires_at
+                WHERE l.expires_at < clock_timestamp()
+            RETURNING token
+            """,
+            maildrop_id,
+            self.node_id,
+            token,
+            self.lease_time,
+        )
+        if row is None:
+            raise MaildropLocked(f"maildrop of {user!r} is in use")
+        if not self._held:  # the heartbeat's clock starts with its first lease
+            self.last_renewal = time.monotonic()
+        self._held.add(token)
+        self._ensure_heartbeat()
+        return token
+
+    async def release(self, maildrop_id: int, token: int) -> None:
+        """Drop the lease; if the database is unreachable it is no longer renewed, so it expires."""
+        self._held.discard(token)
+        try:
+            async with self.db.connection("release a maildrop lease") as conn:
+                await conn.execute(
+                    "DELETE FROM leases WHERE maildrop_id = $1 AND node = $2 AND token = $3",
+                    maildrop_id,
+                    self.node_id,
+                    token,
+                )
+        except StorageError as exc:
+            log.warning("cannot release lease on maildrop %d (it expires): %s", maildrop_id, exc)
+
+    async def check(self, conn: Connection, maildrop_id: int, token: int) -> None:
+        """Inside the QUIT transaction: lock our lease row and make sure it is still ours.
+
+        ``FOR UPDATE`` serialises this commit with any takeover of the row,
+        and ``clock_timestamp()`` is the database's time now, not at the
+        start of the transaction.
+        """
+        alive = await conn.fetchval(
+            """
+            SELECT expires_at > clock_timestamp() FROM leases
+            WHERE maildrop_id = $1 AND node = $2 AND token = $3
+            FOR UPDATE
+            """,
+            maildrop_id,
+            self.node_id,
+            token,
+        )
+        if not alive:
+            raise LeaseLost(
+                f"lease on maildrop {maildrop_id} expired or was taken over; nothing committed"
+            )
+
+    # -- heartbeat ---------------------------------------------------------------
+
+    def _ensure_heartbeat(self) -> None:
+        task = self._heartbeat
+        loop = asyncio.get_running_loop()
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._stopped = False
+        self._heartbeat = loop.create_task(self._beat(), name=f"lease-heartbeat {self.node_id}")
+
+    async def renew(self) -> int:
+        """Renew every live lease of this node with one UPDATE; return how many."""
+        if not self._held:
+            self.last_renewal = time.monotonic()
+            return 0
+        async with self.db.connection("renew maildrop leases") as conn:
+            status = await conn.execute(
+                """
+                UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => $2)
+                WHERE node = $1 AND token = ANY($3::bigint[]) AND expires_at > clock_timestamp()
+                """,
+                self.node_id,
+                self.lease_time,
+                list(self._held),
+            )
+        self.last_renewal = time.monotonic()
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def _beat(self) -> None:
+        while not self._stopped:
+            await asyncio.sleep(self.interval)
+            if self._stopped:
+                return
+            try:
+                await self.renew()
+            except StorageError as exc:
+                log.warning("lease heartbeat failed (leases expire in <= %.0f s): %s",
+                            self.lease_time, describe(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the heartbeat die silently
+                log.exception("lease heartbeat crashed; retrying")
+
+    async def stop(self) -> None:
+        """Stop renewing (at shutdown, or in tests to simulate a dead node)."""
+        self._stopped = True
+        task, self._heartbeat = self._heartbeat, None
+        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,189 @@
+"""An open PostgreSQL maildrop: a snapshot, chunked reads, one-transaction QUIT.
+
+The session holds no database connection between commands: the snapshot
+is taken at open, every read borrows a connection for one query, and the
+QUIT deletes borrow one for one transaction.  A session idling for ten
+minutes costs the database nothing but its lease row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from mailbag.database.pool import Database
+from mailbag.errors import MessageGone, StorageError
+from mailbag.storage.base import DeleteResult, MessageInfo
+from mailbag.storage.postgres.leases import LeaseKeeper
+
+log = logging.getLogger(__name__)
+
+#: Octets per body row.  Small enough that TOP reads little (the first row
+#: holds the header of nearly every message), big enough that RETR of a
+#: large message needs few rows.
+CHUNK_SIZE = 64 * 1024
+
+#: Rows per query after the first: a 1 MiB message in three round trips,
+#: with at most this many rows of one message in memory per session.
+BATCH_ROWS = 8
+
+_background: set[asyncio.Task[None]] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """Where a snapshot message lives: its arrival sequence, wire size, row count."""
+
+    seq: int
+    wire_size: int
+    chunks: int
+
+
+def _release_forgotten(leases: LeaseKeeper, maildrop_id: int, token: int) -> None:
+    """A maildrop was garbage-collected without ``close``: release its lease soon.
+
+    Otherwise the node's heartbeat would keep alive a lease that no
+    session will ever release, locking the user out until a restart.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return  # no loop, so no heartbeat either: the lease expires by itself
+    task = loop.create_task(leases.release(maildrop_id, token))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+class PostgresMaildrop:
+    """One leased maildrop with its message list fixed at open."""
+
+    def __init__(
+        self,
+        db: Database,
+        leases: LeaseKeeper,
+        user: str,
+        maildrop_id: int,
+        token: int,
+        stored: dict[str, Stored],
+    ) -> None:
+        self._db = db
+        self._leases = leases
+        self._user = user
+        self._id = maildrop_id
+        self._token = token
+        self._stored = stored
+        self._deleted: set[str] = set()
+        self._closed = False
+        self._messages = tuple(MessageInfo(uid, s.wire_size) for uid, s in stored.items())
+        self._finalizer = weakref.finalize(self, _release_forgotten, leases, maildrop_id, token)
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        """The snapshot taken at open, in arrival order."""
+        return self._messages
+
+    def _find(self, uid: str) -> Stored:
+        if self._closed:
+            raise StorageError(f"maildrop of {self._user!r} is closed")
+        found = self._stored.get(uid)
+        if found is None or uid in self._deleted:
+            raise MessageGone(f"no message {uid} in the maildrop of {self._user!r}")
+        return found
+
+    async def read(self, uid: str, *, chunk_size: int = 65536) -> AsyncIterator[bytes]:
+        """Yield the stored bytes; the first query fetches one row, later ones a batch.
+
+        A connection is held only while a query runs, never while the
+        client is being sent what it returned, so a slow reader cannot
+        starve the pool.  TOP stops iterating after the header and the
+        first lines, so it costs one row.
+        """
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+        stored = self._find(uid)
+        first, batch = 0, 1
+        while first < stored.chunks:
+            last = min(first + batch, stored.chunks)
+            async with self._db.connection("read message") as conn:
+                rows = await conn.fetch(
+                    "SELECT data FROM message_chunks"
+                    " WHERE maildrop_id = $1 AND seq = $2 AND n >= $3 AND n < $4 ORDER BY n",
+                    self._id,
+                    stored.seq,
+                    first,
+                    last,
+                )
+            if len(rows) != last - first:
+                raise MessageGone(f"message {uid} of {self._user!r} vanished")
+            for row in rows:
+                data: bytes = row["data"]
+                if len(data) <= chunk_size:
+                    if data:
+                        yield data
+                    continue
+                view = memoryview(data)
+                for start in range(0, len(data), chunk_size):
+                    yield bytes(view[start : start + chunk_size])
+            first, batch = last, BATCH_ROWS
+
+    async def delete(self, uids: Sequence[str]) -> DeleteResult:
+        """Delete in one transaction that first proves the lease is still ours.
+
+        If the lease expired (the heartbeat could not reach the database in
+        time) or another node took it over, ``LeaseLost`` is raised and
+        nothing is deleted: the client sees ``-ERR [SYS/TEMP]`` and its
+        messages stay for the next session.
+        """
+        if self._closed:
+            raise StorageError(f"maildrop of {self._user!r} is closed")
+        failed = [uid for uid in uids if uid not in self._stored]
+        wanted = [uid for uid in uids if uid in self._stored and uid not in self._deleted]
+        seqs = [self._stored[uid].seq for uid in wanted]
+        async with self._db.transaction("delete messages") as conn:
+            await self._leases.check(conn, self._id, self._token)
+            if seqs:
+                row = await conn.fetchrow(
+                    """
+                    WITH gone AS (
+                        DELETE FROM messages WHERE maildrop_id = $1 AND seq = ANY($2::bigint[])
+                        RETURNING wire_size
+                    )
+                    SELECT count(*) AS n, coalesce(sum(wire_size), 0) AS octets FROM gone
+                    """,
+                    self._id,
+                    seqs,
+                )
+                await conn.execute(
+                    "UPDATE maildrops SET messages = messages - $2, octets = octets - $3"
+                    " WHERE id = $1",
+                    self._id,
+                    int(row["n"]),
+                    int(row["octets"]),
+                )
+        self._deleted.update(wanted)
+        deleted = sum(1 for uid in uids if uid in self._stored)
+        return DeleteResult(deleted, tuple(failed))
+
+    async def close(self) -> None:
+        """Release the lease; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        # Shielded: a session cancelled while closing must still free its lock.
+        await asyncio.shield(self._leases.release(self._id, self._token))
+
+    async def __aenter__(self) -> PostgresMaildrop:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,85 @@
+"""Users in PostgreSQL hold what a users-file line holds; every instance sees changes at once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from mailbag.auth.pg_users import PostgresUsers
+from mailbag.auth.schemes import Argon2Params, verify_password
+from mailbag.auth.users import UserExists, authenticate, lookup_user
+from mailbag.errors import AuthError, UnknownUser
+from tests.pgtest import fresh_database
+
+CHEAP = Argon2Params(time_cost=1, memory_cost=8, parallelism=1)
+
+
+@pytest.fixture
+def dsn() -> Iterator[str]:
+    with fresh_database() as dsn:
+        yield dsn
+
+
+def users(dsn: str, **options: object) -> PostgresUsers:
+    return PostgresUsers(dsn, argon2_params=CHEAP, **options)  # type: ignore[arg-type]
+
+
+def test_add_stores_hash_scram_apop_and_quota(dsn: str) -> None:
+    db = users(dsn)
+    db.add("Alice@Example.ORG", "pw", apop_secret="apop-secret")
+    db.set_quota("Alice@example.org", bytes=1000, messages=None)
+    record = db.lookup("Alice@example.org")
+    assert record is not None and record.name == "Alice@Example.ORG"
+    assert verify_password("pw", record.password) and not verify_password("no", record.password)
+    assert record.scram is not None and record.apop_secret == "apop-secret"
+    assert (record.quota_bytes, record.quota_messages) == (1000, None)
+    assert authenticate(db, "Alice@example.org", "pw") == record
+    assert authenticate(db, "Alice@example.org", "wrong") is None
+    assert authenticate(db, "bob", "pw") is None
+    with pytest.raises(UserExists):
+        db.add("Alice@EXAMPLE.org", "x")
+
+
+def test_change_is_seen_by_another_node_at_once(dsn: str) -> None:
+    one, two = users(dsn), users(dsn)
+    one.add("bob", "old", scheme="PLAIN")
+    assert two.lookup("bob") is not None
+    one.set_password("bob", "new", scheme="PLAIN", with_scram=False)
+    record = two.lookup("bob")
+    assert record is not None and record.scram is None and verify_password("new", record.password)
+    one.delete("bob")
+    assert two.lookup("bob") is None
+    with pytest.raises(UnknownUser):
+        two.delete("bob")
+    with pytest.raises(UnknownUser):
+        two.set_quota("bob", messages=1)
+
+
+def test_default_domain_and_async_lookup_on_the_loop(dsn: str) -> None:
+    db = users(dsn, default_domain="example.org")
+    db.add("carol@example.org", "pw", scheme="PLAIN")
+
+    async def go() -> None:
+        for login in ("carol", "carol@EXAMPLE.org", "carol@example.org"):
+            record = await lookup_user(db, login)
+            assert record is not None and record.name == "carol@example.org"
+        assert await lookup_user(db, "../etc") is None
+        await db.close()
+
+    asyncio.run(go())
+    assert [r.name for r in db.list()] == ["carol@example.org"]
+
+
+def test_unreachable_database_is_an_auth_error() -> None:
+    db = PostgresUsers("postgresql://nobody@127.0.0.1:9/none")
+    db.db.connect_timeout = db._sync_db.connect_timeout = 1.0
+    with pytest.raises(AuthError):
+        db.lookup("alice")
+
+    async def go() -> None:
+        with pytest.raises(AuthError):
+            await db.lookup_async("alice")
+
+    asyncio.run(go())

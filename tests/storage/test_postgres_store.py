@@ -1,0 +1,335 @@
+"""PostgreSQL backend beyond the shared contract: leases across nodes, quotas, transactions.
+
+Each "node" is a ``PostgresStore`` with its own node id and pool on the same
+database, which is exactly what two mailbag processes on two machines are.
+Lease times are short (1-2 s) so that expiry can be observed quickly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from mailbag.errors import InvalidUsername, MaildropLocked, QuotaExceeded, StorageError
+from mailbag.storage.base import (
+    Delivery,
+    ImportMessage,
+    MultiDelivery,
+    SelfCheck,
+    Usage,
+    deliver_many,
+)
+from mailbag.storage.maildir_names import derive_uidl
+from mailbag.storage.postgres import PostgresStore
+from mailbag.storage.postgres.leases import LeaseLost
+from tests.pgtest import fresh_database
+from tests.storage.helpers import read_all, run
+
+
+@pytest.fixture
+def dsn() -> Iterator[str]:
+    with fresh_database() as dsn:
+        yield dsn
+
+
+def node(dsn: str, name: str, **options: Any) -> PostgresStore:
+    options.setdefault("pool_min_size", 1)
+    options.setdefault("pool_max_size", 3)
+    return PostgresStore(dsn, node_id=name, **options)
+
+
+async def fetch(store: PostgresStore, sql: str, *args: Any) -> Any:
+    async with store.db.connection("test query") as conn:
+        return await conn.fetch(sql, *args)
+
+
+def test_open_from_another_node_gets_maildrop_locked(dsn: str) -> None:
+    async def go() -> None:
+        a, b = node(dsn, "a"), node(dsn, "b")
+        md = await a.open_maildrop("alice")
+        with pytest.raises(MaildropLocked):
+            await b.open_maildrop("alice")
+        with pytest.raises(MaildropLocked):  # the same node, a second session
+            await a.open_maildrop("alice")
+        other = await b.open_maildrop("bob")
+        await other.close()
+        await md.close()
+        again = await b.open_maildrop("alice")
+        await again.close()
+
+    run(go())
+
+
+def test_heartbeat_keeps_a_live_session_locked_past_the_bound(dsn: str) -> None:
+    async def go() -> None:
+        a, b = node(dsn, "a", lease_time=1.2), node(dsn, "b", lease_time=1.2)
+        await a.deliver("alice", b"one\n")
+        md = await a.open_maildrop("alice")
+        await asyncio.sleep(2.5)  # twice the bound; the heartbeat renewed it
+        with pytest.raises(MaildropLocked):
+            await b.open_maildrop("alice")
+        result = await md.delete([md.messages[0].uid])
+        assert result.deleted == 1
+        await md.close()
+
+    run(go())
+
+
+def test_dead_node_loses_its_lease_after_the_bound_and_can_never_commit(dsn: str) -> None:
+    """Issue 13: a node cut off frees its locks within the bound and cannot commit after it."""
+
+    async def go() -> None:
+        a, b = node(dsn, "a", lease_time=1.0), node(dsn, "b", lease_time=1.0)
+        uids = [await a.deliver("alice", b"m%d\n" % i) for i in range(3)]
+        md = await a.open_maildrop("alice")
+        await a.leases.stop()  # the node hangs: no more heartbeats
+        with pytest.raises(MaildropLocked):
+            await b.open_maildrop("alice")
+        await asyncio.sleep(1.3)
+        with pytest.raises(LeaseLost):  # expired, even before anyone took it over
+            await md.delete(uids[:1])
+        taken = await b.open_maildrop("alice")  # a fresh node can open now
+        assert [m.uid for m in taken.messages] == uids
+        with pytest.raises(LeaseLost):  # and the late node's QUIT is still refused
+            await md.delete(uids)
+        await md.close()  # must not release b's lease
+        with pytest.raises(MaildropLocked):
+            await a.open_maildrop("alice")
+        assert (await taken.delete(uids[2:])).deleted == 1
+        await taken.close()
+        check = await b.open_maildrop("alice")
+        assert [m.uid for m in check.messages] == uids[:2]
+        await check.close()
+
+    run(go())
+
+
+def test_lease_lost_is_a_storage_error() -> None:
+    assert issubclass(LeaseLost, StorageError)
+
+
+def test_cancelled_quit_commits_nothing(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        a = node(dsn, "a")
+        uids = [await a.deliver("alice", b"keep me\n") for _ in range(2)]
+        md = await a.open_maildrop("alice")
+        original = a.leases.check
+        reached = asyncio.Event()
+
+        async def slow_check(*args: Any) -> None:
+            await original(*args)
+            reached.set()
+            await asyncio.sleep(30)
+
+        monkeypatch.setattr(a.leases, "check", slow_check)
+        task = asyncio.create_task(md.delete(uids))
+        await reached.wait()
+        task.cancel()  # the client dropped the connection mid-QUIT
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await md.close()
+        monkeypatch.undo()
+        again = await a.open_maildrop("alice")
+        assert [m.uid for m in again.messages] == uids
+        await again.close()
+        assert (await a.usage("alice")).messages == 2
+
+    run(go())
+
+
+def test_forgotten_maildrop_releases_its_lease(dsn: str) -> None:
+    async def go() -> None:
+        a = node(dsn, "a")
+        md = await a.open_maildrop("alice")
+        del md
+        gc.collect()
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            try:
+                again = await a.open_maildrop("alice")
+            except MaildropLocked:
+                continue
+            await again.close()
+            return
+        pytest.fail("lease of a garbage-collected maildrop was never released")
+
+    run(go())
+
+
+def test_uidl_derives_from_a_maildir_unique_name(dsn: str) -> None:
+    async def go() -> None:
+        a = node(dsn, "a", hostname="mx1")
+        uid = await a.deliver("alice", b"Subject: x\n\nbody\n")
+        (row,) = await fetch(a, "SELECT unique_name, uid, stored_size, wire_size FROM messages")
+        assert row["uid"] == uid == derive_uidl(row["unique_name"])
+        assert row["unique_name"].endswith(".mx1,S=17,W=20")
+        assert (row["stored_size"], row["wire_size"]) == (17, 20)
+
+    run(go())
+
+
+def test_stat_never_reads_bodies_and_top_reads_only_the_first_row(dsn: str) -> None:
+    async def go() -> None:
+        a = node(dsn, "a", chunk_size=1024)
+        message = b"Subject: big\n\n" + b"line\n" * 1000
+        uid = await a.deliver("alice", message)
+        (count,) = await fetch(a, "SELECT count(*) AS n FROM message_chunks")
+        assert count["n"] == 5
+        await fetch(a, "DELETE FROM message_chunks WHERE n >= 1")
+        md = await a.open_maildrop("alice")
+        try:
+            assert md.messages[0].size == len(message) + message.count(b"\n")  # LF -> CRLF
+            chunks = md.read(uid, chunk_size=4096)
+            first = await anext(chunks)  # TOP: header and first lines
+            assert first == message[:1024]
+            await chunks.aclose()
+            with pytest.raises(StorageError):  # RETR would need the rows we removed
+                await read_all(md, uid)
+        finally:
+            await md.close()
+
+    run(go())
+
+
+def test_quota_holds_across_nodes_under_concurrent_delivery(dsn: str) -> None:
+    """Two nodes delivering at once cannot overshoot a quota (issue 13)."""
+
+    async def go() -> None:
+        nodes = [node(dsn, "a"), node(dsn, "b")]
+        limit = Delivery("alice", b"x" * 98 + b"\n", max_octets=5 * 100, max_messages=0)
+
+        async def one(i: int) -> str | StorageError:
+            (result,) = await nodes[i % 2].deliver_many([limit])
+            return result
+
+        results = await asyncio.gather(*(one(i) for i in range(20)))
+        accepted = [r for r in results if isinstance(r, str)]
+        assert len(accepted) == 5
+        assert all(isinstance(r, QuotaExceeded) for r in results if not isinstance(r, str))
+        usage = await nodes[0].usage("alice")
+        assert (usage.messages, usage.octets) == (5, 500)
+
+    run(go())
+
+
+def test_deliver_many_is_one_transaction(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        a = node(dsn, "a")
+        assert isinstance(a, MultiDelivery)
+        original = a._insert
+        calls = 0
+
+        async def fail_second(*args: Any) -> str | StorageError:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise StorageError("disk on fire")
+            return await original(*args)
+
+        monkeypatch.setattr(a, "_insert", fail_second)
+        with pytest.raises(StorageError):
+            await a.deliver_many([Delivery("alice", b"1\n"), Delivery("bob", b"2\n")])
+        assert (await a.usage("alice")).messages == 0
+        monkeypatch.undo()
+        results = await deliver_many(
+            a,
+            [
+                Delivery("alice", b"1\n"),
+                Delivery("bob", b"2\n", max_messages=1),
+                Delivery("bob", b"3\n", max_messages=1),
+            ],
+        )
+        assert isinstance(results[0], str) and isinstance(results[1], str)
+        assert isinstance(results[2], QuotaExceeded)
+        assert (await a.usage("bob")).messages == 1
+
+    run(go())
+
+
+def test_invalid_user_in_deliver_many_writes_nothing(dsn: str) -> None:
+    async def go() -> None:
+        a = node(dsn, "a")
+        with pytest.raises(InvalidUsername):
+            await a.deliver_many([Delivery("alice", b"1\n"), Delivery("../x", b"2\n")])
+        assert (await a.usage("alice")).messages == 0
+
+    run(go())
+
+
+def test_idle_sessions_hold_no_connections(dsn: str) -> None:
+    """60 open sessions on a pool of at most 3 connections (no connection per session)."""
+
+    async def go() -> None:
+        a = node(dsn, "a", pool_max_size=3)
+        drops = await asyncio.gather(*(a.open_maildrop(f"user{i}") for i in range(60)))
+        rows = await fetch(
+            a,
+            "SELECT count(*) AS n FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'mailbag'",
+        )
+        assert rows[0]["n"] <= 3
+        (leases,) = await fetch(a, "SELECT count(*) AS n FROM leases")
+        assert leases["n"] == 60
+        assert await a.leases.renew() == 60  # one UPDATE renews them all
+        await asyncio.gather(*(md.close() for md in drops))
+        (leases,) = await fetch(a, "SELECT count(*) AS n FROM leases")
+        assert leases["n"] == 0
+
+    run(go())
+
+
+def test_self_check_reports_a_failing_heartbeat(dsn: str) -> None:
+    """``/healthz`` (SelfCheck.problems) turns unhealthy once leases go unrenewed a lease time."""
+
+    async def go() -> None:
+        a = node(dsn, "a", lease_time=1.0)
+        assert isinstance(a, SelfCheck)
+        assert a.check() == "storage: postgres (lease time 1 s)"
+        assert a.problems() == []  # no lease held: nothing to renew
+        md = await a.open_maildrop("alice")
+        assert a.problems() == []  # just acquired
+        await a.leases.stop()  # the node can no longer reach the database, as far as leases go
+        await asyncio.sleep(1.2)
+        assert a.problems() == ["database unreachable: maildrop lease heartbeat failing"]
+        await md.close()
+        assert a.problems() == []
+
+    run(go())
+
+
+def test_import_of_a_stopped_run_commits_whole_batches(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration killed part-way leaves whole batches, which the next run finds present."""
+    from mailbag.storage.postgres import importer
+
+    monkeypatch.setattr(importer, "BATCH_MESSAGES", 3)
+
+    async def source(n: int, fail_at: int | None = None) -> AsyncIterator[ImportMessage]:
+        for i in range(n):
+            if i == fail_at:
+                raise OSError("source went away")
+
+            async def read(i: int = i) -> bytes:
+                return b"Subject: %d\n\nbody\n" % i
+
+            yield ImportMessage(key=f"k{i}", uid=f"uid-{i}", read=read)
+
+    async def go() -> None:
+        a = node(dsn, "a")
+        with pytest.raises(OSError):
+            await a.import_messages("alice", source(8, fail_at=7))
+        md = await a.open_maildrop("alice")  # the lease was released
+        assert [m.uid for m in md.messages] == [f"uid-{i}" for i in range(6)]
+        await md.close()
+        again = await a.import_messages("alice", source(8))
+        assert (again.imported, again.present) == (2, 6)
+        assert again.uids == [f"uid-{i}" for i in range(8)]
+        assert await a.usage("alice") == Usage(8, sum(len(b"Subject: %d\r\n\r\nbody\r\n" % i)
+                                                     for i in range(8)))
+
+    run(go())
