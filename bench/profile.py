@@ -13,6 +13,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +37,12 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/mailbag-bench"))
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=Path("/tmp/mailbag-profile.svg"))
-    parser.add_argument("--format", default="flamegraph", choices=("flamegraph", "speedscope"))
+    parser.add_argument("--format", default="flamegraph",
+                        choices=("flamegraph", "speedscope", "raw"))
+    parser.add_argument("--top", type=int, default=0,
+                        help="also print the N functions with the most samples (self and "
+                        "inclusive; needs --format raw)")
+    parser.add_argument("--idle", action="store_true", help="sample idle threads too")
     parser.add_argument("--drop-index", action="store_true", help="bigbox: profile a cold open")
     args = parser.parse_args()
     work = args.workdir
@@ -49,7 +55,8 @@ def main() -> int:
     assert server.proc is not None
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     record = subprocess.Popen([spy, "record", "-p", str(server.proc.pid), "-o", str(args.out),
-                               "--format", args.format, "-r", "200", "--nonblocking"])
+                               "--format", args.format, "-r", "200", "--nonblocking",
+                               *(["--idle"] if args.idle else [])])
     try:
         argv = [a.format(work=work) for a in SCENARIOS[args.scenario]]
         if args.scenario != "bigbox":
@@ -62,7 +69,29 @@ def main() -> int:
         server.stop()
         record.wait(timeout=60)
     print(f"profile in {args.out}")
+    if args.top and args.format == "raw":
+        print(top_entries(args.out, args.top))
     return 0
+
+
+def top_entries(path: Path, count: int) -> str:
+    """The functions with the most samples in a raw (collapsed stacks) profile."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        n = int(samples)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    lines = [f"{total} samples; self:"]
+    lines += [f"  {n * 100 / total:5.1f}%  {f}" for f, n in own.most_common(count)]
+    lines.append("inclusive:")
+    lines += [f"  {n * 100 / total:5.1f}%  {f}" for f, n in inclusive.most_common(count)]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ server on loopback ports, runs every scenario against each server
 alternately (A B A B ...), and writes ``docs/benchmarks.md`` (results
 section) plus one PNG chart per scenario in ``docs/benchmarks/``.
 
+Dovecot runs in four variants at once (process per session or reused
+processes, ``pop3_lock_session`` no or yes; ``servers.DOVECOT_VARIANTS``);
+each rep runs mailbag and then every variant, and the report compares
+mailbag against the fastest variant of each figure (the others beside it).
+
 Scenarios (see docs/benchmarks.md for the why of each):
   sessions  connect-USER/PASS-STAT-UIDL-QUIT per second at concurrency 1 and 50,
             with PLAIN and with ARGON2ID passwords on both servers;
@@ -52,8 +57,6 @@ import report  # noqa: E402
 import servers  # noqa: E402
 
 LOAD = HERE / "load.py"
-#: Servers in each A B ... rep; ``--mailbag-workers 1,2`` adds ``mailbag-w2`` after ``mailbag``.
-SERVERS: tuple[str, ...] = ("mailbag", "dovecot")
 
 
 def log(*parts: object) -> None:
@@ -125,23 +128,47 @@ class Bench:
         self.paths = paths
         self.layout = layout
         self.results: dict[str, Any] = {}
+        self.names = list(srv)  # mailbag first, then the Dovecot variants
+        self.figures = set(args.figures.split(",")) if args.figures else None
+
+    def wanted(self, figure: str) -> bool:
+        """``--figures`` selects single figures (e.g. ``plain-c50,10KB``); default all."""
+        return self.figures is None or figure in self.figures
 
     def load(self, name: str, *scenario: str, timeout: float = 600) -> dict[str, Any]:
-        """Run one load-generator subprocess against server ``name``; its JSON result."""
+        """Run one load-generator subprocess against server ``name``; its JSON result.
+
+        Also records the CPU time the server's process tree used meanwhile
+        (``server_cpu_s``): on a shared machine the rate moves with the
+        neighbours' load, CPU per unit of work much less.
+        """
         cmd = [sys.executable, str(LOAD), "--port", str(self.srv[name].port),
                "--password", data.PASSWORD, *scenario]
+        cpu_before = self.srv[name].cpu_seconds()
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        cpu = self.srv[name].cpu_seconds() - cpu_before
         if out.returncode != 0:
             raise RuntimeError(f"load {scenario} on {name} failed: {out.stderr[-2000:]}")
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
         result["load"] = loadavg()
+        result["server_cpu_s"] = cpu
+        if result.get("sessions"):
+            result["cpu_ms_per_session"] = cpu * 1000 / result["sessions"]
         return result
 
-    def alternate(self, reps: int, run: Callable[[str], dict[str, Any]]) -> dict[str, list[Any]]:
-        """A B A B ...: each rep runs mailbag then Dovecot."""
-        runs: dict[str, list[Any]] = {name: [] for name in SERVERS}
+    def alternate(self, reps: int, run: Callable[[str], dict[str, Any]],
+                  names: list[str] | None = None) -> dict[str, list[Any]]:
+        """A B C ... per rep: mailbag, then each Dovecot variant (reversed every other rep).
+
+        Reversing spreads the distance between mailbag's run and each
+        variant's evenly over the reps, so no variant is always the one
+        measured furthest from mailbag's run.
+        """
+        names = names or self.names
+        runs: dict[str, list[Any]] = {name: [] for name in names}
         for rep in range(reps):
-            for name in SERVERS:
+            others = names[1:] if rep % 2 == 0 else names[:0:-1]
+            for name in [names[0], *others]:
                 result = run(name)
                 runs[name].append(result)
                 log(f"  rep {rep + 1}/{reps} {name}: {compact(result)}")
@@ -153,12 +180,16 @@ class Bench:
         quick = self.args.quick
         out: dict[str, Any] = {}
         for scheme in ("plain", "argon"):
+            if not any(self.wanted(f"{scheme}-c{c}") for c in (1, 50)):
+                continue
             seconds = (2.0 if quick else 5.0) * (2 if scheme == "argon" else 1)
-            for name in SERVERS:  # prime both servers' indexes for these users (untimed)
+            for name in self.names:  # prime every server's indexes for these users (untimed)
                 self.load(name, "sessions", "--prefix", f"s{scheme}", "--concurrency",
                           str(self.layout.session_users), "--seconds", "1.5")
             for concurrency in (1, 50):
                 key = f"{scheme}-c{concurrency}"
+                if not self.wanted(key):
+                    continue
                 log(f"sessions {key}")
                 argv = ["sessions", "--prefix", f"s{scheme}", "--concurrency",
                         str(concurrency), "--seconds", str(seconds)]
@@ -171,7 +202,9 @@ class Bench:
         out: dict[str, Any] = {}
         for label, user, expect in (("10KB", "retrsmall", "expect_small"),
                                     ("1MiB", "retrlarge", "expect_large")):
-            for name in SERVERS:  # first pass primes indexes and the page cache
+            if not self.wanted(label):
+                continue
+            for name in self.names:  # first pass primes indexes and the page cache
                 self.load(name, "retr", "--user", user, "--expect", str(self.paths[expect]),
                           "--seconds", "0.5")
             log(f"retr {label}")
@@ -189,7 +222,7 @@ class Bench:
 
     def bigbox(self) -> None:
         log("bigbox: priming (untimed; Dovecot moves new/ to cur/ on its first session)")
-        for name in SERVERS:
+        for name in self.names:
             self.load(name, "bigbox", "--user", "big")
 
         def run(name: str) -> dict[str, Any]:
@@ -280,7 +313,10 @@ class Bench:
         rate, seconds = (20.0, 3.0) if self.args.quick else (20.0, 5.0)
         out: dict[str, Any] = {"target": target, "fd_cap": fd_cap, "nofile": nofile,
                                "trickle_rate": rate, "trickle_seconds": seconds}
-        for name in SERVERS:
+        # Capacity takes minutes per server: mailbag against one Dovecot, the tuned one.
+        dovecots = [n for n in self.names[1:] if n == servers.TUNED_DOVECOT] or self.names[1:2]
+        out["servers"] = [self.names[0], *dovecots]
+        for name in out["servers"]:
             log(f"capacity {name}")
             server = self.srv[name]
             base = server.memory()
@@ -346,10 +382,17 @@ def warm_page_cache(maildir: Path) -> None:
                     f.read()
 
 
+def git_commit() -> str:
+    """The commit measured, with ``-dirty`` when the work tree has changes."""
+    out = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty",
+                          "--abbrev=12"], capture_output=True, text=True, check=False)
+    return out.stdout.strip() or "unknown"
+
+
 def compact(result: dict[str, Any]) -> str:
     """A one-line summary of a result for the progress log."""
-    keys = ("rate", "p99_ms", "mb_per_s", "msgs_per_s", "bad", "errors", "cold", "warm",
-            "pss_per_conn_kib", "rss_per_conn_kib", "held", "alive", "ok", "load")
+    keys = ("rate", "cpu_ms_per_session", "p99_ms", "mb_per_s", "msgs_per_s", "bad", "errors",
+            "cold", "warm", "pss_per_conn_kib", "rss_per_conn_kib", "held", "alive", "ok", "load")
     parts = []
     for key in keys:
         if key in result:
@@ -365,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (~2-3 minutes)")
     parser.add_argument("--reps", type=int, help="A B pairs per figure (default 3, quick 2)")
     parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(report.ORDER))
+    parser.add_argument("--figures", help="only these figures of sessions/retr, comma-separated: "
+                        "plain-c1,plain-c50,argon-c1,argon-c50,10KB,1MiB")
+    parser.add_argument("--dovecot", default=",".join(servers.DOVECOT_VARIANTS),
+                        help="comma-separated Dovecot variants (default: all): "
+                        + ",".join(servers.DOVECOT_VARIANTS))
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/mailbag-bench"),
                         help="Maildirs, configs and logs (data is reused between runs)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
@@ -375,11 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         "mailbag-w2, ...; the report compares the first with Dovecot, results JSON has all",
     )
     args = parser.parse_args(argv)
-    global SERVERS
     worker_counts = [int(n) for n in args.mailbag_workers.split(",")]
     variants = {("mailbag" if i == 0 else f"mailbag-w{n}"): n
                 for i, n in enumerate(worker_counts)}
-    SERVERS = (*variants, "dovecot")
     args.reps = args.reps or (2 if args.quick else 3)
     only = args.only.split(",") if args.only else list(report.ORDER)
 
@@ -396,15 +442,17 @@ def main(argv: list[str] | None = None) -> int:
     paths = data.build(workdir, layout, users, owner, log=log)
     max_conn = layout.hold_users + 500
     srv: dict[str, servers.Server] = {}
-    for name in SERVERS:
+    for name in [*variants, *args.dovecot.split(",")]:
+        if name not in variants and name not in servers.DOVECOT_VARIANTS:
+            parser.error(f"unknown Dovecot variant {name!r}")
         home = workdir / name
         home.mkdir(exist_ok=True)
         home.chmod(0o755)
-        if name == "dovecot":
-            srv[name] = servers.Dovecot(home, paths["mail"], paths["users"], max_conn)
-        else:
+        if name in variants:
             srv[name] = servers.Mailbag(home, paths["mail"], paths["users"], max_conn,
                                         workers=variants[name])
+        else:
+            srv[name] = servers.Dovecot(home, paths["mail"], paths["users"], max_conn, name)
     env_machine = machine()
     results: dict[str, Any] = {
         "command": "python bench/run.py" + (" " + shlex.join(argv or sys.argv[1:])
@@ -415,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
         "mailbag_workers": variants,
         "reps": args.reps,
         "load_start": os.getloadavg(),
+        "commit": git_commit(),
+        "servers": {name: {"label": server.label, "settings": server.settings(),
+                           "variant": servers.variant_settings(name)}
+                    for name, server in srv.items()},
     }
     bench = Bench(args, srv, paths, layout)
     try:

@@ -44,9 +44,11 @@ class CrlfNormalizer:
             return b""
         if b"\n" in chunk:
             # Maildir files usually hold bare LF only: then one pass does it.
-            if b"\r" in chunk:
-                chunk = chunk.replace(CRLF, b"\n")
-            chunk = chunk.replace(b"\n", CRLF)
+            # A file already in CRLF form (every LF has its CR) stays as it is.
+            if b"\r" not in chunk:
+                chunk = chunk.replace(b"\n", CRLF)
+            elif chunk.count(b"\n") != chunk.count(CRLF):
+                chunk = chunk.replace(CRLF, b"\n").replace(b"\n", CRLF)
         self._at_line_start = chunk.endswith(CRLF)
         return chunk
 

@@ -18,6 +18,7 @@ from mailbag.auth.schemes import (
     WRITABLE_SCHEMES,
     Argon2Params,
     hash_password,
+    is_fast_scheme,
     needs_rehash,
     sha_crypt,
     split_scheme,
@@ -143,6 +144,13 @@ REFERENCE = _reference_hashes("correct horse ✓")
 @pytest.mark.parametrize("kind", sorted(REFERENCE))
 def test_verify_password_right_password(kind: str) -> None:
     assert verify_password("correct horse ✓", REFERENCE[kind]) is True
+
+
+@pytest.mark.parametrize("kind", sorted(REFERENCE))
+def test_only_single_digest_and_plain_schemes_are_fast(kind: str) -> None:
+    """Fast schemes are verified inline by the session; the rest must go to a thread."""
+    slow = any(word in kind for word in ("crypt", "unprefixed", "argon", "scram"))
+    assert is_fast_scheme(REFERENCE[kind]) is not slow
 
 
 @pytest.mark.parametrize("kind", sorted(REFERENCE))

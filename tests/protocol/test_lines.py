@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailbag.protocol.dots import MessageEncoder, encode_message
+from mailbag.protocol.dots import DotDecoder, MessageEncoder, encode_message
 from mailbag.protocol.lines import Line, LineReader, LineTooLong, apply_erase
 from mailbag.wireform import to_wire
 
@@ -84,6 +84,35 @@ def test_top_chunking_never_changes_output(data: bytes, cuts: list[int], n: int)
     for piece in _chunked(data, cuts):
         out += encoder.feed(piece)
     assert out + encoder.finish() == whole
+
+
+def _reference_body(data: bytes) -> bytes:
+    """RFC 1939 section 3 spelled out line by line, independently of the codec's tricks.
+
+    Every LF ends a line (a CR before it belongs to the line ending); a CR
+    elsewhere is data; the last line is ended if it is not; a line starting
+    with "." gets one more; then the terminating ".".
+    """
+    if not data:
+        return b".\r\n"
+    *ended, last = data.split(b"\n")
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in ended]
+    if last:
+        lines.append(last)  # an unended last line keeps even a trailing CR
+    out = [(b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines]
+    return b"".join(out) + b".\r\n"
+
+
+@settings(max_examples=1000, deadline=None)
+@given(message_bytes, st.lists(st.integers(0, 200), max_size=6))
+def test_encoder_output_equals_a_line_by_line_reference(data: bytes, cuts: list[int]) -> None:
+    """The fast paths (regex stuffing, CRLF files left alone) never change a byte."""
+    encoder = MessageEncoder()
+    pieces = b"".join(encoder.feed(p) for p in _chunked(data, cuts)) + encoder.finish()
+    assert pieces == encode_message(data) == _reference_body(data)
+    decoder = DotDecoder()
+    decoded = b"".join(decoder.feed(p) for p in _chunked(pieces, cuts))
+    assert decoder.done and decoded == to_wire(data)
 
 
 @settings(max_examples=500, deadline=None)

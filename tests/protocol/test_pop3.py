@@ -14,6 +14,7 @@ import pytest
 from mailbag.protocol.capabilities import Pop3Policy
 from mailbag.protocol.events import (
     ApopLogin,
+    BodyChunk,
     BodyEnd,
     Close,
     Commit,
@@ -186,6 +187,25 @@ def test_retr_missing_argument() -> None:
     assert replies(drive(logged_in(), b"RETR\r\n")) == b"-ERR Syntax: RETR message\r\n"
 
 
+class Columns(list[object]):
+    """A snapshot that offers its columns, as storage's ``MessageList`` does.
+
+    Its items have no ``uid``/``size``: only the columns can be used.
+    """
+
+    def __init__(self, messages: list[Msg]) -> None:
+        super().__init__(object() for _ in messages)
+        self.uids = [m.uid for m in messages]
+        self.sizes = [m.size for m in messages]
+
+
+def test_a_snapshot_given_as_columns_lists_the_same() -> None:
+    commands = b"STAT\r\nLIST\r\nUIDL\r\nDELE 2\r\nUIDL\r\nLIST 3\r\n"
+    expected = replies(drive(logged_in(), commands))
+    columns = Columns(SNAPSHOT)
+    assert replies(drive(logged_in(columns), commands)) == expected  # type: ignore[arg-type]
+
+
 def test_uidl_lists_stable_ids() -> None:
     out = replies(drive(logged_in(), b"UIDL\r\nUIDL 2\r\n"))
     assert out == b"+OK\r\n1 uid-a\r\n2 uid-b\r\n3 uid-c\r\n.\r\n+OK 2 uid-b\r\n"
@@ -196,6 +216,31 @@ def test_retr_emits_send_message_then_size_line() -> None:
     events = drive(conn, b"RETR 2\r\n")
     assert events == [SendMessage(2, "uid-b", 200, None)]
     assert answer(conn, MessageOpened()) == b"+OK 200 octets\r\n"
+
+
+@pytest.mark.parametrize("body_lines", [None, 0, 1])
+def test_a_whole_message_answer_gives_the_same_bytes_as_chunks(body_lines: int | None) -> None:
+    """``MessageOpened(whole)``: status, encoded body and terminator in one reply, no chunks."""
+    stored = b"Subject: x\n\n.dot first\nsecond\n.\nlast"
+    command = b"RETR 2\r\n" if body_lines is None else b"TOP 2 %d\r\n" % body_lines
+    streamed = logged_in()
+    drive(streamed, command)
+    streamed.send(MessageOpened())
+    out = b""
+    for answer_ in (BodyChunk(stored[:7]), BodyChunk(stored[7:]), BodyEnd(), None):
+        while not isinstance(event := streamed.next_event(), NeedBody | EndOfMessage):
+            assert isinstance(event, Reply)
+            out += event.data
+        if isinstance(event, EndOfMessage):
+            break
+        streamed.send(answer_)
+    whole = logged_in()
+    drive(whole, command)
+    whole.send(MessageOpened(stored))
+    reply = whole.next_event()
+    assert isinstance(reply, Reply) and reply.data == out
+    assert whole.next_event() == EndOfMessage(2, top=body_lines is not None)
+    assert isinstance(whole.next_event(), NeedData)  # ready for the next command
 
 
 def test_top_without_line_count_means_zero() -> None:

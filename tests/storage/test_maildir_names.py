@@ -8,11 +8,14 @@ import os
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailbag.errors import InvalidUsername
 from mailbag.storage.maildir_names import (
     NameGenerator,
     arrival_key,
+    arrival_order,
     derive_uidl,
     is_valid_uidl,
     sanitize_hostname,
@@ -111,3 +114,41 @@ def test_split_user_refuses_unsafe(user: str) -> None:
 def test_uidl_equals_truncated_base32_of_sha256(key: str) -> None:
     digest = hashlib.sha256(os.fsencode(key)).digest()
     assert derive_uidl(key) == base64.b32encode(digest).decode()[:24].lower()
+
+
+_NAME_PART = st.one_of(
+    st.integers(0, 2_000_000_000).map(str),
+    st.builds(
+        lambda sec, usec, pid, q: f"{sec}.M{usec}P{pid}" + (f"Q{q}" if q is not None else ""),
+        st.integers(0, 2_000_000_000),
+        st.integers(0, 10**7),  # also past the packing limit of 10**6
+        st.integers(0, 99999),
+        st.none() | st.integers(0, 10**10),
+    ),
+    st.text(alphabet="0123456789.MPQVabc", max_size=12),
+)
+
+
+@given(st.lists(st.tuples(_NAME_PART, st.text(alphabet="abc.,=", max_size=4)), max_size=150))
+def test_arrival_order_is_the_arrival_key_order(parts: list[tuple[str, str]]) -> None:
+    keys = list({head + tail for head, tail in parts})
+    assert arrival_order(keys) == sorted(keys, key=arrival_key)
+
+
+def _w_by_fields(key: str) -> int | None:
+    """The size rule spelled out: the first W field among the S/W fields after the first comma."""
+    comma = key.find(",")
+    if comma < 0:
+        return None
+    for field, value in re.findall(r",([SW])=(\d+)", key[comma:]):
+        if field == "W":
+            return int(value)
+    return None
+
+
+_NAME_PIECES = ["1700000000.M1P2.host", ",S=", ",W=", "12", "x", ",", "=", ":2,S"]
+
+
+@given(st.lists(st.sampled_from(_NAME_PIECES), max_size=10).map("".join))
+def test_wire_size_from_name_takes_the_first_w_field_after_the_first_comma(key: str) -> None:
+    assert wire_size_from_name(key) == _w_by_fields(key)

@@ -310,7 +310,7 @@ class Pop3Connection:
             self._waiting = Waiting.SASL_LINE
             self.reply(challenge_line(answer.data))
         elif isinstance(answer, MessageOpened):
-            self._message_opened()
+            self._message_opened(answer.whole)
         elif isinstance(answer, MessageFailed):
             self._message = None
             self.reply(self.err(answer.text))
@@ -343,12 +343,22 @@ class Pop3Connection:
             self.state = State.CLOSED
             self._events.append(Close("too many authentication failures"))
 
-    def _message_opened(self) -> None:
-        """First line of RETR (with the size, as RFC 1939's example shows) or TOP; body next."""
+    def _message_opened(self, whole: bytes | None) -> None:
+        """First line of RETR (with the size, as RFC 1939's example shows) or TOP; body next.
+
+        With the ``whole`` message at hand, the body is encoded and ended at once.
+        """
         request = self._message
         assert request is not None
-        self.reply(self.ok(f"{request.size} octets" if request.body_lines is None else ""))
-        self._encoder = MessageEncoder(request.body_lines)
+        status = self.ok(f"{request.size} octets" if request.body_lines is None else "")
+        encoder = MessageEncoder(request.body_lines)
+        if whole is not None:
+            self.reply(status + encoder.feed(whole) + encoder.finish())
+            self._message = None
+            self._events.append(EndOfMessage(request.msn, top=request.body_lines is not None))
+            return
+        self.reply(status)
+        self._encoder = encoder
         self._waiting = Waiting.BODY
         self._events.append(NeedBody())
 

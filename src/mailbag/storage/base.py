@@ -22,16 +22,15 @@ backend does not offer, instead of naming the backend.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, overload, runtime_checkable
 
 from mailbag.errors import QuotaExceeded, StorageError
 from mailbag.wireform import wire_size
 
 
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
+class MessageInfo(NamedTuple):
     """One message as the POP3 session sees it.
 
     ``size`` is the number of octets RETR sends before dot-stuffing: the
@@ -39,10 +38,63 @@ class MessageInfo:
     message lacks one (RFC 1939 section 11: sizes are in "exact" octets).
     ``uid`` is 1-70 characters in 0x21-0x7E, unique within the maildrop,
     never reused, and stable across sessions and index loss.
+
+    A named tuple, not a dataclass: a 100,000-message maildrop builds
+    100,000 of these at every open, and a frozen dataclass's ``__init__``
+    (one ``object.__setattr__`` per field) was the largest single cost of
+    an indexed open.
     """
 
     uid: str
     size: int
+
+
+class MessageList(Sequence[MessageInfo]):
+    """A snapshot kept as two columns, ``uids`` and ``sizes``; items are built on access.
+
+    A big maildrop would otherwise build one long-lived object per message
+    at every open, and 100,000 of those cost more than reading the index
+    (they also keep the garbage collector busy).  Readers that want a whole
+    column (a POP3 snapshot, a UIDL listing) can take ``uids`` and
+    ``sizes`` directly; both must be treated as read-only.
+    """
+
+    __slots__ = ("sizes", "uids")
+
+    def __init__(self, uids: Sequence[str], sizes: Sequence[int]) -> None:
+        if len(uids) != len(sizes):
+            raise ValueError("uids and sizes differ in length")
+        self.uids = uids
+        self.sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    @overload
+    def __getitem__(self, index: int) -> MessageInfo: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> MessageList: ...
+
+    def __getitem__(self, index: int | slice) -> MessageInfo | MessageList:
+        if isinstance(index, slice):
+            return MessageList(self.uids[index], self.sizes[index])
+        return MessageInfo(self.uids[index], self.sizes[index])
+
+    def __iter__(self) -> Iterator[MessageInfo]:
+        return map(MessageInfo, self.uids, self.sizes)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MessageList):
+            return list(self.uids) == list(other.uids) and list(self.sizes) == list(other.sizes)
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable columns: not hashable
+
+    def __repr__(self) -> str:
+        return f"MessageList({len(self)} messages)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,3 +329,20 @@ async def deliver_many(store: Store, deliveries: Sequence[Delivery]) -> list[str
                 continue
         results.append(await store.deliver(d.user, d.message))
     return results
+
+
+@runtime_checkable
+class WholeReader(Protocol):
+    """Optional, on a ``Maildrop``: read a small message in one call.
+
+    A POP3 session retrieving many small messages spends more on the steps
+    of a chunk stream (an async iterator, one storage call per chunk plus the
+    one that finds the end) than on the bytes.  A maildrop that can tell a
+    message's stored size at open returns all of it at once, or None when
+    it is larger than ``limit`` (the caller then streams with ``read``).
+    Raises ``MessageGone`` / ``StorageError`` like ``read``.
+    """
+
+    async def read_whole(self, uid: str, limit: int) -> bytes | None:
+        """The stored bytes of a message of at most ``limit`` octets, else None."""
+        ...

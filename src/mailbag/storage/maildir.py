@@ -39,9 +39,16 @@ from collections.abc import AsyncIterable
 
 from mailbag.errors import ConfigError, InvalidUsername, MaildropLocked, StorageError
 from mailbag.storage.base import ImportMessage, ImportOptions, ImportResult, Usage
-from mailbag.storage.maildir_drop import MaildirMaildrop, fsync_dir, storage_errors, write_all
+from mailbag.storage.maildir_drop import (
+    SLOW_OPEN,
+    MaildirMaildrop,
+    fsync_dir,
+    storage_errors,
+    thread_disk_reads,
+    write_all,
+)
 from mailbag.storage.maildir_import import MaildirImport, read_uidl_overrides
-from mailbag.storage.maildir_index import IndexData, read_index, scan, write_index
+from mailbag.storage.maildir_index import IndexData, ScanResult, read_index, scan, write_index
 from mailbag.storage.maildir_names import (
     INDEX_FILE,
     LOCK_FILE,
@@ -68,6 +75,16 @@ log = logging.getLogger(__name__)
 TMP_MAX_AGE = 36 * 3600.0
 #: Opening a maildrop looks at ``tmp/`` at most this often (seconds).
 CLEANUP_INTERVAL = 3600.0
+
+#: A maildrop opened within this many seconds is opened on the event loop
+#: (its metadata is cached; see ``MaildirStore._inline_open``) ...
+RECENT_OPEN = 300.0
+#: ... if it held at most this many messages (a bigger scan is too long for the loop).
+INLINE_MAX_MESSAGES = 1000
+#: Maildrops remembered for that (about 100 bytes each).
+RECENT_MAX = 20_000
+#: After an inline open that waited for the disk: seconds of worker-thread opens only.
+SLOW_DISK_BACKOFF = 60.0
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -117,6 +134,8 @@ class MaildirStore:
         self._fsync = fsync
         self._tmp_max_age = tmp_max_age
         self._cleanup_interval = cleanup_interval
+        self._recent: dict[str, float] = {}  # small maildrop's path -> time of its last open
+        self._threads_until = 0.0
         self._owner: tuple[int, int] | None = None
 
     @staticmethod
@@ -217,31 +236,117 @@ class MaildirStore:
     # -- Store interface -----------------------------------------------------
 
     async def open_maildrop(self, user: str) -> MaildirMaildrop:
-        """Lock and snapshot ``user``'s Maildir (in a worker thread: it scans)."""
-        path = self.maildir_path(user)
-        return await asyncio.to_thread(self._open_sync, user, path)
+        """Lock and snapshot ``user``'s Maildir.
 
-    def _open_sync(self, user: str, path: str) -> MaildirMaildrop:
-        with storage_errors("open maildrop", path):
-            self._ensure_dirs(path)
-            lock = _acquire_lock(path, user)
-            self._chown(os.path.join(path, LOCK_FILE))
+        In a worker thread (it scans), except for a small maildrop opened a
+        moment ago (``_inline_open``).
+        """
+        path = self.maildir_path(user)
+        now = time.monotonic()
+        if now >= self._threads_until and self._recent.get(path, 0.0) > now - RECENT_OPEN:
+            maildrop = await self._inline_open(user, path)
+        else:
+            maildrop = await asyncio.to_thread(self._open_sync, user, path)
+        self._remember(path, now, len(maildrop.messages))
+        return maildrop
+
+    def _remember(self, path: str, now: float, messages: int) -> None:
+        """Note a small maildrop's open time (bounded: the oldest half goes when full)."""
+        if messages > INLINE_MAX_MESSAGES:
+            self._recent.pop(path, None)
+            return
+        if len(self._recent) >= RECENT_MAX and path not in self._recent:
+            for old in list(self._recent)[: RECENT_MAX // 2]:
+                del self._recent[old]
+        self._recent.pop(path, None)  # re-insert: dict order is age order
+        self._recent[path] = now
+
+    async def _inline_open(self, user: str, path: str) -> MaildirMaildrop:
+        """Open on the event loop a maildrop whose metadata is certainly cached.
+
+        A small maildrop opened within ``RECENT_OPEN`` seconds has its
+        directories, lock file and index in the page cache, so its open is
+        a dozen system calls that never wait for a disk, far cheaper than
+        the worker-thread hand-off itself (~70 us of CPU on a small VM, the
+        largest single cost of a short POP3 session).  Whatever may wait
+        for the disk still goes to a thread: the index write (it fsyncs) and
+        the hourly ``tmp/`` cleanup.  Should an open turn out slow *and* the
+        loop thread read from the device meanwhile (memory pressure evicted
+        the cache), every open goes to threads for ``SLOW_DISK_BACKOFF``.
+        """
+        reads = thread_disk_reads()
+        started = time.perf_counter()
+        lock, overrides, result, cleanup_due = self._open_parts(user, path, cleanup=False)
+        if time.perf_counter() - started > SLOW_OPEN and (
+            reads is None or thread_disk_reads() != reads
+        ):
+            self._threads_until = time.monotonic() + SLOW_DISK_BACKOFF
         try:
-            self._maybe_cleanup(path, lock)
-            with storage_errors("open maildrop", path):
-                overrides = read_uidl_overrides(path)
-                index_path = os.path.join(path, INDEX_FILE)
-                result = scan(path, read_index(index_path), trust_mtimes=self._trust_mtimes)
-            if result.needs_write:
-                try:
-                    write_index(index_path, result.index, fsync=self._fsync)
-                    self._chown(index_path)
-                except OSError as exc:
-                    log.warning("cannot write maildir index %s: %s", index_path, exc)
+            if cleanup_due or result.needs_write:
+                await asyncio.to_thread(
+                    self._finish_open, path, lock, result if result.needs_write else None,
+                    cleanup_due,
+                )
         except BaseException:
             lock.close()
             raise
         return MaildirMaildrop(path, lock, result.listing, overrides, fsync=self._fsync)
+
+    def _open_sync(self, user: str, path: str) -> MaildirMaildrop:
+        lock, overrides, result, _ = self._open_parts(user, path, cleanup=True)
+        try:
+            self._finish_open(path, lock, result if result.needs_write else None, False)
+        except BaseException:
+            lock.close()
+            raise
+        return MaildirMaildrop(path, lock, result.listing, overrides, fsync=self._fsync)
+
+    def _open_parts(
+        self, user: str, path: str, *, cleanup: bool
+    ) -> tuple[io.FileIO, dict[str, str], ScanResult, bool]:
+        """Lock, read the overrides and the index, scan; nothing here writes or fsyncs.
+
+        Returns the lock, the UIDL overrides, the scan, and whether the
+        ``tmp/`` cleanup is due (with ``cleanup=True`` it has run already).
+        """
+        with storage_errors("open maildrop", path):
+            try:
+                lock = _acquire_lock(path, user)
+            except FileNotFoundError:  # a new maildrop: create it, then lock
+                self._ensure_dirs(path)
+                lock = _acquire_lock(path, user)
+            self._chown(os.path.join(path, LOCK_FILE))
+        try:
+            cleanup_due = self._cleanup_due(path, lock)
+            if cleanup_due and cleanup:
+                self._cleanup(path, lock)
+                cleanup_due = False
+            with storage_errors("open maildrop", path):
+                overrides = read_uidl_overrides(path)
+                previous = read_index(os.path.join(path, INDEX_FILE))
+                try:
+                    result = scan(path, previous, trust_mtimes=self._trust_mtimes)
+                except FileNotFoundError:  # new/ or cur/ missing: recreate, then scan
+                    self._ensure_dirs(path)
+                    result = scan(path, previous, trust_mtimes=self._trust_mtimes)
+        except BaseException:
+            lock.close()
+            raise
+        return lock, overrides, result, cleanup_due
+
+    def _finish_open(
+        self, path: str, lock: io.FileIO, result: ScanResult | None, cleanup: bool
+    ) -> None:
+        """The parts of an open that may wait for the disk: tmp cleanup, index write."""
+        if cleanup:
+            self._cleanup(path, lock)
+        if result is not None:
+            index_path = os.path.join(path, INDEX_FILE)
+            try:
+                write_index(index_path, result.index, fsync=self._fsync)
+                self._chown(index_path)
+            except OSError as exc:
+                log.warning("cannot write maildir index %s: %s", index_path, exc)
 
     async def deliver(self, user: str, message: bytes) -> str:
         """Deliver atomically: tmp/ + fsync, link into new/, fsync new/.
@@ -380,18 +485,22 @@ class MaildirStore:
         age = self._tmp_max_age if max_age is None else max_age
         return await asyncio.to_thread(_cleanup_tmp, path, age)
 
-    def _maybe_cleanup(self, path: str, lock: io.FileIO) -> None:
-        """Run ``cleanup_tmp`` if the last run (lock file mtime) is old enough.
+    def _cleanup_due(self, path: str, lock: io.FileIO) -> bool:
+        """True when the last ``tmp/`` cleanup (the lock file's mtime) is old enough.
 
-        One ``fstat`` per open in the common case, so it is cheap enough to
-        run inline in the open.
+        One ``fstat`` per open in the common case.
         """
-        fd = lock.fileno()
         try:
-            if time.time() - os.fstat(fd).st_mtime < self._cleanup_interval:
-                return
+            return time.time() - os.fstat(lock.fileno()).st_mtime >= self._cleanup_interval
+        except OSError as exc:
+            log.warning("tmp cleanup in %s failed: %s", path, exc)
+            return False
+
+    def _cleanup(self, path: str, lock: io.FileIO) -> None:
+        """Run ``cleanup_tmp`` and record the time in the lock file's mtime."""
+        try:
             _cleanup_tmp(path, self._tmp_max_age)
-            os.utime(fd)
+            os.utime(lock.fileno())
         except (OSError, StorageError) as exc:
             # Housekeeping must never stand between a user and their mail.
             log.warning("tmp cleanup in %s failed: %s", path, exc)
@@ -405,12 +514,16 @@ def _acquire_lock(path: str, user: str) -> io.FileIO:
     open also runs the tmp cleanup.
     """
     lock_path = os.path.join(path, LOCK_FILE)
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        created = True
-    except FileExistsError:
+    try:  # the usual case first: one system call
         fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
         created = False
+    except FileNotFoundError:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            created = True
+        except FileExistsError:  # created by a concurrent open
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+            created = False
     lock = io.FileIO(fd, "r+", closefd=True)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -13,13 +13,14 @@ import errno
 import io
 import logging
 import os
+import resource
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 
 from mailbag.errors import MessageGone, StorageError
-from mailbag.storage.base import DeleteResult, MessageInfo
+from mailbag.storage.base import DeleteResult, MessageInfo, MessageList
 from mailbag.storage.maildir_index import IndexData, Listing, locate, write_index
 from mailbag.storage.maildir_names import INDEX_FILE, unique_name
 
@@ -59,8 +60,19 @@ def write_all(fd: int, data: bytes) -> None:
 #: Octets per read when streaming a message: few calls per message, bounded memory.
 READ_CHUNK = 256 * 1024
 
-#: An open slower than this (seconds) hit the disk: stop opening on the event loop.
+#: An open slower than this (seconds) may have hit the disk (see ``_slow_open``).
 SLOW_OPEN = 0.002
+#: Slow opens without disk reads (the thread was merely preempted) tolerated per session.
+PREEMPTED_OPENS = 3
+
+_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
+
+
+def thread_disk_reads() -> int | None:
+    """Blocks this thread has read from storage devices so far; None where unknown."""
+    if _RUSAGE_THREAD is None:
+        return None
+    return resource.getrusage(_RUSAGE_THREAD).ru_inblock
 
 _NOWAIT_FLAGS = getattr(os, "RWF_NOWAIT", 0)
 _nowait_usable = [bool(_NOWAIT_FLAGS)]
@@ -80,10 +92,11 @@ def _read_cached(fd: int, size: int, offset: int) -> bytes | None:
     # One reused buffer per thread: a fresh bytearray is zero-filled, and
     # zeroing 256 KiB to read a 10 KB message cost more than the read.
     buf: bytearray | None = getattr(_buffers, "buf", None)
-    if buf is None or len(buf) != size:
-        buf = _buffers.buf = bytearray(size)
+    if buf is None or len(buf) < size:
+        buf = _buffers.buf = bytearray(max(size, READ_CHUNK))
+    view = memoryview(buf)[:size]
     try:
-        n = os.preadv(fd, [buf], offset, _NOWAIT_FLAGS)
+        n = os.preadv(fd, [view], offset, _NOWAIT_FLAGS)
     except BlockingIOError:
         return None
     except OSError as exc:
@@ -91,7 +104,7 @@ def _read_cached(fd: int, size: int, offset: int) -> bytes | None:
             _nowait_usable[0] = False
             return None
         raise
-    return bytes(memoryview(buf)[:n])
+    return bytes(view[:n])
 
 
 class MaildirMaildrop:
@@ -114,21 +127,39 @@ class MaildirMaildrop:
         self._lock: io.FileIO | None = lock
         self._fsync = fsync
         self._inline_opens = True
+        self._disk_reads: int | None = None  # the loop thread's count before inline opens
+        self._preempted = 0
         self._listing = listing
         self._deleted: set[int] = set()
-        self._pos: dict[str, int] = dict(zip(listing.uids, range(len(listing)), strict=True))
-        if overrides or len(self._pos) != len(listing):
-            self._pos = {}
-            for pos, derived in enumerate(listing.uids):
+        # uid -> position, built on first use: a session that only lists
+        # (STAT, UIDL, QUIT) never needs it, and at 100,000 messages it costs
+        # more than reading the index.
+        self._pos_map: dict[str, int] | None = None
+        uids = listing.uids
+        if overrides or len(set(uids)) != len(uids):
+            self._pos_map = {}
+            for pos, derived in enumerate(uids):
                 uid = overrides.get(unique_name(listing.filenames[pos]), derived)
-                if uid in self._pos:
+                if uid in self._pos_map:
                     log.warning("%s: duplicate UIDL %s; using %s", path, uid, derived)
                     uid = derived
-                if uid not in self._pos:  # else a duplicate file: list it once
-                    self._pos[uid] = pos
-        # dict order is listing order, so the snapshot is in arrival order.
-        sizes = listing.sizes
-        self._messages = tuple(map(MessageInfo, self._pos, [sizes[p] for p in self._pos.values()]))
+                if uid not in self._pos_map:  # else a duplicate file: list it once
+                    self._pos_map[uid] = pos
+            # dict order is listing order, so the snapshot is in arrival order.
+            sizes = listing.sizes
+            self._messages = MessageList(
+                list(self._pos_map), [sizes[p] for p in self._pos_map.values()]
+            )
+        else:
+            # The common case: the snapshot is the listing's own columns (never
+            # mutated: ``Listing.move`` changes only where a file lives).
+            self._messages = MessageList(uids, listing.sizes)
+
+    @property
+    def _pos(self) -> dict[str, int]:
+        if self._pos_map is None:
+            self._pos_map = dict(zip(self._listing.uids, range(len(self._listing)), strict=True))
+        return self._pos_map
 
     @property
     def path(self) -> str:
@@ -187,6 +218,45 @@ class MaildirMaildrop:
         finally:
             os.close(fd)
 
+    async def read_whole(self, uid: str, limit: int) -> bytes | None:
+        """The whole message if it is at most ``limit`` octets (``base.WholeReader``), else None.
+
+        One open, ``fstat`` and read: the size known from ``fstat`` ends the
+        message without the extra read that finds the end of a stream.  On
+        the event loop when the file is cached (as ``read``), else in a
+        worker thread.
+        """
+        self._position(uid)
+        if self._inline_opens:
+            opened = self._open_cached(uid, 0)
+            if opened is not None:
+                fd = opened[0]
+                try:
+                    with storage_errors("read message", self._path):
+                        size = os.fstat(fd).st_size
+                        if size > limit:
+                            return None
+                        data = _read_cached(fd, size, 0) if size else b""
+                        if data is None:
+                            data = await asyncio.to_thread(os.pread, fd, size, 0)
+                finally:
+                    os.close(fd)
+                # A size that changed under us (never for Maildir files): stream it.
+                return data if len(data) == size else None
+        return await asyncio.to_thread(self._read_whole_sync, uid, limit)
+
+    def _read_whole_sync(self, uid: str, limit: int) -> bytes | None:
+        fd = self._open_message(uid)
+        try:
+            with storage_errors("read message", self._path):
+                size = os.fstat(fd).st_size
+                if size > limit:
+                    return None
+                data = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+        return data if len(data) == size else None
+
     def _open_cached(self, uid: str, size: int) -> tuple[int, bytes | None] | None:
         """Open on the event loop when that is cheap; None means "use a worker thread".
 
@@ -197,18 +267,38 @@ class MaildirMaildrop:
         inline, so a cold disk stalls the loop at most once per session.  A
         renamed file goes to the worker thread, which can search for it.
         """
+        if self._disk_reads is None:
+            self._disk_reads = thread_disk_reads()
         started = time.perf_counter()
         try:
             fd = os.open(self._file(self._position(uid)), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
         if time.perf_counter() - started > SLOW_OPEN:
-            self._inline_opens = False
+            self._slow_open()
+        if not size:
+            return fd, None
         try:
             return fd, _read_cached(fd, size, 0)
         except OSError:
             os.close(fd)
             return None
+
+    def _slow_open(self) -> None:
+        """An inline open took long: stop opening inline if it waited for the disk.
+
+        On a busy machine the loop thread is also simply preempted now and
+        then, and treating that as a cold disk sent every later message of
+        the session through a worker thread (about 5x the CPU per small
+        message).  Where the kernel counts this thread's block reads, an open
+        that read nothing from the device is forgiven a few times; elsewhere
+        (or with reads) inline opens stop at once.
+        """
+        reads = thread_disk_reads()
+        if reads is None or reads != self._disk_reads or self._preempted >= PREEMPTED_OPENS:
+            self._inline_opens = False
+        else:
+            self._preempted += 1
 
     def _open_and_read(self, uid: str, size: int) -> tuple[int, bytes]:
         """Open the message and read its first chunk (in a worker thread)."""

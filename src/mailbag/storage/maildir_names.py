@@ -47,7 +47,7 @@ _UIDL_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")
 _LEADING_TIME_RE = re.compile(r"(\d+)(?:\.M(\d+)P\d+(?:Q(\d+))?)?")
 #: Microseconds in the second part of a name: ``M123456`` (mailbag, Dovecot, Postfix).
 _USEC_RE = re.compile(r"\.(?:[^.]*?)M(\d{1,6})(?!\d)")
-_SIZE_FIELD_RE = re.compile(r",([SW])=(\d+)")
+_W_FIELD_RE = re.compile(r",W=(\d+)")
 
 
 def unique_name(filename: str) -> str:
@@ -60,7 +60,7 @@ _B32 = "abcdefghijklmnopqrstuvwxyz234567"
 #: Two base32 digits per 10 bits: a table lookup instead of Python 3.11's
 #: pure-Python ``base64.b32encode``, which dominated a cold open.
 _B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)
-_PAIR_SHIFTS = tuple(range(UIDL_LENGTH * 5 - 10, -1, -10))
+_MASK = 1023
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
 
@@ -75,9 +75,14 @@ def derive_uidl(key: str) -> str:
     result equals ``base32(sha256(name))[:24].lower()``.
     """
     digest = hashlib.sha256(key.encode(_FS_ENCODING, _FS_ERRORS)).digest()
-    n = int.from_bytes(digest[: UIDL_LENGTH * 5 // 8], "big")
-    pairs = _B32_PAIRS
-    return "".join([pairs[(n >> shift) & 1023] for shift in _PAIR_SHIFTS])
+    n = int.from_bytes(digest[:15], "big")  # UIDL_LENGTH * 5 bits
+    p, m = _B32_PAIRS, _MASK
+    # Unrolled (12 pairs of base32 digits): a cold open derives one per message.
+    return "".join((
+        p[n >> 110], p[(n >> 100) & m], p[(n >> 90) & m], p[(n >> 80) & m],
+        p[(n >> 70) & m], p[(n >> 60) & m], p[(n >> 50) & m], p[(n >> 40) & m],
+        p[(n >> 30) & m], p[(n >> 20) & m], p[(n >> 10) & m], p[n & m],
+    ))  # fmt: skip
 
 
 def is_valid_uidl(uidl: str) -> bool:
@@ -94,10 +99,10 @@ def wire_size_from_name(key: str) -> int | None:
     comma = key.find(",")
     if comma < 0:
         return None
-    for field, value in _SIZE_FIELD_RE.findall(key, comma):
-        if field == "W":
-            return int(value)
-    return None
+    # One search for the first ``,W=<digits>``: a ``,S=`` field before it
+    # cannot overlap it (a field ends in digits, the next starts with a comma).
+    match = _W_FIELD_RE.search(key, comma)
+    return int(match.group(1)) if match is not None else None
 
 
 def arrival_key(key: str) -> tuple[int, int, int, str]:
@@ -115,6 +120,40 @@ def arrival_key(key: str) -> tuple[int, int, int, str]:
         return (0, 0, 0, key)
     sec, usec, counter = match.groups()
     return (int(sec), int(usec or 0), int(counter or 0), key)
+
+
+#: Packing (sec, usec, counter) into one int needs bounded parts; see ``arrival_order``.
+_USEC_LIMIT = 10**6
+_COUNTER_LIMIT = 10**9
+
+
+def arrival_order(keys: list[str]) -> list[str]:
+    """``keys`` sorted by ``arrival_key``, several times faster for large lists.
+
+    A cold open sorts every name of the maildrop, and comparing 100,000
+    tuples cost more than computing them.  Sorting by name first and then,
+    stably, by one int that packs (seconds, microseconds, counter) gives the
+    same order with C-speed int comparisons.  Names whose parts do not fit
+    the packing (absurd microsecond or counter fields) take the tuple path.
+    """
+    if len(keys) < 64:
+        return sorted(keys, key=arrival_key)
+    ordered = sorted(keys)
+    packed: list[int] = []
+    match = _LEADING_TIME_RE.match
+    for key in ordered:
+        m = match(key)
+        if m is None:
+            packed.append(0)
+            continue
+        sec, usec, counter = m.groups()
+        u = int(usec) if usec else 0
+        c = int(counter) if counter else 0
+        if u >= _USEC_LIMIT or c >= _COUNTER_LIMIT:
+            return sorted(keys, key=arrival_key)
+        packed.append((int(sec) * _USEC_LIMIT + u) * _COUNTER_LIMIT + c)
+    order = sorted(range(len(ordered)), key=packed.__getitem__)
+    return [ordered[i] for i in order]
 
 
 def split_user(user: str) -> tuple[str, str]:
