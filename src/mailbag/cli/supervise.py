@@ -35,6 +35,7 @@ from mailbag.cli.wiring import (
     build_lmtp_server,
     build_runtime,
     build_server,
+    uses_database,
 )
 from mailbag.config import Config, ListenAddress, parse_listen, worker_count
 from mailbag.errors import ConfigError, MailbagError
@@ -261,6 +262,8 @@ class WorkerLink:
         """The login defence's state, shared with every other worker (see
         ``server.replicated_defence``): failure counters and known-good networks."""
         local = build_defence_state(config)
+        if uses_database(config):  # already shared by every node, workers included
+            return local
         return DefenceState(
             ReplicatedCounters(self.state, local.counters),
             ReplicatedKnownNetworks(self.state, local.known),

@@ -124,8 +124,23 @@ def build_users(config: Config) -> UsersFile:
     return UsersFile(path, default_domain=config.auth.default_domain or None)
 
 
+def uses_database(config: Config) -> bool:
+    """Does this node share a PostgreSQL database with others (storage or users)?"""
+    return "postgres" in (config.auth.backend, config.storage.backend)
+
+
 def build_defence_state(config: Config) -> DefenceState:
-    """The login defence's state: counters in memory, known-good networks in a file."""
+    """The login defence's state.
+
+    On the embedded default, counters in memory and known-good networks in a
+    file; on a node that shares a database with others, both in the database,
+    so spreading guesses over nodes gains an attacker nothing.
+    """
+    if uses_database(config):
+        from mailbag.session.pg_defence import PostgresFailureCounters, PostgresKnownNetworks
+
+        db = build_database(config)
+        return DefenceState(PostgresFailureCounters(db), PostgresKnownNetworks(db))
     return DefenceState(MemoryFailureCounters(), KnownNetworksFile(config.auth.known_good_file))
 
 

@@ -121,10 +121,31 @@ CREATE TABLE reserved_uids (
 );
 """
 
+_V3 = """
+-- The login defence shared by every node (session.defence_state): failure
+-- counters per key (address, account, account+network) and, per account, the
+-- networks it logged in from.  Expiry is by database time, so nodes agree.
+CREATE TABLE auth_failures (
+    key      text PRIMARY KEY,
+    failures integer NOT NULL,
+    last_at  timestamptz NOT NULL
+);
+CREATE INDEX auth_failures_last_at ON auth_failures (last_at);
+
+CREATE TABLE known_networks (
+    account   text NOT NULL,
+    network   text NOT NULL,
+    last_seen timestamptz NOT NULL,
+    PRIMARY KEY (account, network)
+);
+CREATE INDEX known_networks_last_seen ON known_networks (last_seen);
+"""
+
 #: Every migration, in order; version N is ``MIGRATIONS[N - 1]``.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "maildrops, messages, chunked bodies, leases, users", _V1),
     Migration(2, "imported keys and reserved UIDLs (mailbag migrate)", _V2),
+    Migration(3, "login defence shared by every node: failure counters, known networks", _V3),
 )
 
 LATEST = MIGRATIONS[-1].version

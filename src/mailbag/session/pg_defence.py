@@ -1,0 +1,147 @@
+"""The login defence's state in PostgreSQL: one view for every node.
+
+With several nodes behind a load balancer, counters kept in each node's
+memory would let an attacker multiply his guesses by spreading them over the
+nodes, and a user's known-good networks would be known only to the node that
+saw the login.  These implement the two Protocols of
+``session.defence_state`` on the shared database (schema version 3), so the
+delay policy (``session.throttle``) is unchanged: one round trip per
+question, expiry by database time, expired rows deleted now and then by the
+writes themselves (no maintenance job).
+
+A database error never breaks a login: the defence then answers "no
+failures, not known-good" (the login itself needs the database too, so
+nothing is gained by an attacker), and says so once in the log until the
+database answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+from mailbag.database.pool import Database
+from mailbag.errors import MailbagError
+from mailbag.logs import log_event
+
+#: One write in this many also deletes expired rows.
+CLEANUP_EVERY = 200
+
+
+class _Quiet:
+    """Logs a database failure once, then again only after it recovered."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failing = False
+
+    def failed(self, exc: MailbagError) -> None:
+        if not self.failing:
+            self.failing = True
+            log_event("defence-db-failed", logging.WARNING, state=self.what, error=str(exc))
+
+    def ok(self) -> None:
+        if self.failing:
+            self.failing = False
+            log_event("defence-db-recovered", state=self.what)
+
+
+class PostgresFailureCounters:
+    """``FailureCounters`` in the ``auth_failures`` table."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._health = _Quiet("failure counters")
+
+    async def counts(self, keys: Sequence[str], window: float) -> list[int]:
+        try:
+            async with self._db.connection("read login failures") as conn:
+                rows = await conn.fetch(
+                    "SELECT key, failures FROM auth_failures WHERE key = ANY($1::text[])"
+                    " AND last_at > now() - make_interval(secs => $2)",
+                    list(keys), window,
+                )
+        except MailbagError as exc:
+            self._health.failed(exc)
+            return [0] * len(keys)
+        self._health.ok()
+        found = {row["key"]: int(row["failures"]) for row in rows}
+        return [found.get(key, 0) for key in keys]
+
+    async def add(self, keys: Sequence[str], window: float) -> list[int]:
+        try:
+            async with self._db.connection("count a login failure") as conn:
+                rows = await conn.fetch(
+                    "INSERT INTO auth_failures AS f (key, failures, last_at)"
+                    " SELECT k, 1, now() FROM unnest($1::text[]) AS k"
+                    " ON CONFLICT (key) DO UPDATE SET"
+                    " failures = CASE WHEN f.last_at > now() - make_interval(secs => $2)"
+                    " THEN f.failures + 1 ELSE 1 END, last_at = now()"
+                    " RETURNING key, failures",
+                    list(keys), window,
+                )
+                if random.randrange(CLEANUP_EVERY) == 0:
+                    await conn.execute(
+                        "DELETE FROM auth_failures"
+                        " WHERE last_at < now() - make_interval(secs => $1)", window,
+                    )
+        except MailbagError as exc:
+            self._health.failed(exc)
+            return [1] * len(keys)
+        self._health.ok()
+        found = {row["key"]: int(row["failures"]) for row in rows}
+        return [found.get(key, 1) for key in keys]
+
+    async def reset(self, key: str) -> None:
+        try:
+            async with self._db.connection("reset login failures") as conn:
+                await conn.execute("DELETE FROM auth_failures WHERE key = $1", key)
+        except MailbagError as exc:
+            self._health.failed(exc)
+            return
+        self._health.ok()
+
+
+class PostgresKnownNetworks:
+    """``KnownNetworks`` in the ``known_networks`` table."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._health = _Quiet("known-good networks")
+
+    async def is_known(self, account: str, network: str, ttl: float) -> bool:
+        try:
+            async with self._db.connection("read known networks") as conn:
+                found = await conn.fetchval(
+                    "SELECT true FROM known_networks WHERE account = $1 AND network = $2"
+                    " AND last_seen > now() - make_interval(secs => $3)",
+                    account, network, ttl,
+                )
+        except MailbagError as exc:
+            self._health.failed(exc)
+            return False
+        self._health.ok()
+        return bool(found)
+
+    async def remember(self, account: str, network: str, ttl: float) -> None:
+        try:
+            async with self._db.connection("remember a known network") as conn:
+                await conn.execute(
+                    "INSERT INTO known_networks (account, network, last_seen)"
+                    " VALUES ($1, $2, now()) ON CONFLICT (account, network)"
+                    " DO UPDATE SET last_seen = now()",
+                    account, network,
+                )
+                if random.randrange(CLEANUP_EVERY) == 0:
+                    await conn.execute(
+                        "DELETE FROM known_networks"
+                        " WHERE last_seen < now() - make_interval(secs => $1)", ttl,
+                    )
+        except MailbagError as exc:
+            self._health.failed(exc)
+            return
+        self._health.ok()
+
+    async def close(self) -> None:
+        """Nothing is pending: every change is written when it happens."""

@@ -1,0 +1,134 @@
+"""The login defence on PostgreSQL: every node sees every failure and known network.
+
+Two "nodes" are two sets of objects on two pools over one fresh database,
+exactly what two mailbag processes would have.  The policy on top
+(``session.throttle``) is the same as on the embedded default, so these tests
+are about the state only: sharing, expiry by database time, and failing safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from mailbag.database.pool import Database
+from mailbag.database.schema import LATEST, upgrade, version
+from mailbag.session.pg_defence import PostgresFailureCounters, PostgresKnownNetworks
+from mailbag.session.throttle import DefenceState, FailureThrottle
+from tests.pgtest import fresh_database, require_postgres
+
+KEYS = ("addr:192.0.2.1", "acct:alice", "pair:alice|192.0.2.0/24")
+
+
+def _node(dsn: str) -> tuple[Database, PostgresFailureCounters, PostgresKnownNetworks]:
+    db = Database(dsn, min_size=0, max_size=2)
+    return db, PostgresFailureCounters(db), PostgresKnownNetworks(db)
+
+
+def test_two_nodes_share_failures_and_known_networks() -> None:
+    require_postgres()
+    with fresh_database() as dsn:
+
+        async def go() -> None:
+            db1, counters1, known1 = _node(dsn)
+            db2, counters2, known2 = _node(dsn)
+            try:
+                assert await counters1.add(KEYS[:2], 60.0) == [1, 1]
+                assert await counters2.add(KEYS[:2], 60.0) == [2, 2]  # counted on node 1 too
+                assert await counters1.counts(KEYS, 60.0) == [2, 2, 0]
+                await counters2.reset(KEYS[0])
+                assert await counters1.counts(KEYS, 60.0) == [0, 2, 0]
+                assert not await known2.is_known("alice", "192.0.2.0/24", 3600.0)
+                await known1.remember("alice", "192.0.2.0/24", 3600.0)
+                assert await known2.is_known("alice", "192.0.2.0/24", 3600.0)
+                assert not await known2.is_known("bob", "192.0.2.0/24", 3600.0)
+            finally:
+                await db1.close()
+                await db2.close()
+
+        asyncio.run(go())
+
+
+def test_failures_and_networks_expire_by_database_time() -> None:
+    require_postgres()
+    with fresh_database() as dsn:
+
+        async def go() -> None:
+            db, counters, known = _node(dsn)
+            try:
+                await counters.add(KEYS[:1], 60.0)
+                await known.remember("alice", "192.0.2.0/24", 3600.0)
+                async with db.connection("age the rows") as conn:
+                    await conn.execute(
+                        "UPDATE auth_failures SET last_at = now() - interval '2 min'"
+                    )
+                    await conn.execute(
+                        "UPDATE known_networks SET last_seen = now() - interval '2 hours'"
+                    )
+                assert await counters.counts(KEYS[:1], 60.0) == [0]  # outside the window
+                assert await counters.add(KEYS[:1], 60.0) == [1]  # starts again from one
+                assert not await known.is_known("alice", "192.0.2.0/24", 3600.0)
+            finally:
+                await db.close()
+
+        asyncio.run(go())
+
+
+def test_a_throttle_on_another_node_delays_a_guess_counted_elsewhere() -> None:
+    """Guesses spread over two nodes count as on one (issue: shared defences)."""
+    require_postgres()
+    with fresh_database() as dsn:
+
+        async def go() -> None:
+            db1, counters1, known1 = _node(dsn)
+            db2, counters2, known2 = _node(dsn)
+            one = FailureThrottle(base=1.0, cap=8.0, window=600.0,
+                                  state=DefenceState(counters1, known1))
+            two = FailureThrottle(base=1.0, cap=8.0, window=600.0,
+                                  state=DefenceState(counters2, known2))
+            try:
+                for node in (one, two, one, two):
+                    admission = await node.admit("192.0.2.7", "alice")
+                    await node.record_failure(admission)
+                db3, counters3, known3 = _node(dsn)
+                fresh = FailureThrottle(base=1.0, cap=8.0, window=600.0,
+                                        state=DefenceState(counters3, known3))
+                later = await fresh.admit("198.51.100.9", "alice")  # a third node, new address
+                assert later.delay > 0  # the account's four failures are known everywhere
+                await db3.close()
+            finally:
+                await db1.close()
+                await db2.close()
+
+        asyncio.run(go())
+
+
+def test_database_errors_fail_safe_and_never_raise() -> None:
+    async def go() -> None:
+        db = Database("postgresql://nobody@127.0.0.1:1/none", min_size=0, max_size=1,
+                      connect_timeout=0.5)
+        counters, known = PostgresFailureCounters(db), PostgresKnownNetworks(db)
+        assert await counters.counts(KEYS, 60.0) == [0, 0, 0]
+        assert await counters.add(KEYS[:1], 60.0) == [1]
+        await counters.reset(KEYS[0])
+        assert not await known.is_known("alice", "192.0.2.0/24", 60.0)
+        await known.remember("alice", "192.0.2.0/24", 60.0)
+        await db.close()
+
+    asyncio.run(go())
+
+
+def test_db_upgrade_adds_the_defence_tables_to_a_version_2_database() -> None:
+    require_postgres()
+    with fresh_database(initialise=False) as dsn:
+
+        async def go() -> None:
+            db = Database(dsn, min_size=0, max_size=1)
+            try:
+                assert await upgrade(db, target=2) == (0, 2)
+                assert await upgrade(db) == (2, LATEST)
+                assert await version(db) == LATEST >= 3
+                await PostgresFailureCounters(db).add(KEYS[:1], 60.0)
+            finally:
+                await db.close()
+
+        asyncio.run(go())
