@@ -31,6 +31,17 @@ from mailbag.cli.init_cmd import init_home
 TEST_ARGON2 = Argon2Params(time_cost=1, memory_cost=1024, parallelism=1)
 
 
+@pytest.fixture(autouse=True)
+def _keep_umask() -> Iterator[None]:
+    """A test that runs ``serve`` in-process sets the server's umask (077) for the whole
+    pytest process; later files would then be unreadable to the unprivileged users
+    that real servers (Dovecot's auth, a dropped mailbag) run as.  Restore it."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (good enough on a test machine)."""
     with socket.socket() as sock:
