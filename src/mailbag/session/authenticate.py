@@ -102,8 +102,11 @@ class Authenticator:
 
     async def check_password(self, login: str, password: str, address: str) -> AuthResult:
         """USER/PASS and SASL PLAIN: every check of a plaintext password comes here."""
-        admission = await self._admit(address, login)
-        record = await self._lookup_async(login)
+        admission, found = await self._admit_found(address, login)
+        # The account looked up for the throttle is the one checked (one query on a
+        # database users backend, not two); if that lookup failed, ask again so
+        # the error is reported here, after the delay.
+        record = found[0] if found else await self._lookup_async(login)
         if record is None:
             await self._run(verify_dummy, password)
             return await self._failed(admission, "unknown user")
@@ -198,20 +201,34 @@ class Authenticator:
         that name), exactly like a known account that has none, so the delays do
         not tell the two apart.
         """
+        account, exists, _ = await self._account_found(login)
+        return account, exists
+
+    async def _account_found(
+        self, login: str
+    ) -> tuple[str, bool, tuple[UserRecord | None] | tuple[()]]:
+        """``_account`` plus the record looked up: ``(record,)``, or ``()`` if that failed."""
         try:
             record = await self._lookup_async(login)
         except AuthError:  # reported by the check itself, after the delay
-            return login, False
-        return (record.name, True) if record is not None else (login, False)
+            return login, False, ()
+        return (record.name if record is not None else login, record is not None, (record,))
 
     async def _admit(self, address: str, login: str) -> Admission:
-        account, exists = await self._account(login)
+        admission, _ = await self._admit_found(address, login)
+        return admission
+
+    async def _admit_found(
+        self, address: str, login: str
+    ) -> tuple[Admission, tuple[UserRecord | None] | tuple[()]]:
+        account, exists, found = await self._account_found(login)
         admission = await self.throttle.admit(address, account, may_be_known=exists)
         if admission.delay > 0:
             # Logged so an administrator can see guessing being slowed down (never the secret).
             log_event("throttled", peer=address, user=login, delay=round(admission.delay, 3))
             await asyncio.sleep(admission.delay)
-        return admission
+            found = ()  # the account may have changed while we waited: look it up again
+        return admission, found
 
     async def _failed(self, admission: Admission, reason: str) -> AuthResult:
         delay = await self.throttle.record_failure(admission)

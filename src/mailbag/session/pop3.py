@@ -150,13 +150,7 @@ class Pop3Session(Driver):
 
     async def on_end(self) -> None:
         await self._close_body()
-        if self.maildrop is not None:
-            try:
-                await self.maildrop.close()
-            except StorageError as exc:
-                self.observer.storage_error("close")
-                self.log("error", logging.WARNING, error=str(exc))
-            self.maildrop = self._whole_reader = None
+        await self._release_maildrop()
         seconds = time.monotonic() - self.started
         self.observer.commands(self.conn.commands)
         self.observer.session_ended(seconds)
@@ -340,6 +334,16 @@ class Pop3Session(Driver):
         if aclose is not None:
             await aclose()
 
+    async def _release_maildrop(self) -> None:
+        await self._close_body()
+        if self.maildrop is not None:
+            try:
+                await self.maildrop.close()
+            except StorageError as exc:
+                self.observer.storage_error("close")
+                self.log("error", logging.WARNING, error=str(exc))
+            self.maildrop = self._whole_reader = None
+
     async def _commit(self, event: Commit) -> None:
         removed = failed = 0
         if event.uids:
@@ -353,6 +357,9 @@ class Pop3Session(Driver):
             else:
                 removed, failed = result.deleted, len(result.failed)
         self.stats.deleted = removed
+        # Unlock before +OK: a client that reconnects at once must not find its
+        # maildrop still locked (with the postgres backend the release is a query).
+        await self._release_maildrop()
         self.conn.send(CommitDone(removed, failed))
         self.outcome = "quit" if not failed else "quit, some deletions failed"
 
