@@ -66,7 +66,9 @@ def test_failures_and_networks_expire_by_database_time() -> None:
                     )
                 assert await counters.counts(KEYS[:1], 60.0) == [0]  # outside the window
                 assert await counters.add(KEYS[:1], 60.0) == [1]  # starts again from one
-                assert not await known.is_known("alice", "192.0.2.0/24", 3600.0)
+                other_db, _, other_known = _node(dsn)  # a node that has no memory of it
+                assert not await other_known.is_known("alice", "192.0.2.0/24", 3600.0)
+                await other_db.close()
             finally:
                 await db.close()
 
@@ -128,6 +130,39 @@ def test_db_upgrade_adds_the_defence_tables_to_a_version_2_database() -> None:
                 assert await upgrade(db) == (2, LATEST)
                 assert await version(db) == LATEST >= 3
                 await PostgresFailureCounters(db).add(KEYS[:1], 60.0)
+            finally:
+                await db.close()
+
+        asyncio.run(go())
+
+
+def test_a_polling_login_costs_no_defence_writes() -> None:
+    """A known network seen moments ago is answered from memory and not rewritten; a
+    reset of a key just read as zero is skipped (never in the guesser's favour)."""
+    require_postgres()
+    with fresh_database() as dsn:
+
+        async def go() -> None:
+            db, counters, known = _node(dsn)
+            try:
+                await known.remember("alice", "192.0.2.0/24", 3600.0)
+                async with db.connection("read") as conn:
+                    first = await conn.fetchval("SELECT last_seen FROM known_networks")
+                    await conn.execute("DELETE FROM known_networks")
+                assert first is not None
+                # Answered from this node's memory, no row needed, nothing written again.
+                assert await known.is_known("alice", "192.0.2.0/24", 3600.0)
+                await known.remember("alice", "192.0.2.0/24", 3600.0)
+                async with db.connection("read") as conn:
+                    assert await conn.fetchval("SELECT count(*) FROM known_networks") == 0
+                assert await counters.counts(KEYS[:1], 60.0) == [0]
+                other_db, other, _ = _node(dsn)
+                await other.add(KEYS[:1], 60.0)  # another node counts a failure meanwhile
+                await counters.reset(KEYS[0])  # skipped: just read as zero here
+                assert await counters.counts(KEYS[:1], 60.0) == [1]  # kept, errs on delay
+                await counters.reset(KEYS[0])  # not zero any more: deleted
+                assert await counters.counts(KEYS[:1], 60.0) == [0]
+                await other_db.close()
             finally:
                 await db.close()
 

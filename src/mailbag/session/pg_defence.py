@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
 from mailbag.database.pool import Database
 from mailbag.errors import MailbagError
@@ -27,6 +29,34 @@ from mailbag.logs import log_event
 
 #: One write in this many also deletes expired rows.
 CLEANUP_EVERY = 200
+#: A key this node read as zero this recently needs no DELETE to reset it.
+ZERO_FRESH = 10.0
+#: A known-good network this node saw or wrote this recently is not asked again or rewritten.
+KNOWN_FRESH = 60.0
+#: Entries of the per-node memos above (bounded; the oldest go first).
+MEMO_SIZE = 50_000
+
+
+class _Memo:
+    """Keys with the time this node last confirmed something about them (bounded LRU)."""
+
+    def __init__(self, fresh: float, clock: Callable[[], float]) -> None:
+        self.fresh = fresh
+        self._clock = clock
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def note(self, key: str) -> None:
+        self._seen[key] = self._clock()
+        self._seen.move_to_end(key)
+        while len(self._seen) > MEMO_SIZE:
+            self._seen.popitem(last=False)
+
+    def recent(self, key: str) -> bool:
+        seen = self._seen.get(key)
+        return seen is not None and self._clock() - seen < self.fresh
+
+    def forget(self, key: str) -> None:
+        self._seen.pop(key, None)
 
 
 class _Quiet:
@@ -48,11 +78,18 @@ class _Quiet:
 
 
 class PostgresFailureCounters:
-    """``FailureCounters`` in the ``auth_failures`` table."""
+    """``FailureCounters`` in the ``auth_failures`` table.
 
-    def __init__(self, db: Database) -> None:
+    A successful login resets its source's counter, which nearly always is
+    zero already: a key this node has just read as zero is not deleted again
+    (at worst a failure counted meanwhile by another node stays, which only
+    ever delays, never helps, a guesser).
+    """
+
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._db = db
         self._health = _Quiet("failure counters")
+        self._zero = _Memo(ZERO_FRESH, clock)
 
     async def counts(self, keys: Sequence[str], window: float) -> list[int]:
         try:
@@ -67,6 +104,11 @@ class PostgresFailureCounters:
             return [0] * len(keys)
         self._health.ok()
         found = {row["key"]: int(row["failures"]) for row in rows}
+        for key in keys:
+            if key in found:
+                self._zero.forget(key)
+            else:
+                self._zero.note(key)
         return [found.get(key, 0) for key in keys]
 
     async def add(self, keys: Sequence[str], window: float) -> list[int]:
@@ -90,10 +132,14 @@ class PostgresFailureCounters:
             self._health.failed(exc)
             return [1] * len(keys)
         self._health.ok()
+        for key in keys:
+            self._zero.forget(key)
         found = {row["key"]: int(row["failures"]) for row in rows}
         return [found.get(key, 1) for key in keys]
 
     async def reset(self, key: str) -> None:
+        if self._zero.recent(key):
+            return
         try:
             async with self._db.connection("reset login failures") as conn:
                 await conn.execute("DELETE FROM auth_failures WHERE key = $1", key)
@@ -104,13 +150,22 @@ class PostgresFailureCounters:
 
 
 class PostgresKnownNetworks:
-    """``KnownNetworks`` in the ``known_networks`` table."""
+    """``KnownNetworks`` in the ``known_networks`` table.
 
-    def __init__(self, db: Database) -> None:
+    A network this node saw known (or wrote) in the last ``KNOWN_FRESH``
+    seconds is answered from memory and not rewritten: a polling client then
+    costs no query here.  Only "known" is remembered, never "unknown", so a
+    network another node has just learnt is found at the next question.
+    """
+
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._db = db
         self._health = _Quiet("known-good networks")
+        self._known = _Memo(KNOWN_FRESH, clock)
 
     async def is_known(self, account: str, network: str, ttl: float) -> bool:
+        if ttl > KNOWN_FRESH and self._known.recent(f"{account}|{network}"):
+            return True
         try:
             async with self._db.connection("read known networks") as conn:
                 found = await conn.fetchval(
@@ -122,9 +177,14 @@ class PostgresKnownNetworks:
             self._health.failed(exc)
             return False
         self._health.ok()
+        if found:
+            self._known.note(f"{account}|{network}")
         return bool(found)
 
     async def remember(self, account: str, network: str, ttl: float) -> None:
+        memo = f"{account}|{network}"
+        if self._known.recent(memo):
+            return  # written (or seen) moments ago; last_seen is fine to the minute
         try:
             async with self._db.connection("remember a known network") as conn:
                 await conn.execute(
@@ -142,6 +202,7 @@ class PostgresKnownNetworks:
             self._health.failed(exc)
             return
         self._health.ok()
+        self._known.note(memo)
 
     async def close(self) -> None:
         """Nothing is pending: every change is written when it happens."""
