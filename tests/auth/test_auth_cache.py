@@ -70,12 +70,28 @@ def test_cache_never_holds_the_password() -> None:
 def test_cache_keys_differ_per_process() -> None:
     # A per-process random key: entries from one process say nothing in another.
     one, two = VerificationCache(300.0), VerificationCache(300.0)
-    assert one._digest("alice", STORED, "pw") != two._digest("alice", STORED, "pw")
+    assert one.digest("alice", STORED, "pw") != two.digest("alice", STORED, "pw")
+
+
+def test_cache_with_a_given_key_accepts_an_installed_entry_for_at_most_its_ttl() -> None:
+    # Worker processes share their supervisor's key: one's entry is valid in another.
+    clock = Clock()
+    key = bytes(range(32))
+    one = VerificationCache(300.0, key=key)
+    two = VerificationCache(300.0, key=key, clock=clock)
+    two.install("alice", one.digest("alice", STORED, "pw"), 1000.0)
+    assert two.check("alice", STORED, "pw")
+    assert not two.check("alice", STORED, "guess")
+    clock.now += 300  # capped at this cache's own ttl
+    assert not two.check("alice", STORED, "pw")
+    two.install("alice", one.digest("alice", STORED, "pw"), 0.0)  # already expired: ignored
+    two.install("bob", b"short", 10.0)  # malformed: ignored
+    assert len(two) == 0
 
 
 def test_cache_fields_cannot_be_shifted_into_each_other() -> None:
     cache = VerificationCache(300.0)
-    assert cache._digest("ab", "c", "d") != cache._digest("a", "bc", "d")
+    assert cache.digest("ab", "c", "d") != cache.digest("a", "bc", "d")
 
 
 def test_cache_is_bounded_least_recently_used_first() -> None:

@@ -14,11 +14,13 @@ import socket
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import MailbagServer, free_port, make_home
 from tests.net.pop3raw import RawPop3
+from tests.net.test_lmtp_client import LmtpClient
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -300,3 +302,57 @@ def test_login_throttling_holds_over_all_workers(workers_server: MailbagServer) 
     assert time.monotonic() - started >= 0.2 + 0.2  # the throttle delay, then the failure delay
     for conn in (first, second):
         conn.cmd("QUIT")
+
+
+def test_auth_cache_is_shared_by_all_workers(workers_server: MailbagServer) -> None:
+    # A password verified by one worker is a cache hit on every other: one miss in all.
+    server = workers_server
+    held = one_per_worker(server, server.workers)  # type: ignore[attr-defined]
+    for conn in held.values():
+        assert login(conn).startswith(b"+OK")
+        conn.cmd("QUIT")
+        conn.close()
+        time.sleep(0.1)  # the entry reaches the others (one relayed message)
+    wait_for_log(server, r" login .*user=demo", len(held))
+    text = metrics(server)
+    hits = re.search(r'mailbag_auth_cache_total\{result="hit"\} (\d+)', text)
+    misses = re.search(r'mailbag_auth_cache_total\{result="miss"\} (\d+)', text)
+    assert misses is not None and float(misses.group(1)) == 1, text
+    assert hits is not None and float(hits.group(1)) == len(held) - 1
+
+
+def test_lmtp_unix_socket_is_the_supervisors(tmp_path: os.PathLike[str]) -> None:
+    # Workers serve the supervisor's Unix socket; a worker that exits must not remove the
+    # file (the others and its successor still serve it); the supervisor removes it at the end.
+    server = workers_home(tmp_path, 2)
+    path = Path(tmp_path) / "lmtp.sock"
+    text = server.config.read_text()
+    server.config.write_text(text.replace('socket = ""', f'socket = "{path}"', 1))
+    start(server)
+    try:
+        assert path.is_socket() and path.stat().st_mode & 0o777 == 0o660
+        pid = worker_pids(server)[1]
+        os.kill(pid, signal.SIGTERM)  # drains and exits like at shutdown: closes its listeners
+        wait_for_log(server, rf" worker-died number=1 pid={pid} ")
+        wait_for_log(server, r" worker-ready .*worker=1\b", 2)
+        assert path.is_socket()
+        before = len(server.log())
+        sent = 0
+        while sent < 200:  # until both workers (worker 1's successor too) have delivered
+            client = LmtpClient(unix=str(path))
+            assert client.lhlo()[0] == 250
+            done = client.transaction("s@x", ["demo"], b"Subject: %d\r\n\r\nb\r\n" % sent)
+            assert done.per_recipient[0][0] == 250
+            client.close()
+            sent += 1
+            served = set(re.findall(r" lmtp-delivered .*worker=(\d+)", server.log()[before:]))
+            if served == {"1", "2"}:
+                break
+        assert served == {"1", "2"}
+        pop = RawPop3(server.host, server.port)
+        assert login(pop).startswith(b"+OK")
+        assert pop.cmd("STAT").startswith(f"+OK {sent} ".encode())
+        pop.cmd("QUIT")
+    finally:
+        assert server.stop() == 0
+    assert not path.exists()  # removed by the supervisor, which created it

@@ -14,7 +14,11 @@ from mailbag.cli.config_template import render
 from mailbag.config import config_from_dict, worker_count
 from mailbag.errors import ConfigError
 from mailbag.server.gate import LocalGate, SharedCounts, SharedGate
-from mailbag.server.replicated_defence import ReplicatedCounters, ReplicatedKnownNetworks
+from mailbag.server.replicated_defence import (
+    ReplicatedCache,
+    ReplicatedCounters,
+    ReplicatedKnownNetworks,
+)
 from mailbag.server.shared_state import StateClient, StateError, StateServer
 from mailbag.server.supervisor import InheritedSocket, WorkerSpec, restart_delay
 from mailbag.session.defence_state import MemoryFailureCounters
@@ -91,6 +95,42 @@ def test_state_relay_reaches_other_workers_and_replays_to_late_ones() -> None:
         await asyncio.sleep(0.1)
         assert await replica.counts(["acct:alice"], 60.0) == [2]  # replayed from the journal
         for client in (first, second, late):
+            await client.close()
+        await server.close()
+
+    asyncio.run(scenario())
+
+
+def test_auth_cache_entries_are_shared_by_workers_but_not_journalled() -> None:
+    async def scenario() -> None:
+        server = StateServer()
+        key = bytes(range(32))
+        first, second = StateClient(server.connect_worker()), StateClient(server.connect_worker())
+        await first.start()
+        await second.start()
+        caches = [ReplicatedCache(c, 300, max_entries=10, key=key) for c in (first, second)]
+        caches[0].remember("alice", "{PLAIN}pw", "pw")
+        await asyncio.sleep(0.1)
+        assert caches[1].check("alice", "{PLAIN}pw", "pw")  # verified once, valid everywhere
+        assert not caches[1].check("alice", "{PLAIN}pw", "guess")
+        assert not caches[1].check("alice", "{PLAIN}new", "pw")  # a changed hash misses
+        # Another key (a cache of another supervisor) cannot use the entry.
+        stranger = StateClient(server.connect_worker())
+        await stranger.start()
+        other = ReplicatedCache(stranger, 300, max_entries=10, key=bytes(32))
+        caches[0].remember("bob", "{PLAIN}b", "b")
+        await asyncio.sleep(0.1)
+        assert caches[1].check("bob", "{PLAIN}b", "b")
+        assert not other.check("bob", "{PLAIN}b", "b")
+        caches[1].forget("bob")
+        await asyncio.sleep(0.1)
+        assert not caches[0].check("bob", "{PLAIN}b", "b")
+        late = StateClient(server.connect_worker())  # restarted: starts with an empty cache
+        await late.start()
+        replica = ReplicatedCache(late, 300, max_entries=10, key=key)
+        await asyncio.sleep(0.1)
+        assert len(replica) == 0 and not replica.check("alice", "{PLAIN}pw", "pw")
+        for client in (first, second, stranger, late):
             await client.close()
         await server.close()
 

@@ -10,7 +10,8 @@ is then accepted by one keyed BLAKE2b and a constant-time compare.
 Why this is safe:
 
 - The password is never stored: only a 32-octet keyed hash, under a random key
-  made at start-up that never leaves this process (a memory dump that yields
+  made at start-up that never leaves this process (or, with worker processes,
+  the supervisor and its workers: ``server.replicated_defence``; a memory dump that yields
   both the key and the entries allows fast offline guessing of the cached
   passwords only; that is the trade-off, bounded by ``ttl`` and ``max_entries``).
 - The stored hash is part of what is hashed, so a changed password (``mailbag
@@ -44,11 +45,13 @@ class VerificationCache:
         *,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
+        key: bytes | None = None,
     ) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self._clock = clock
-        self._key = secrets.token_bytes(32)
+        #: Random per process unless given (worker processes share their supervisor's).
+        self._key = key if key is not None else secrets.token_bytes(32)
         self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         #: Lookups answered from the cache / that needed the real verification.
         self.hits = 0
@@ -65,7 +68,8 @@ class VerificationCache:
     def __repr__(self) -> str:
         return f"VerificationCache(ttl={self.ttl}, entries={len(self._entries)})"
 
-    def _digest(self, account: str, stored: str, password: str) -> bytes:
+    def digest(self, account: str, stored: str, password: str) -> bytes:
+        """The keyed hash an entry holds (what a worker hands its peers, never the password)."""
         mac = hashlib.blake2b(key=self._key, digest_size=32, person=b"mailbag-authc")
         for part in (account, stored, password):
             data = part.encode("utf-8", "surrogatepass")
@@ -84,7 +88,7 @@ class VerificationCache:
             entry = None
         expected = entry[0] if entry is not None else bytes(32)
         # Always compute and compare, so a hit and a miss cost the same until the end.
-        matched = hmac.compare_digest(self._digest(account, stored, password), expected)
+        matched = hmac.compare_digest(self.digest(account, stored, password), expected)
         if matched and entry is not None:
             self._entries.move_to_end(account)
             self.hits += 1
@@ -94,9 +98,17 @@ class VerificationCache:
 
     def remember(self, account: str, stored: str, password: str) -> None:
         """Record a successful verification (never call this for a failure)."""
-        if not self.enabled:
+        if self.enabled:
+            self.install(account, self.digest(account, stored, password), self.ttl)
+
+    def install(self, account: str, digest: bytes, ttl: float) -> None:
+        """Record a verification whose keyed hash is known (another worker's, same key).
+
+        Kept for ``ttl`` seconds at most, never longer than this cache's own ``ttl``.
+        """
+        if not self.enabled or ttl <= 0 or len(digest) != 32:
             return
-        self._entries[account] = (self._digest(account, stored, password), self._clock() + self.ttl)
+        self._entries[account] = (digest, self._clock() + min(ttl, self.ttl))
         self._entries.move_to_end(account)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

@@ -174,7 +174,8 @@ class Service:
         # 1. Build and validate everything; nothing live changes yet.  The login
         # defence's state (failure counters, known-good networks) carries over, or a
         # reload would reset an attack's delay; the new policy applies to it at once.
-        candidate = build_runtime(new, defence=old_runtime.defence)
+        candidate = build_runtime(new, defence=old_runtime.defence,
+                                  auth_cache=old_runtime.auth_cache)
         candidate.users.reload()  # AuthError now, not at the first login
         if candidate.users.problems:
             for problem in candidate.users.problems:

@@ -113,7 +113,11 @@ async def serve(
     if worker is not None:
         config = worker_config(config, worker)
         link = await WorkerLink.open(worker)
-    runtime = build_runtime(config, defence=link.defence_state(config) if link else None)
+    if link is not None:
+        runtime = build_runtime(config, defence=link.defence_state(config),
+                                auth_cache=link.auth_cache)
+    else:
+        runtime = build_runtime(config)
     await prepare_backends(runtime)
     if any(a.tls for a in config.listen) and runtime.tls is None:
         raise ConfigError("server.listen_tls: needs tls.cert and tls.key")

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -43,11 +44,18 @@ from mailbag.logs import log_event, set_process_fields
 from mailbag.server.gate import SharedCounts, SharedGate
 from mailbag.server.metrics import OpsEndpoint
 from mailbag.server.privileges import Account, check_start
-from mailbag.server.replicated_defence import ReplicatedCounters, ReplicatedKnownNetworks
+from mailbag.server.replicated_defence import (
+    ReplicatedCache,
+    ReplicatedCounters,
+    ReplicatedKnownNetworks,
+)
 from mailbag.server.shared_state import StateClient, StateServer
 from mailbag.server.supervisor import InheritedSocket, Supervisor, WorkerSpec
 from mailbag.server.worker_metrics import MULTIPROC_ENV, WorkersExposition
 from mailbag.session.throttle import DefenceState
+
+#: The supervisor call that gives a worker the authentication cache's key.
+CACHE_KEY = "supervisor.cache_key"
 
 
 def worker_command(args: argparse.Namespace, config: Config) -> list[str]:
@@ -135,6 +143,9 @@ async def supervise(
     counts = SharedCounts.create(count)
     # Failure counters are replayed to a restarted worker for as long as they count.
     state = StateServer(journal_age=lambda: current.auth.failure_window)
+    # One authentication-cache key for every worker, so an entry made by one is valid in all.
+    cache_key = secrets.token_bytes(32).hex()
+    state.register(CACHE_KEY, lambda: cache_key)
     exposition: WorkersExposition | None = None
     env = dict(os.environ)
     supervisor: Supervisor | None = None
@@ -239,6 +250,7 @@ class WorkerLink:
         self.gate = SharedGate(SharedCounts.attach(spec.counts_fd), spec.number - 1)
         self.state = StateClient(socket.socket(fileno=spec.state_fd))
         self.sockets = [socket.socket(fileno=s.fd) for s in spec.sockets]
+        self.cache_key = b""
 
     @classmethod
     async def open(cls, spec: WorkerSpec) -> WorkerLink:
@@ -246,6 +258,7 @@ class WorkerLink:
         set_process_fields(worker=spec.number)
         link = cls(spec)
         await link.state.start()
+        link.cache_key = bytes.fromhex(await link.state.call(CACHE_KEY))
         return link
 
     def pop3_sockets(self) -> list[socket.socket]:
@@ -268,6 +281,10 @@ class WorkerLink:
             ReplicatedCounters(self.state, local.counters),
             ReplicatedKnownNetworks(self.state, local.known),
         )
+
+    def auth_cache(self, ttl: float, max_entries: int) -> ReplicatedCache:
+        """The authentication cache, its entries shared with every other worker."""
+        return ReplicatedCache(self.state, ttl, max_entries=max_entries, key=self.cache_key)
 
     async def ready(self) -> None:
         """Tell the supervisor this worker accepts connections."""

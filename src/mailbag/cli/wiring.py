@@ -42,6 +42,15 @@ if TYPE_CHECKING:
     from mailbag.database.pool import Database
 
 
+#: Builds the authentication cache for ``(auth.cache_ttl, auth.cache_size)``.
+CacheFactory = Callable[[float, int], VerificationCache]
+
+
+def local_auth_cache(ttl: float, max_entries: int) -> VerificationCache:
+    """This process's own cache (one process; a worker's is shared: ``WorkerLink``)."""
+    return VerificationCache(ttl, max_entries=max_entries)
+
+
 @dataclass(slots=True)
 class Runtime:
     """Everything a running server needs, built from one config."""
@@ -52,6 +61,8 @@ class Runtime:
     tls: TlsContext | None
     #: Failure counters and known-good networks; kept across SIGHUP reloads.
     defence: DefenceState
+    #: Makes the authentication cache (a new, empty one at every reload).
+    auth_cache: CacheFactory = local_auth_cache
 
 
 def build_store(config: Config, backend: str | None = None) -> Store:
@@ -144,7 +155,10 @@ def build_defence_state(config: Config) -> DefenceState:
     return DefenceState(MemoryFailureCounters(), KnownNetworksFile(config.auth.known_good_file))
 
 
-def build_runtime(config: Config, *, defence: DefenceState | None = None) -> Runtime:
+def build_runtime(
+    config: Config, *, defence: DefenceState | None = None,
+    auth_cache: CacheFactory = local_auth_cache,
+) -> Runtime:
     """Validate paths and build the long-lived objects (``defence``: keep this state)."""
     store = build_store(config)
     prepare_store(store)
@@ -157,6 +171,7 @@ def build_runtime(config: Config, *, defence: DefenceState | None = None) -> Run
         store=store,
         tls=tls,
         defence=defence if defence is not None else build_defence_state(config),
+        auth_cache=auth_cache,
     )
 
 
@@ -211,7 +226,7 @@ def pop3_service(runtime: Runtime, metrics: Metrics | None = None) -> Pop3Servic
     authenticator = Authenticator(
         runtime.users,
         throttle,
-        cache=VerificationCache(auth.cache_ttl, max_entries=auth.cache_size),
+        cache=runtime.auth_cache(auth.cache_ttl, auth.cache_size),
         observer=metrics,
     )
     return Pop3Service(

@@ -10,20 +10,32 @@ as ten everywhere, exactly as in one process; a worker restarted after a crash
 replays the supervisor's journal (failures within the failure window) and
 reads the known-good file, which every worker writes with the same, complete
 set of networks (atomic rename: the last writer wins, and all hold everything).
+
+The authentication cache (``auth.cache``) is shared the same way: every worker
+hashes under the supervisor's key (``WorkerLink``), so an entry made by one
+worker is valid in all, and a client polling every few minutes pays Argon2 once
+per ``auth.cache_ttl``, not once per worker it happens to land on.  What crosses
+is the keyed hash, never the password.  Cache entries are relayed but not
+journalled: a restarted worker starts with an empty cache (only a cost), and
+they cannot push failure counters out of the bounded journal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from mailbag.auth.cache import VerificationCache
 from mailbag.server.shared_state import StateClient
 from mailbag.session.defence_state import FailureCounters, KnownNetworks
 
 ADD = "defence.failures"
 RESET = "defence.reset"
 KNOWN = "defence.known"
+CACHED = "auth.cached"
+FORGOT = "auth.forgot"
 
 
 def _later(coro: Coroutine[Any, Any, Any]) -> None:
@@ -74,3 +86,34 @@ class ReplicatedKnownNetworks:
 
     async def close(self) -> None:
         await self._local.close()
+
+
+class ReplicatedCache(VerificationCache):
+    """A ``VerificationCache`` whose entries every worker shares (same key in all).
+
+    A new one is built at every SIGHUP in every worker (each drops its cache);
+    it takes over the appliers, so the replaced one receives nothing more.
+    """
+
+    def __init__(self, state: StateClient, ttl: float, *, max_entries: int, key: bytes) -> None:
+        super().__init__(ttl, max_entries=max_entries, key=key)
+        self._state = state
+        state.on_change(CACHED, self._adopt)
+        state.on_change(FORGOT, lambda account: VerificationCache.forget(self, str(account)))
+
+    def remember(self, account: str, stored: str, password: str) -> None:
+        if not self.enabled:
+            return
+        digest = self.digest(account, stored, password)
+        self.install(account, digest, self.ttl)
+        # Wall-clock expiry: the relay's delay does not lengthen the entry's life.
+        self._state.publish(CACHED, account, digest.hex(), time.time() + self.ttl, journal=False)
+
+    def forget(self, account: str) -> None:
+        super().forget(account)
+        self._state.publish(FORGOT, account, journal=False)
+
+    def _adopt(self, account: object, digest: object, expires: object) -> None:
+        if isinstance(account, str) and isinstance(digest, str) \
+                and isinstance(expires, (int, float)):
+            self.install(account, bytes.fromhex(digest), expires - time.time())

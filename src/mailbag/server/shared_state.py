@@ -16,8 +16,11 @@ an attacker waits for each answer.  Plain request/answer calls exist too
 (``call``: a worker reporting ready).
 
 Wire format, both directions: a 4-octet big-endian length, then a JSON array
-``[id, "name", [args...]]``.  ``id`` 0 is a published change (no answer);
-otherwise the answer is ``[id, true, result]`` or ``[id, false, "error"]``.
+``[id, "name", [args...]]``.  ``id`` 0 is a published change (no answer),
+``id`` -1 one that is relayed but not journalled (what a restarted worker can
+do without, such as authentication-cache entries: they would only crowd the
+failure counters out of the bounded journal); otherwise the answer is
+``[id, true, result]`` or ``[id, false, "error"]``.
 Only names registered in the supervisor can be called, and only names the
 worker registered are applied; arguments are plain JSON values.  The
 socketpairs are private to the two processes (no path on disk).  A worker
@@ -45,6 +48,8 @@ MAX_MESSAGE = 64 * 1024
 #: Changes kept for replay to a worker that starts later (oldest dropped first).
 MAX_JOURNAL = 200_000
 _LENGTH = struct.Struct(">I")
+#: Message id of a change relayed to the other workers but not journalled for later ones.
+UNJOURNALLED = -1
 
 Handler = Callable[..., Any]
 
@@ -102,7 +107,7 @@ class StateServer:
                     request = await _read_message(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
-                if isinstance(request, list) and request and request[0] == 0:
+                if isinstance(request, list) and request and request[0] in (0, UNJOURNALLED):
                     self._relay(request, writer)
                 else:
                     writer.write(_frame(await self._answer(request)))
@@ -119,7 +124,8 @@ class StateServer:
         if not (len(change) == 3 and isinstance(change[1], str) and isinstance(change[2], list)):
             raise StateError("malformed change")
         frame = _frame(change)
-        self._journal.append((time.monotonic(), frame))
+        if change[0] == 0:
+            self._journal.append((time.monotonic(), frame))
         for writer in self._writers:
             if writer is not sender and not writer.is_closing():
                 writer.write(frame)
@@ -172,10 +178,13 @@ class StateClient:
         """Apply changes named ``name`` that other workers publish (``apply(*args)``)."""
         self._appliers[name] = apply
 
-    def publish(self, name: str, *args: Any) -> None:
-        """Tell every other worker (through the supervisor) about a local change."""
+    def publish(self, name: str, *args: Any, journal: bool = True) -> None:
+        """Tell every other worker (through the supervisor) about a local change.
+
+        ``journal`` False: not replayed to a worker started later.
+        """
         if self._writer is not None and not self.lost.is_set():
-            self._writer.write(_frame([0, name, list(args)]))
+            self._writer.write(_frame([0 if journal else UNJOURNALLED, name, list(args)]))
 
     async def start(self) -> None:
         """Connect the stream (in the worker's running loop)."""
@@ -188,7 +197,7 @@ class StateClient:
         try:
             while True:
                 number, ok, result = await _read_message(reader)
-                if number == 0:
+                if number in (0, UNJOURNALLED):
                     apply = self._appliers.get(ok) if isinstance(ok, str) else None
                     if apply is not None and isinstance(result, list):
                         try:
