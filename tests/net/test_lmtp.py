@@ -12,13 +12,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from mailbag.auth.users import UsersFile
-from tests.conftest import MailbagServer
+from tests.conftest import MailbagServer, make_home
 from tests.net.pop3raw import RawPop3, unstuff
 from tests.net.test_lmtp_client import LmtpClient
 
@@ -255,6 +256,37 @@ def test_lhlo_over_unix_socket(mailbag_home: MailbagServer, tmp_path: Path) -> N
     finally:
         mailbag_home.stop()
     assert not sock.exists()  # removed on shutdown
+
+
+def test_unix_socket_in_use_is_refused_and_left_alone(
+    mailbag_home: MailbagServer, tmp_path: Path
+) -> None:
+    """A second server configured with a running one's socket path refuses to start and
+    leaves the file alone (removing it would cut the running server off from the MTA)."""
+    sock = tmp_path / "lmtp.sock"
+    text = mailbag_home.config.read_text()
+    mailbag_home.config.write_text(text.replace('socket = ""', f'socket = "{sock}"', 1))
+    second = make_home(tmp_path / "second")
+    text = second.config.read_text()
+    second.config.write_text(text.replace('socket = ""', f'socket = "{sock}"', 1))
+    mailbag_home.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        result = subprocess.run(
+            [sys.executable, "-m", "mailbag", "serve", "-c", str(second.config)],
+            capture_output=True, timeout=30, check=False,
+        )
+        assert result.returncode != 0
+        assert b"in use by another process" in result.stderr
+        assert sock.is_socket()
+        client = LmtpClient(unix=str(sock))  # the first server is still reachable
+        assert client.lhlo()[0] == 250
+        client.close()
+    finally:
+        mailbag_home.stop()
+    assert not sock.exists()
 
 
 def test_quit_idle_connection_gets_421_on_shutdown(mailbag_server: MailbagServer) -> None:

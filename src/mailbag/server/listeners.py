@@ -163,6 +163,9 @@ class Listener:
         self._address_of: dict[asyncio.Task[None], str] = {}
         #: The listening socket of each endpoint, in endpoint order (for a supervisor).
         self._bound: list[socket.socket] = []
+        #: Unix socket files this listener created (and so removes): never an inherited
+        #: one (the supervisor's), never one found in use by another process.
+        self._created: list[Path] = []
         self._counter = itertools.count(1)
 
     @property
@@ -291,6 +294,7 @@ class Listener:
             raise ConfigError(f"{key}: cannot listen on {path}: {exc.strerror or exc}") from None
         finally:
             os.umask(old_umask)
+        self._created.append(path)
         os.chmod(path, endpoint.mode)
         return server
 
@@ -465,11 +469,11 @@ class Listener:
                 sock.close()
         self._tls_socks.clear()
         self._bound.clear()
-        for endpoint in self.endpoints:
-            if endpoint.path is not None and endpoint.sock is None:
-                with contextlib.suppress(OSError):
-                    if stat.S_ISSOCK(endpoint.path.lstat().st_mode):
-                        endpoint.path.unlink()
+        for path in self._created:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()
+        self._created.clear()
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, ask sessions to stop, wait up to ``grace`` seconds, then cancel."""
