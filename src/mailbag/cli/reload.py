@@ -1,4 +1,4 @@
-"""Running ``mailbag serve`` as a service: privilege drop, SIGHUP reload, health.
+"""Running ``mailbag serve`` as a service: binding, privilege drop, SIGHUP reload, health.
 
 Kept out of ``serve_cmd`` so the serve loop stays short.
 
@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mailbag import __version__
@@ -36,8 +36,8 @@ from mailbag.config import Config
 from mailbag.errors import ConfigError, MailbagError
 from mailbag.logs import log_event, setup_logging
 from mailbag.server.listeners import Listener
-from mailbag.server.metrics import Metrics
-from mailbag.server.privileges import Account, describe, drop
+from mailbag.server.metrics import Metrics, OpsEndpoint
+from mailbag.server.privileges import Account, check_start, describe, drop
 
 #: Settings a reload cannot apply (sockets of every listener, process, metrics endpoint);
 #: a change is reported and waits for a restart.
@@ -97,6 +97,43 @@ def health_problems(runtime: Runtime) -> list[str]:
     except OSError as exc:  # pragma: no cover - access() does not raise in practice
         problems.append(f"users file {users}: {exc}")
     return problems
+
+
+async def bind_and_drop(
+    runtime: Runtime, listeners: Sequence[Listener], ops: OpsEndpoint | None, *, accept: bool
+) -> Account | None:
+    """Bind every listener and the metrics endpoint, drop root, check access; then accept.
+
+    The one start-up sequence of a single process (``accept=True``) and of the
+    worker supervisor (``accept=False``: it binds for its workers and never
+    accepts itself): nothing is read from the network before the drop.  On any
+    failure whatever was bound is closed again.
+    """
+    try:
+        for listener in listeners:
+            await listener.start(accept=False)
+        if ops is not None:
+            await ops.start(accept=False)
+        account = check_start(runtime.config.process)
+        drop_privileges(account)
+        check_runtime_access(runtime, after_drop=account)
+        if accept:
+            for listener in listeners:
+                await listener.accept()
+            if ops is not None:
+                await ops.accept()
+    except BaseException:
+        await close_all(listeners, ops)
+        raise
+    return account
+
+
+async def close_all(listeners: Sequence[Listener], ops: OpsEndpoint | None) -> None:
+    """Stop listening everywhere (open sessions are not touched: see ``Listener.shutdown``)."""
+    for listener in listeners:
+        await listener.close_listeners()
+    if ops is not None:
+        await ops.close()
 
 
 def drop_privileges(account: Account | None) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailbag.cli.common import add_config_option, config_from_args
-from mailbag.cli.reload import Service, check_runtime_access, drop_privileges
+from mailbag.cli.reload import Service, bind_and_drop
 from mailbag.cli.supervise import WorkerLink, supervise, worker_command, worker_config
 from mailbag.cli.wiring import (
     Runtime,
@@ -35,9 +35,7 @@ from mailbag.cli.wiring import (
 from mailbag.config import Config, parse_listen, worker_count
 from mailbag.errors import ConfigError
 from mailbag.logs import log_event, setup_logging
-from mailbag.server.listeners import Listener
 from mailbag.server.metrics import Metrics, OpsEndpoint
-from mailbag.server.privileges import check_start
 from mailbag.server.supervisor import WorkerSpec
 from mailbag.server.worker_metrics import MULTIPROC_ENV
 
@@ -138,7 +136,8 @@ async def serve(
         if lmtp is not None:
             await lmtp.start()
     else:
-        await _bind_drop_accept(runtime, server, lmtp, ops)
+        await bind_and_drop(runtime, [server] if lmtp is None else [server, lmtp], ops,
+                            accept=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -171,33 +170,6 @@ async def serve(
     await close_backends(service.runtime)
     if link is not None:
         await link.close()
-
-
-async def _bind_drop_accept(
-    runtime: Runtime, server: Listener, lmtp: Listener | None, ops: OpsEndpoint | None
-) -> None:
-    """Bind every listener, drop root, check access, then accept (a single process)."""
-    await server.start(accept=False)
-    try:
-        if ops is not None:
-            await ops.start(accept=False)
-        if lmtp is not None:
-            await lmtp.start(accept=False)
-        account = check_start(runtime.config.process)
-        drop_privileges(account)
-        check_runtime_access(runtime, after_drop=account)
-        await server.accept()
-        if lmtp is not None:
-            await lmtp.accept()
-        if ops is not None:
-            await ops.accept()
-    except BaseException:
-        await server.close_listeners()
-        if ops is not None:
-            await ops.close()
-        if lmtp is not None:
-            await lmtp.close_listeners()
-        raise
 
 
 async def prepare_backends(runtime: Runtime) -> None:

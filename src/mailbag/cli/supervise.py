@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mailbag import __version__
-from mailbag.cli.reload import check_runtime_access, drop_privileges, health_problems
+from mailbag.cli.reload import bind_and_drop, close_all, health_problems
 from mailbag.cli.wiring import (
     build_defence_state,
     build_lmtp_server,
@@ -43,7 +43,7 @@ from mailbag.errors import ConfigError, MailbagError
 from mailbag.logs import log_event, set_process_fields
 from mailbag.server.gate import SharedCounts, SharedGate
 from mailbag.server.metrics import OpsEndpoint
-from mailbag.server.privileges import Account, check_start
+from mailbag.server.privileges import Account
 from mailbag.server.replicated_defence import (
     ReplicatedCache,
     ReplicatedCounters,
@@ -117,26 +117,17 @@ async def supervise(
         raise ConfigError("server.listen_tls: needs tls.cert and tls.key")
     server = build_server(runtime)
     lmtp = build_lmtp_server(runtime)
+    listeners = [server] if lmtp is None else [server, lmtp]
     ops: OpsEndpoint | None = None
-    await server.start(accept=False)
+    if config.metrics.listen:
+        address = parse_listen(config.metrics.listen, key="metrics.listen")
+        ops = OpsEndpoint(address, None, lambda: (False, {}))
+    account = await bind_and_drop(runtime, listeners, ops, accept=False)
     try:
-        if lmtp is not None:
-            await lmtp.start(accept=False)
-        if config.metrics.listen:
-            address = parse_listen(config.metrics.listen, key="metrics.listen")
-            ops = OpsEndpoint(address, None, lambda: (False, {}))
-            await ops.start(accept=False)
-        account = check_start(config.process)
-        drop_privileges(account)
-        check_runtime_access(runtime, after_drop=account)
         check_can_start_workers(command, account)
-        bound = server.listening_sockets() + (lmtp.listening_sockets() if lmtp else [])
+        bound = [sock for listener in listeners for sock in listener.listening_sockets()]
     except BaseException:
-        await server.close_listeners()
-        if lmtp is not None:
-            await lmtp.close_listeners()
-        if ops is not None:
-            await ops.close()
+        await close_all(listeners, ops)
         raise
     sockets = [InheritedSocket(s.fileno(), role) for s, role in zip(bound, _roles(config),
                                                                     strict=True)]
@@ -211,9 +202,7 @@ async def supervise(
         if ops is not None:
             await ops.close()
         await supervisor.stop()
-        await server.close_listeners()
-        if lmtp is not None:
-            await lmtp.close_listeners()
+        await close_all(listeners, ops)
         for sock in bound:
             sock.close()
         counts.close()
