@@ -101,6 +101,36 @@ def test_state_relay_reaches_other_workers_and_replays_to_late_ones() -> None:
     asyncio.run(scenario())
 
 
+def test_a_login_on_a_quiet_account_publishes_nothing() -> None:
+    # Every login resets counters and remembers its network: announcing no-ops would cost
+    # every worker a message per login.  Only real changes are published.
+    class Recorder:
+        def __init__(self) -> None:
+            self.sent: list[tuple[object, ...]] = []
+
+        def on_change(self, name: str, apply: object) -> None:
+            pass
+
+        def publish(self, name: str, *args: object, journal: bool = True) -> None:
+            self.sent.append((name, *args))
+
+    async def scenario() -> None:
+        state = Recorder()
+        counters = ReplicatedCounters(state, MemoryFailureCounters())  # type: ignore[arg-type]
+        known = ReplicatedKnownNetworks(state, KnownNetworksFile(None))  # type: ignore[arg-type]
+        await counters.reset("acct:alice")  # nothing to reset
+        await known.remember("alice", "192.0.2.0/24", 3600.0 * 24)
+        await known.remember("alice", "192.0.2.0/24", 3600.0 * 24)  # already known: quiet
+        assert state.sent == [("defence.known", "alice", "192.0.2.0/24", 3600.0 * 24)]
+        await counters.add(["acct:alice"], 60.0)
+        await counters.reset("acct:alice")
+        assert state.sent[1:] == [("defence.failures", 60.0, "acct:alice"),
+                                  ("defence.reset", "acct:alice")]
+        assert await counters.counts(["acct:alice"], 60.0) == [0]
+
+    asyncio.run(scenario())
+
+
 def test_auth_cache_entries_are_shared_by_workers_but_not_journalled() -> None:
     async def scenario() -> None:
         server = StateServer()

@@ -23,6 +23,7 @@ they cannot push failure counters out of the bounded journal.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -34,6 +35,8 @@ from mailbag.session.defence_state import FailureCounters, KnownNetworks
 ADD = "defence.failures"
 RESET = "defence.reset"
 KNOWN = "defence.known"
+#: A known-good network remembered again within this many seconds is not re-announced.
+REFRESH = 3600.0
 CACHED = "auth.cached"
 FORGOT = "auth.forgot"
 
@@ -60,7 +63,11 @@ class ReplicatedCounters:
         return await self._local.add(keys, window)
 
     async def reset(self, key: str) -> None:
-        self._state.publish(RESET, key)
+        # Every login resets; most counters are zero.  One that is zero here is zero in
+        # every replica (each failure reached them all), so there is nothing to tell; a
+        # failure still in flight then outlives this reset, which can only keep a delay.
+        if (await self._local.counts([key], math.inf))[0]:
+            self._state.publish(RESET, key)
         await self._local.reset(key)
 
 
@@ -81,8 +88,12 @@ class ReplicatedKnownNetworks:
         return await self._local.is_known(account, network, ttl)
 
     async def remember(self, account: str, network: str, ttl: float) -> None:
-        self._state.publish(KNOWN, account, network, ttl)
-        await self._local.remember(account, network, ttl)
+        # Every login remembers its network.  Announced again (to every replica, this one
+        # included) only once it is ``REFRESH`` old here: replicas stay in step, and an
+        # entry may expire up to that much sooner than in one process.
+        if not await self._local.is_known(account, network, min(ttl, REFRESH)):
+            self._state.publish(KNOWN, account, network, ttl)
+            await self._local.remember(account, network, ttl)
 
     async def close(self) -> None:
         await self._local.close()
