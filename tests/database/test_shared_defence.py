@@ -112,11 +112,58 @@ def test_database_errors_fail_safe_and_never_raise() -> None:
         assert await counters.counts(KEYS, 60.0) == [0, 0, 0]
         assert await counters.add(KEYS[:1], 60.0) == [1]
         await counters.reset(KEYS[0])
+        assert await counters.counts(KEYS, 60.0) == [0, 0, 0]
         assert not await known.is_known("alice", "192.0.2.0/24", 60.0)
         await known.remember("alice", "192.0.2.0/24", 60.0)
         await db.close()
 
     asyncio.run(go())
+
+
+def test_an_outage_counts_failures_on_the_node_and_keeps_them_after_recovery() -> None:
+    """A database outage must not switch the throttle off (users may be in a file).
+
+    Failures during the outage are counted in the node's memory, so a guesser
+    is still delayed; once the database answers, those counts are merged with
+    the shared ones until they expire, and a success clears them as usual.
+    """
+    async def go() -> None:
+        down = Database("postgresql://nobody@127.0.0.1:1/none", min_size=0, max_size=1,
+                        connect_timeout=0.5)
+        counters = PostgresFailureCounters(down)
+        assert await counters.add(KEYS, 60.0) == [1, 1, 1]
+        assert await counters.add(KEYS[:1], 60.0) == [2]
+        assert await counters.counts(KEYS, 60.0) == [2, 1, 1]
+        throttle = FailureThrottle(base=1.0, cap=8.0, window=600.0,
+                                   state=DefenceState(counters, PostgresKnownNetworks(down)))
+        for _ in range(3):
+            admission = await throttle.admit("192.0.2.7", "alice")
+            await throttle.record_failure(admission)
+        assert (await throttle.admit("192.0.2.7", "alice")).delay > 0
+        await down.close()
+
+    asyncio.run(go())
+
+    require_postgres()
+    with fresh_database() as dsn:
+        async def recovered() -> None:
+            db = Database(dsn, min_size=0, max_size=2)
+            try:
+                counters = PostgresFailureCounters(db)
+                counters._db = Database("postgresql://nobody@127.0.0.1:1/none", min_size=0,
+                                        max_size=1, connect_timeout=0.5)
+                assert await counters.add(KEYS[:1], 60.0) == [1]
+                assert await counters.add(KEYS[:1], 60.0) == [2]
+                await counters._db.close()
+                counters._db = db  # the database is back
+                assert await counters.counts(KEYS, 60.0) == [2, 0, 0]
+                assert await counters.add(KEYS[:1], 60.0) == [2]  # shared 1, local 2
+                await counters.reset(KEYS[0])
+                assert await counters.counts(KEYS, 60.0) == [0, 0, 0]
+            finally:
+                await db.close()
+
+        asyncio.run(recovered())
 
 
 def test_db_upgrade_adds_the_defence_tables_to_a_version_2_database() -> None:

@@ -9,10 +9,15 @@ delay policy (``session.throttle``) is unchanged: one round trip per
 question, expiry by database time, expired rows deleted now and then by the
 writes themselves (no maintenance job).
 
-A database error never breaks a login: the defence then answers "no
-failures, not known-good" (the login itself needs the database too, so
-nothing is gained by an attacker), and says so once in the log until the
-database answers again.
+A database error never breaks a login, and never switches the defence off:
+failures are then counted in this node's memory (``MemoryFailureCounters``,
+what a single node uses anyway) and those counts still apply, within their
+window, once the database answers again.  That matters because the users
+need not be in the database: with ``storage.backend = "postgres"`` and a
+users file, passwords are still checked during an outage, so answering "no
+failures" would hand a guesser an undefended node.  Known-good networks
+answer "not known" meanwhile (the stricter answer).  Each failure is logged
+once, then again only after the database recovered.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Callable, Sequence
 from mailbag.database.pool import Database
 from mailbag.errors import MailbagError
 from mailbag.logs import log_event
+from mailbag.session.defence_state import MemoryFailureCounters
 
 #: One write in this many also deletes expired rows.
 CLEANUP_EVERY = 200
@@ -84,12 +90,23 @@ class PostgresFailureCounters:
     zero already: a key this node has just read as zero is not deleted again
     (at worst a failure counted meanwhile by another node stays, which only
     ever delays, never helps, a guesser).
+
+    ``_local`` holds what was counted while the database failed; it is empty
+    (and costs nothing) otherwise, and its counts are merged (the larger
+    wins) into the database's until they expire.
     """
 
     def __init__(self, db: Database, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._db = db
         self._health = _Quiet("failure counters")
         self._zero = _Memo(ZERO_FRESH, clock)
+        self._local = MemoryFailureCounters(clock=clock)
+
+    async def _merged(self, keys: Sequence[str], window: float, shared: list[int]) -> list[int]:
+        if not len(self._local):
+            return shared
+        local = await self._local.counts(keys, window)
+        return [max(a, b) for a, b in zip(shared, local, strict=True)]
 
     async def counts(self, keys: Sequence[str], window: float) -> list[int]:
         try:
@@ -101,7 +118,7 @@ class PostgresFailureCounters:
                 )
         except MailbagError as exc:
             self._health.failed(exc)
-            return [0] * len(keys)
+            return await self._local.counts(keys, window)
         self._health.ok()
         found = {row["key"]: int(row["failures"]) for row in rows}
         for key in keys:
@@ -109,7 +126,7 @@ class PostgresFailureCounters:
                 self._zero.forget(key)
             else:
                 self._zero.note(key)
-        return [found.get(key, 0) for key in keys]
+        return await self._merged(keys, window, [found.get(key, 0) for key in keys])
 
     async def add(self, keys: Sequence[str], window: float) -> list[int]:
         try:
@@ -130,14 +147,15 @@ class PostgresFailureCounters:
                     )
         except MailbagError as exc:
             self._health.failed(exc)
-            return [1] * len(keys)
+            return await self._local.add(keys, window)
         self._health.ok()
         for key in keys:
             self._zero.forget(key)
         found = {row["key"]: int(row["failures"]) for row in rows}
-        return [found.get(key, 1) for key in keys]
+        return await self._merged(keys, window, [found.get(key, 1) for key in keys])
 
     async def reset(self, key: str) -> None:
+        await self._local.reset(key)
         if self._zero.recent(key):
             return
         try:
