@@ -83,3 +83,35 @@ def test_maildir_root_problems_reported_by_store(tmp_path: Path) -> None:
     assert store_problems(store) == [f"mail root {tmp_path / 'm'} not writable"]
     build_runtime(config(tmp_path, {"maildir": str(tmp_path / "m" / "{user}")}))
     assert store_problems(store) == []
+
+
+class _Listener:
+    """Stands in for a listener: a reload only reconfigures it."""
+
+    def reconfigure(self, service: object, **_: object) -> None:
+        self.service = service
+
+
+def test_sighup_keeps_the_store_unless_its_settings_changed(
+    tagged: list[TaggedStore], tmp_path: Path
+) -> None:
+    """A reload must not replace a store whose settings are unchanged.
+
+    A store can hold state that open sessions depend on (PostgreSQL's lease
+    keeper: its node id and heartbeat keep their locks alive), and a second
+    one would mean a second pool.
+    """
+    from mailbag.cli.reload import Service
+
+    (tmp_path / "users").write_text("")
+    configs = [config(tmp_path, {"backend": "tagged", "tag": "blue"})]
+    service = Service(build_runtime(configs[0]), _Listener(),  # type: ignore[arg-type]
+                      load_config=lambda: configs[-1])
+    first = service.runtime.store
+    configs.append(config(tmp_path, {"backend": "tagged", "tag": "blue"}))
+    assert service.reload()
+    assert service.runtime.store is first and len(tagged) == 1
+    configs.append(config(tmp_path, {"backend": "tagged", "tag": "green"}))
+    assert service.reload()
+    assert service.runtime.store is tagged[-1] is not first
+    assert tagged[-1].tag == "green"

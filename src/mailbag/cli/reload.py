@@ -211,8 +211,14 @@ class Service:
         # 1. Build and validate everything; nothing live changes yet.  The login
         # defence's state (failure counters, known-good networks) carries over, or a
         # reload would reset an attack's delay; the new policy applies to it at once.
+        # The store carries over too when its settings did not change: a new one
+        # would mean a second pool and, on PostgreSQL, a second lease owner id.
+        old = old_runtime.config
+        same_store = (new.storage, new.database, new.hostname) == (
+            old.storage, old.database, old.hostname)
         candidate = build_runtime(new, defence=old_runtime.defence,
-                                  auth_cache=old_runtime.auth_cache)
+                                  auth_cache=old_runtime.auth_cache,
+                                  store=old_runtime.store if same_store else None)
         candidate.users.reload()  # AuthError now, not at the first login
         if candidate.users.problems:
             for problem in candidate.users.problems:

@@ -157,10 +157,16 @@ def build_defence_state(config: Config) -> DefenceState:
 
 def build_runtime(
     config: Config, *, defence: DefenceState | None = None,
-    auth_cache: CacheFactory = local_auth_cache,
+    auth_cache: CacheFactory = local_auth_cache, store: Store | None = None,
 ) -> Runtime:
-    """Validate paths and build the long-lived objects (``defence``: keep this state)."""
-    store = build_store(config)
+    """Validate paths and build the long-lived objects.
+
+    ``defence`` and ``store`` keep those objects (a reload): a store holds
+    state that must outlive a SIGHUP, e.g. PostgreSQL's lease keeper, whose
+    node id and heartbeat the open sessions' locks depend on.
+    """
+    if store is None:
+        store = build_store(config)
     prepare_store(store)
     tls = None
     if config.tls.cert is not None and config.tls.key is not None:
