@@ -25,8 +25,9 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
-## bench: mailbag vs a private Dovecot, side by side (installs Dovecot if missing; run as root;
-## ~15 min, BENCH_ARGS=--quick for ~3); writes docs/benchmarks.md and docs/benchmarks/*.png
+## bench: mailbag (1 and 2 workers) vs a private Dovecot (4 variants), side by side (installs
+## Dovecot if missing; run as root; ~25 min, BENCH_ARGS=--quick for ~10); writes
+## docs/benchmarks.md and docs/benchmarks/*.png
 bench: $(VENV)/.installed
 	$(PY) bench/run.py $(BENCH_ARGS)
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,33 @@ class Layout:
     big_messages: int = 100_000
 
 
+#: Concurrent RETR figures (``10KB-c8``, ``1MiB-c8``, ``mix-c8``): one account per load
+#: worker, because both servers (mailbag always, Dovecot with ``pop3_lock_session``)
+#: lock a maildrop per session.
+RETR_CONCURRENCY = 8
+#: The account sets of the concurrent figures: ``<prefix>0`` .. ``<prefix>7``.
+CONCURRENT_SETS = ("retrsmall", "retrlarge", "retrmix")
+CONCURRENT_VERSION = 1
+
+
+def mix_sizes() -> list[int]:
+    """The size mix of ``mix-c8``: 100 messages, deterministic, in shuffled order.
+
+    Roughly what a POP3 maildrop holds: 80 plain-text mails of 2-20 KB
+    (log-uniform, so most are small), 15 with a small attachment of 50-200 KB
+    and 5 with a large one of about 1 MiB (0.9-1.1 MiB).  About 7.5 MB per
+    pass: the small ones dominate the message count, the large ones the bytes.
+    """
+    rng = random.Random(1939)
+
+    def log_uniform(lo: float, hi: float) -> int:
+        return int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+    sizes = [log_uniform(2_000, 20_000) for _ in range(80)]
+    sizes += [log_uniform(50_000, 200_000) for _ in range(15)]
+    sizes += [rng.randint(943_718, 1_153_433) for _ in range(5)]
+    rng.shuffle(sizes)
+    return sizes
 def message(number: int, size: int, user: str) -> bytes:
     """A plausible message of about ``size`` octets, LF line endings."""
     header = (
@@ -116,13 +146,16 @@ def build(workdir: Path, layout: Layout, users_lines: list[str], owner: tuple[in
     want = {"version": DATA_VERSION, "layout": layout.__dict__}
     users = workdir / "users"
     paths = {"mail": mail, "users": users, "expect_small": workdir / "expect-small.json",
-             "expect_large": workdir / "expect-large.json"}
+             "expect_large": workdir / "expect-large.json",
+             **{f"expect_{prefix}_c": workdir / f"expect-{prefix}-c.json"
+                for prefix in CONCURRENT_SETS}}
     users.write_text("".join(line + "\n" for line in users_lines))
     os.chown(users, 0 if os.geteuid() == 0 else owner[0], owner[1])
     users.chmod(0o640)
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         log("reusing Maildir data in", mail)
         # Files an earlier run's server made must belong to the Maildirs' owner too.
+        build_concurrent(workdir, layout, paths, log)
         subprocess.run(["chown", "-R", f"{owner[0]}:{owner[1]}", str(mail)], check=True)
         return paths
     if mail.exists():
@@ -142,9 +175,48 @@ def build(workdir: Path, layout: Layout, users_lines: list[str], owner: tuple[in
     paths["expect_small"].write_text(json.dumps(small))
     paths["expect_large"].write_text(json.dumps(large))
     write_big_box(mail, "big", layout.big_messages)
+    build_concurrent(workdir, layout, paths, log)
     subprocess.run(["chown", "-R", f"{owner[0]}:{owner[1]}", str(mail)], check=True)
     stamp.write_text(json.dumps(want))
     return paths
+
+
+def build_concurrent(workdir: Path, layout: Layout, paths: dict[str, Path],
+                     log: Callable[..., None] = print) -> None:
+    """The accounts of the concurrent RETR figures (created once, beside the rest).
+
+    It has its own stamp, so a data directory made before these figures
+    existed gains them in seconds instead of being rebuilt.  Account
+    ``<prefix>0`` gets freshly written files (the same sizes as ``retrsmall``
+    and ``retrlarge``, and the mix); ``<prefix>1..7`` are hard links to them:
+    the same bytes and digests, no extra disk or page cache, and each
+    account is still its own Maildir (each server renames or indexes per
+    account, never changing a file's content).  The digests of the set
+    (``expect-<prefix>-c.json``) differ from ``retrsmall``'s because a
+    message names its account in its headers.
+    """
+    mail = paths["mail"]
+    stamp = workdir / "data-concurrent.json"
+    want = {"version": CONCURRENT_VERSION, "concurrency": RETR_CONCURRENCY,
+            "small": layout.retr_small, "large": layout.retr_large, "mix": mix_sizes()}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        return
+    log("creating the concurrent RETR accounts (once)")
+    sizes = {"retrsmall": [10_000 + 17 * k for k in range(layout.retr_small)],
+             "retrlarge": [1_048_576 + 311 * k for k in range(layout.retr_large)],
+             "retrmix": mix_sizes()}
+    for prefix in CONCURRENT_SETS:
+        for i in range(RETR_CONCURRENCY):
+            if (mail / f"{prefix}{i}").exists():
+                shutil.rmtree(mail / f"{prefix}{i}")
+        first = f"{prefix}0"
+        digests = write_box(mail, first, sizes[prefix])
+        paths[f"expect_{prefix}_c"].write_text(json.dumps(digests))
+        for i in range(1, RETR_CONCURRENCY):
+            box = _maildir(mail, f"{prefix}{i}")
+            for entry in os.scandir(mail / first / "new"):
+                os.link(entry.path, box / "new" / entry.name)
+    stamp.write_text(json.dumps(want))
 
 
 def users_file_lines(layout: Layout, argon2: str) -> list[str]:
@@ -154,4 +226,6 @@ def users_file_lines(layout: Layout, argon2: str) -> list[str]:
     lines += [f"hold{i}:{{PLAIN}}{PASSWORD}" for i in range(layout.hold_users)]
     lines += [f"trickle{i}:{{PLAIN}}{PASSWORD}" for i in range(layout.trickle_users)]
     lines += [f"{name}:{{PLAIN}}{PASSWORD}" for name in ("retrsmall", "retrlarge", "big")]
+    lines += [f"{prefix}{i}:{{PLAIN}}{PASSWORD}" for prefix in CONCURRENT_SETS
+              for i in range(RETR_CONCURRENCY)]
     return lines

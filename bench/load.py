@@ -6,9 +6,14 @@ subcommand per scenario, printing one JSON object on stdout:
 
 ``sessions``  connect, USER/PASS, STAT, UIDL, QUIT in a loop for ``--seconds``
               at ``--concurrency``; worker i logs in as ``PREFIX<i>`` because a
-              maildrop is locked per session.
-``retr``      one session RETRs every message, verifying each body's SHA-256
-              against the expected set, for ``--seconds``.
+              maildrop is locked per session.  With ``--tls`` every connection
+              is implicit TLS (POP3S, RFC 8314) with a full handshake: each
+              connection gets a fresh ``SSLObject`` and no session is offered
+              for resumption.
+``retr``      sessions in a loop (login, STAT, RETR every message, QUIT),
+              verifying each body's SHA-256 against the expected set, for
+              ``--seconds``; with ``--concurrency N`` N workers do this at once,
+              worker i as ``USER<i>`` (its own maildrop, as above).
 ``bigbox``    one session: login, STAT, UIDL of a big maildrop; time to the end
               of the UIDL listing.
 ``hold``      an interactive holder for the memory and capacity scenarios:
@@ -27,6 +32,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -46,9 +52,13 @@ class Client:
         self.reader = reader
         self.writer = writer
 
+    #: Set by ``main`` for ``--tls``: every connection does a full TLS handshake.
+    tls: ssl.SSLContext | None = None
+
     @classmethod
     async def connect(cls, host: str, port: int) -> Client:
-        reader, writer = await asyncio.open_connection(host, port, limit=READ_LIMIT)
+        reader, writer = await asyncio.open_connection(host, port, limit=READ_LIMIT,
+                                                       ssl=cls.tls)
         client = cls(reader, writer)
         greeting = await reader.readline()
         if not greeting.startswith(b"+OK"):
@@ -118,7 +128,30 @@ async def full_session(host: str, port: int, user: str, password: str) -> int:
 # ------------------------------------------------------------------ scenarios
 
 
+def tls_client_context(cafile: str | None) -> ssl.SSLContext:
+    """The client side of the TLS figures: Python's defaults, so TLS 1.3 when both can.
+
+    With ``cafile`` (the bench's self-signed certificate) the server is
+    verified like a real client would (chain and the 127.0.0.1 name);
+    without it, not at all.  Nothing is cached between connections: Python
+    resumes a session only when one is passed to ``wrap``, which we never do.
+    """
+    if cafile is None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=cafile)
+
+
 async def run_sessions(args: argparse.Namespace) -> dict[str, object]:
+    negotiated = None
+    if Client.tls is not None:
+        # One untimed handshake to record what was negotiated (protocol version and suite).
+        probe = await Client.connect(args.host, args.port)
+        ssl_object = probe.writer.get_extra_info("ssl_object")
+        negotiated = f"{ssl_object.version()} {ssl_object.cipher()[0]}"
+        probe.close()
     latencies: list[float] = []
     errors: list[str] = []
     deadline = time.monotonic() + args.seconds
@@ -146,6 +179,7 @@ async def run_sessions(args: argparse.Namespace) -> dict[str, object]:
         "p99_ms": percentile(latencies, 99) * 1000,
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
+        **({"tls": negotiated} if negotiated else {}),
     }
 
 
@@ -158,13 +192,28 @@ def unstuff(body: bytes) -> bytes:
 async def run_retr(args: argparse.Namespace) -> dict[str, object]:
     with open(args.expect, encoding="ascii") as f:
         expected = set(json.load(f))
-    octets = messages = bad = passes = 0
+    octets = messages = bad = sessions = 0
     deadline = time.monotonic() + args.seconds
-    started = time.perf_counter()
-    while time.monotonic() < deadline:
+    users = ([args.user] if args.concurrency == 1
+             else [f"{args.user}{i}" for i in range(args.concurrency)])
+
+    async def worker(user: str) -> None:
+        nonlocal octets, messages, bad, sessions
+        passes = 0
+        while time.monotonic() < deadline:
+            octets_, messages_, bad_ = await retr_session(user, deadline, passes == 0)
+            octets += octets_
+            messages += messages_
+            bad += bad_
+            passes += 1
+            sessions += 1
+
+    async def retr_session(user: str, deadline: float, first: bool) -> tuple[int, int, int]:
+        """One session RETR-ing the whole maildrop (the first pass always completes)."""
+        octets = messages = bad = 0
         client = await Client.connect(args.host, args.port)
         try:
-            await client.login(args.user, args.password)
+            await client.login(user, args.password)
             stat = await client.command(b"STAT")
             count = int(stat.split()[1])
             if count != len(expected):
@@ -178,7 +227,7 @@ async def run_retr(args: argparse.Namespace) -> dict[str, object]:
                 if digest not in expected:
                     bad += 1
                 seen.add(digest)
-                if time.monotonic() > deadline and passes:
+                if time.monotonic() > deadline and not first:
                     break
             else:
                 if seen != expected:
@@ -186,7 +235,10 @@ async def run_retr(args: argparse.Namespace) -> dict[str, object]:
             await client.quit()
         finally:
             client.close()
-        passes += 1
+        return octets, messages, bad
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(user) for user in users))
     elapsed = time.perf_counter() - started
     return {
         "octets": octets,
@@ -195,7 +247,8 @@ async def run_retr(args: argparse.Namespace) -> dict[str, object]:
         "mb_per_s": octets / elapsed / 1e6,
         "msgs_per_s": messages / elapsed,
         "bad": bad,
-        "passes": passes,
+        "passes": sessions,
+        "concurrency": args.concurrency,
     }
 
 
@@ -362,6 +415,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--password", required=True)
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after (s)")
+    parser.add_argument("--tls", action="store_true",
+                        help="implicit TLS (POP3S) on --port, a full handshake per connection")
+    parser.add_argument("--cafile", help="with --tls: verify the server against this certificate")
     sub = parser.add_subparsers(dest="scenario", required=True)
     p = sub.add_parser("sessions")
     p.add_argument("--prefix", required=True)
@@ -371,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--user", required=True)
     p.add_argument("--expect", required=True, help="JSON list of SHA-256 of each wire body")
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="N workers at once, worker i as USER<i> (1: USER itself)")
     p = sub.add_parser("bigbox")
     p.add_argument("--user", required=True)
     p = sub.add_parser("hold")
@@ -379,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--trickle-prefix", required=True)
     p.add_argument("--trickle-users", type=int, default=50)
     args = parser.parse_args(argv)
+    if args.tls:
+        Client.tls = tls_client_context(args.cafile)
     runner = {
         "sessions": run_sessions,
         "retr": run_retr,

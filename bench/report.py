@@ -4,6 +4,11 @@ A ratio is computed per A/B pair (rep i of mailbag over rep i of Dovecot, run
 back to back, so slow drifts of a shared machine's load hit both sides of a
 pair alike), then summarised as the median with the min-max spread.
 
+With several mailbag variants (``run.py --mailbag-workers 1,2``: ``mailbag``
+and ``mailbag-w2``), every sessions and RETR figure gets one row per variant,
+each against the fastest Dovecot, and the later variants also against the
+first (w2/w1); bigbox and memory stay first-variant only.
+
 ``write`` replaces only the text between the ``results:begin``/``results:end``
 markers of docs/benchmarks.md, so the hand-written analysis around it stays.
 """
@@ -45,14 +50,17 @@ def raw(vals: list[float]) -> str:
 
 
 class Row(NamedTuple):
-    """One figure: mailbag against the fastest Dovecot variant, and against each variant."""
+    """One figure for one mailbag variant: against the fastest Dovecot variant, and each."""
 
     label: str
+    server: str  # the mailbag variant ("mailbag", "mailbag-w2", ...)
     mailbag: str  # each run
     fastest: str  # variant name
     dovecot: str  # the fastest variant's runs
     headline: tuple[float, float, float]
     versus: dict[str, tuple[float, float, float]]
+    #: Against the first mailbag variant (w2/w1); ``None`` on the first variant's row.
+    vs_first: tuple[float, float, float] | None = None
 
 
 def dovecots(runs: dict[str, Any]) -> list[str]:
@@ -60,41 +68,71 @@ def dovecots(runs: dict[str, Any]) -> list[str]:
     return [name for name in runs if not name.startswith("mailbag")]
 
 
+def mailbags(runs: dict[str, Any]) -> list[str]:
+    """The mailbag variants present in one figure's runs, the first (``mailbag``) first."""
+    return [name for name in runs if name.startswith("mailbag")]
+
+
+def fastest_dovecot(v: dict[str, list[float]], variants: list[str],
+                    lower_is_better: bool) -> str:
+    pick = min if lower_is_better else max
+    return pick(variants, key=lambda name: med(v[name]))
+
+
 def compare(label: str, runs: dict[str, list[dict[str, Any]]], key: str,
-            lower_is_better: bool = False) -> Row:
-    """mailbag against every variant; the headline is against the variant with the best median."""
+            lower_is_better: bool = False, every_mailbag: bool = True) -> list[Row]:
+    """Each mailbag variant against every Dovecot variant; headline: the best median's.
+
+    ``every_mailbag=False``: the first mailbag variant only (memory, bigbox).
+    """
     v = values(runs, key)
     variants = dovecots(runs)
-    pick = min if lower_is_better else max
-    fastest = pick(variants, key=lambda name: med(v[name]))
-    return Row(label, raw(v["mailbag"]), fastest, raw(v[fastest]),
-               ratio(v["mailbag"], v[fastest]),
-               {name: ratio(v["mailbag"], v[name]) for name in variants})
+    fastest = fastest_dovecot(v, variants, lower_is_better)
+    ours = mailbags(runs) if every_mailbag else ["mailbag"]
+    return [Row(label, name, raw(v[name]), fastest, raw(v[fastest]), ratio(v[name], v[fastest]),
+                {d: ratio(v[name], v[d]) for d in variants},
+                ratio(v[name], v[ours[0]]) if name != ours[0] else None)
+            for name in ours]
+
+
+FAMILIES = {"plain": "PLAIN", "argon": "ARGON2ID", "tls": "TLS (POP3S, PLAIN users)"}
+
+
+def sessions_label(key: str) -> str:
+    """``tls-c50`` -> ``TLS (POP3S, PLAIN users), concurrency 50``."""
+    family, conc = key.split("-")
+    return f"{FAMILIES.get(family, family)}, concurrency {conc[1:]}"
+
+
+def retr_label(key: str) -> str:
+    """``10KB`` -> ``RETR 10KB``; ``mix-c8`` -> ``RETR mix, concurrency 8``."""
+    size, _, conc = key.partition("-c")
+    return f"RETR {size}" + (f", concurrency {conc}" if conc else "")
 
 
 def rows_sessions(res: dict[str, Any]) -> list[Row]:
     rows = []
     for key, runs in res["sessions"].items():
-        scheme, conc = key.split("-")
-        label = f"{'PLAIN' if scheme == 'plain' else 'ARGON2ID'}, concurrency {conc[1:]}"
-        rows.append(compare(f"sessions/s, {label}", runs, "rate"))
-        if all("cpu_ms_per_session" in r for r in runs["mailbag"]):
-            rows.append(compare(f"server CPU ms per session, {label} (lower is better)", runs,
-                                "cpu_ms_per_session", lower_is_better=True))
+        label = sessions_label(key)
+        rows += compare(f"sessions/s, {label}", runs, "rate")
+        if all("cpu_ms_per_session" in r for name in runs for r in runs[name]):
+            rows += compare(f"server CPU ms per session, {label} (lower is better)", runs,
+                            "cpu_ms_per_session", lower_is_better=True)
     return rows
 
 
 def rows_retr(res: dict[str, Any]) -> list[Row]:
     rows = []
-    for label, runs in res["retr"].items():
-        for key, unit in (("mb_per_s", "MB/s"), ("msgs_per_s", "msgs/s")):
-            rows.append(compare(f"RETR {label} {unit}", runs, key))
+    for key, runs in res["retr"].items():
+        for metric, unit in (("mb_per_s", "MB/s"), ("msgs_per_s", "msgs/s")):
+            rows += compare(f"{retr_label(key)} {unit}", runs, metric)
     return rows
 
 
 def rows_bigbox(res: dict[str, Any]) -> list[Row]:
-    return [compare(f"100k maildrop STAT+UIDL, {key} (time, lower is better)", res["bigbox"],
-                    key, lower_is_better=True) for key in ("cold", "warm")]
+    return [row for key in ("cold", "warm")
+            for row in compare(f"100k maildrop STAT+UIDL, {key} (time, lower is better)",
+                               res["bigbox"], key, lower_is_better=True, every_mailbag=False)]
 
 
 def rows_memory(res: dict[str, Any]) -> list[Row]:
@@ -103,26 +141,86 @@ def rows_memory(res: dict[str, Any]) -> list[Row]:
                        ("pss_per_conn_kib", "total PSS / connections"),
                        ("rss_delta_per_conn_kib", "RSS growth / connection"),
                        ("pss_delta_per_conn_kib", "PSS growth / connection")):
-        rows.append(compare(f"{label} at 1,000 idle (KiB, lower is better)", res["memory"], key,
-                            lower_is_better=True))
+        rows += compare(f"{label} at 1,000 idle (KiB, lower is better)", res["memory"], key,
+                        lower_is_better=True, every_mailbag=False)
     return rows
 
 
 def label_of(res: dict[str, Any], name: str) -> str:
+    """A server's name in tables: Dovecot's variant label; mailbag with its worker count."""
+    workers = res.get("mailbag_workers", {})
+    if name in workers and len(workers) > 1:
+        return f"mailbag w{workers[name]}"  # server.workers
     return str(res.get("servers", {}).get(name, {}).get("label", name))
 
 
 def table(res: dict[str, Any], rows: list[Row]) -> str:
     variants = list(rows[0].versus) if rows else []
+    several = any(r.vs_first is not None for r in rows)
+    first = label_of(res, "mailbag")
     lines = ["| figure | mailbag (each run) | fastest Dovecot (each run) "
              "| mailbag / fastest Dovecot, median (min-max) | "
-             + " | ".join(f"vs {label_of(res, v)}" for v in variants) + " |",
-             "|---|---|---|---|" + "---|" * len(variants)]
+             + " | ".join(f"vs {label_of(res, v)}" for v in variants) + " |"
+             + (f" vs {first} |" if several else ""),
+             "|---|---|---|---|" + "---|" * len(variants) + ("---|" if several else "")]
     for r in rows:
-        lines.append(f"| {r.label} | {r.mailbag} | {label_of(res, r.fastest)}: {r.dovecot} | "
+        who = f"{label_of(res, r.server)}: " if several else ""
+        lines.append(f"| {r.label} | {who}{r.mailbag} | {label_of(res, r.fastest)}: {r.dovecot} | "
                      f"{fmt_ratio(r.headline)} | "
                      + " | ".join(fmt_ratio(r.versus[v], bold=False) if v in r.versus else ""
-                                  for v in variants) + " |")
+                                  for v in variants) + " |"
+                     + ((f" {fmt_ratio(r.vs_first, bold=False)} |" if r.vs_first else " |")
+                        if several else ""))
+    return "\n".join(lines)
+
+
+#: The figures of issue 14's question "what does a second worker buy?":
+#: (section, figure, metric, label, lower is better).
+WORKER_FIGURES = (
+    ("sessions", "plain-c50", "rate", "sessions/s, PLAIN, c=50", False),
+    ("sessions", "argon-c50", "rate", "sessions/s, ARGON2ID, c=50", False),
+    ("sessions", "tls-c50", "rate", "sessions/s, TLS, c=50", False),
+    ("retr", "10KB", "mb_per_s", "RETR 10KB MB/s, one session", False),
+    ("retr", "10KB-c8", "mb_per_s", "RETR 10KB MB/s, c=8", False),
+    ("retr", "1MiB-c8", "mb_per_s", "RETR 1MiB MB/s, c=8", False),
+    ("retr", "mix-c8", "mb_per_s", "RETR mix MB/s, c=8", False),
+    ("sessions", "plain-c50", "cpu_ms_per_session", "server CPU ms/session, PLAIN, c=50", True),
+    ("sessions", "tls-c50", "cpu_ms_per_session", "server CPU ms/session, TLS, c=50", True),
+)
+
+
+def workers_text(res: dict[str, Any]) -> str:
+    """The "Workers (issue 14)" table: medians of each mailbag variant and the fastest Dovecot.
+
+    Ratios are per A/B pair like everywhere else (median, min-max), so they
+    can differ from the ratio of the medians shown beside them.
+    """
+    ours = list(res.get("mailbag_workers", {}))
+    if len(ours) < 2:
+        return ""
+    names = [label_of(res, n) for n in ours]
+    head = ("| figure | " + " | ".join(f"{n}, median" for n in names)
+            + " | fastest Dovecot, median | "
+            + " | ".join(f"{n} / Dovecot" for n in names) + " | "
+            + " | ".join(f"{label_of(res, n)} / {names[0]}" for n in ours[1:]) + " |")
+    lines = [head, "|---|" + "---|" * (3 * len(ours))]
+    for section, figure, metric, label, lower in WORKER_FIGURES:
+        runs = res.get(section, {}).get(figure)
+        if not runs or not all(n in runs for n in ours):
+            continue
+        v = values(runs, metric)
+        if not all(v[n] for n in runs):
+            continue
+        fastest = fastest_dovecot(v, dovecots(runs), lower)
+        lines.append(
+            f"| {label}{' (lower is better)' if lower else ''} | "
+            + " | ".join(raw([med(v[n])]) for n in ours)
+            + f" | {label_of(res, fastest)}: {raw([med(v[fastest])])} | "
+            + " | ".join(fmt_ratio(ratio(v[n], v[fastest])) for n in ours) + " | "
+            + " | ".join(fmt_ratio(ratio(v[n], v[ours[0]]), bold=False) for n in ours[1:])
+            + " |")
+    if len(lines) == 2:
+        return ""
     return "\n".join(lines)
 
 
@@ -196,16 +294,16 @@ def charts(res: dict[str, Any], outdir: Path) -> list[str]:
 
     if "sessions" in res:
         keys = list(res["sessions"])
-        for scheme in ("plain", "argon"):
-            ks = [k for k in keys if k.startswith(scheme)]
+        for scheme in FAMILIES:
+            ks = [k for k in keys if k.startswith(scheme + "-")]
             if ks:
                 bars(f"sessions-{scheme}.png",
-                     f"Sessions/s (USER/PASS STAT UIDL QUIT), {scheme.upper()} passwords",
+                     f"Sessions/s (USER/PASS STAT UIDL QUIT), {FAMILIES[scheme]}",
                      [k.split("-")[1].replace("c", "concurrency ") for k in ks],
                      series(res["sessions"], ks, "rate"), "sessions/s (median, min-max)")
     if res.get("retr"):
         labels = list(res["retr"])
-        bars("retr.png", "RETR throughput (one session, bytes verified)", labels,
+        bars("retr.png", "RETR throughput (bytes verified; -c8: 8 accounts at once)", labels,
              series(res["retr"], labels, "mb_per_s"), "MB/s")
     if "bigbox" in res:
         names = list(res["bigbox"])
@@ -249,10 +347,14 @@ def all_rows(res: dict[str, Any]) -> list[Row]:
 def summary(res: dict[str, Any]) -> str:
     """Every ratio, one line each (printed at the end of a run)."""
     lines = []
+    several = len(res.get("mailbag_workers", {})) > 1
     for r in all_rows(res):
         others = ", ".join(f"{label_of(res, v)} {x[0]:.2f}x" for v, x in r.versus.items())
-        lines.append(f"{r.label}: {fmt_ratio(r.headline, bold=False)} vs fastest "
-                     f"({label_of(res, r.fastest)}); {others}")
+        who = f" [{label_of(res, r.server)}]" if several else ""
+        first = (f"; vs {label_of(res, 'mailbag')} {fmt_ratio(r.vs_first, bold=False)}"
+                 if r.vs_first else "")
+        lines.append(f"{r.label}{who}: {fmt_ratio(r.headline, bold=False)} vs fastest "
+                     f"({label_of(res, r.fastest)}); {others}{first}")
     if "capacity" in res:
         cap = res["capacity"]
         lines += [f"capacity {n}: {cap[n]['capacity']} held ({cap[n]['stop_reason']})"
@@ -278,17 +380,43 @@ def settings_text(res: dict[str, Any]) -> list[str]:
             "", "```",
             servers[first]["settings"].rstrip(), "```", ""]
     if "mailbag" in servers:
-        out += ["mailbag's `mailbag.toml`:", "", "```toml",
+        others = [n for n in res.get("mailbag_workers", {}) if n != "mailbag"]
+        out += ["mailbag's `mailbag.toml`"
+                + (f" (the other variants differ in `workers` and, with workers, `[process]`:"
+                   f" {', '.join(others)})" if others else "") + ":", "", "```toml",
                 servers["mailbag"]["settings"].rstrip(), "```", ""]
     return out
+
+
+def tls_text(res: dict[str, Any]) -> str:
+    """What each server negotiated with the load generator on its POP3S port."""
+    seen: dict[str, set[str]] = {}
+    for key, runs in res.get("sessions", {}).items():
+        if key.startswith("tls-"):
+            for name, results in runs.items():
+                seen.setdefault(name, set()).update(r["tls"] for r in results if "tls" in r)
+    if not seen:
+        return ""
+    kinds = {", ".join(sorted(v)) for v in seen.values()}
+    if len(kinds) == 1:
+        return (f"TLS negotiated on every server's POP3S port: {kinds.pop()} (full handshake "
+                "per session, ECDSA P-256 certificate shared by all, no resumption).")
+    return "TLS negotiated: " + "; ".join(f"{label_of(res, n)} {', '.join(sorted(v))}"
+                                          for n, v in seen.items()) + "."
 
 
 def render(res: dict[str, Any], images: list[str]) -> str:
     m = res["machine"]
     out = [
         f"Run {res['date']}, `{res['command']}` at commit `{res.get('commit', '?')}` "
-        f"({res['minutes']} minutes, {res['reps']} reps per figure, each rep runs mailbag and "
-        f"then every Dovecot variant{', quick mode' if res['quick'] else ''}).",
+        f"({res['minutes']} minutes, {res['reps']} reps per figure"
+        + (f" ({res['reps_new']} for {', '.join(res.get('new_figures', []))})"
+           if res.get("reps_new", res["reps"]) != res["reps"] else "")
+        + ", each rep runs "
+        + (", ".join(label_of(res, n) for n in res.get("mailbag_workers", {"mailbag": 1}))
+           + " (`server.workers` = 1, 2, ...)"
+           if len(res.get("mailbag_workers", {})) > 1 else "mailbag")
+        + f" and then every Dovecot variant{', quick mode' if res['quick'] else ''}).",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, Linux "
         f"{m['kernel']}; Python {m['python']}, uvloop {m['uvloop']}; Dovecot {m['dovecot']}; "
@@ -303,11 +431,19 @@ def render(res: dict[str, Any], images: list[str]) -> str:
         + (", and per level in the capacity table." if "capacity" in res else "."),
         "",
         "The headline ratio of every figure is mailbag against the *fastest* Dovecot variant "
-        "for that figure (best median); the ratios against each variant follow it.",
+        "for that figure (best median); the ratios against each variant follow it."
+        + (" Sessions and RETR figures have one row per mailbag variant, the later ones also "
+           "against the first." if len(res.get("mailbag_workers", {})) > 1 else ""),
         "",
     ]
-    sections = (("sessions", "Sessions per second", rows_sessions, ["sessions-plain.png",
-                                                                    "sessions-argon.png"]),
+    workers = workers_text(res)
+    if workers:
+        out += ["### Workers (issue 14)", "",
+                "What a second worker process buys, on the same machine in the same run: "
+                "medians of each variant, ratios per A/B pair (median, min-max).", "",
+                workers, ""]
+    sections = (("sessions", "Sessions per second", rows_sessions,
+                 [f"sessions-{f}.png" for f in FAMILIES]),
                 ("retr", "RETR throughput", rows_retr, ["retr.png"]),
                 ("bigbox", "100,000-message maildrop", rows_bigbox, ["bigbox.png"]),
                 ("memory", "Memory per idle authenticated connection", rows_memory,
@@ -316,6 +452,8 @@ def render(res: dict[str, Any], images: list[str]) -> str:
         if not res.get(key):
             continue
         out += [f"### {title}", "", table(res, fn(res)), ""]
+        if key == "sessions" and tls_text(res):
+            out += [tls_text(res), ""]
         out += [f"![{title}](benchmarks/{p})" for p in pngs if p in images]
         out.append("")
     if res.get("retr"):

@@ -14,19 +14,25 @@ mailbag against the fastest variant of each figure (the others beside it).
 
 Scenarios (see docs/benchmarks.md for the why of each):
   sessions  connect-USER/PASS-STAT-UIDL-QUIT per second at concurrency 1 and 50,
-            with PLAIN and with ARGON2ID passwords on both servers;
-  retr      RETR MB/s and messages/s for ~10 KB and ~1 MiB messages, bytes verified;
+            with PLAIN and with ARGON2ID passwords on both servers, and with PLAIN
+            over implicit TLS (POP3S, a full handshake per session; tls-c1, tls-c50);
+  retr      RETR MB/s and messages/s for ~10 KB and ~1 MiB messages, bytes verified:
+            one session (10KB, 1MiB) and 8 accounts at once (10KB-c8, 1MiB-c8, and
+            mix-c8, a realistic mix of sizes);
   bigbox    a 100,000-message maildrop: first session STAT+UIDL without index, then warm;
   memory    server RSS/PSS per idle authenticated connection at 1,000 connections;
   capacity  most concurrent authenticated sessions held while a trickle of new
             sessions still completes under 1 s at p99 (aim 10,000).
 
-``--mailbag-workers 1,2`` runs mailbag with ``server.workers = 1`` and ``= 2`` side by
-side (``mailbag``, ``mailbag-w2``) in the same A B C rotation; the written report
-compares the first with Dovecot, the raw JSON has every variant.
+By default mailbag runs twice side by side (``--mailbag-workers 1,2``:
+``server.workers = 1`` and ``= 2``, named ``mailbag`` and ``mailbag-w2``) in the same
+A B C rotation; the report shows each against the fastest Dovecot variant and
+w2 against w1 for sessions and RETR (issue 14); bigbox, memory and capacity run
+the first only.  ``--mailbag-workers 1`` is the one-mailbag run of before.
 
-Bounded: the full run takes about 12-15 minutes, ``--quick`` about 2-3 (plus a
-one-time data setup of under a minute, reused afterwards).  Run it as root
+Bounded: the full run takes about 25 minutes on the 2-core machine (capacity
+about 4 of them), ``--quick`` about 10 (plus a one-time data setup of under a
+minute, reused afterwards).  Run it as root
 (Dovecot's private instance needs to switch users), on an otherwise quiet
 machine; the load average is recorded with every figure.
 """
@@ -57,6 +63,13 @@ import report  # noqa: E402
 import servers  # noqa: E402
 
 LOAD = HERE / "load.py"
+#: Seconds per run of each sessions figure family (full run; ``--quick``: 2.5 times less).
+#: TLS is shorter than PLAIN to keep ``make bench`` under ~25 minutes with two
+#: mailbag variants and four Dovecot variants (see docs/benchmarks.md).
+SESSION_SECONDS = {"plain": 5.0, "argon": 10.0, "tls": 3.0}
+#: Figures added for issues 14 and 15; they run ``--reps-new`` reps (default 2), so
+#: that ``make bench`` with two mailbag variants stays near 25 minutes.
+NEW_FIGURES = ("tls-c1", "tls-c50", "10KB-c8", "1MiB-c8", "mix-c8")
 
 
 def log(*parts: object) -> None:
@@ -128,22 +141,35 @@ class Bench:
         self.paths = paths
         self.layout = layout
         self.results: dict[str, Any] = {}
-        self.names = list(srv)  # mailbag first, then the Dovecot variants
+        self.names = list(srv)  # mailbag first (then mailbag-w2, ...), then the Dovecot variants
+        #: bigbox and memory: the first mailbag variant and Dovecot (the report shows no more).
+        self.first_and_dovecots = [self.names[0], *(n for n in self.names
+                                                    if not n.startswith("mailbag"))]
         self.figures = set(args.figures.split(",")) if args.figures else None
+
+    def reps(self, figure: str) -> int:
+        """Reps of one figure: ``--reps``, or ``--reps-new`` for the newer figures."""
+        return self.args.reps_new if figure in NEW_FIGURES else self.args.reps
 
     def wanted(self, figure: str) -> bool:
         """``--figures`` selects single figures (e.g. ``plain-c50,10KB``); default all."""
         return self.figures is None or figure in self.figures
 
-    def load(self, name: str, *scenario: str, timeout: float = 600) -> dict[str, Any]:
+    def load(self, name: str, *scenario: str, timeout: float = 600,
+             tls: bool = False) -> dict[str, Any]:
         """Run one load-generator subprocess against server ``name``; its JSON result.
 
         Also records the CPU time the server's process tree used meanwhile
         (``server_cpu_s``): on a shared machine the rate moves with the
-        neighbours' load, CPU per unit of work much less.
+        neighbours' load, CPU per unit of work much less.  ``tls``: against
+        the server's POP3S port, verifying the bench's certificate.
         """
-        cmd = [sys.executable, str(LOAD), "--port", str(self.srv[name].port),
-               "--password", data.PASSWORD, *scenario]
+        server = self.srv[name]
+        port = server.tls_port if tls else server.port
+        if port is None:
+            raise RuntimeError(f"{name} has no TLS listener")
+        cmd = [sys.executable, str(LOAD), "--port", str(port), "--password", data.PASSWORD,
+               *(["--tls", "--cafile", str(self.paths["tls_cert"])] if tls else []), *scenario]
         cpu_before = self.srv[name].cpu_seconds()
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         cpu = self.srv[name].cpu_seconds() - cpu_before
@@ -177,40 +203,77 @@ class Bench:
     # ---------------------------------------------------------------- scenarios
 
     def sessions(self) -> None:
-        quick = self.args.quick
+        """connect-login-STAT-UIDL-QUIT per second: PLAIN, ARGON2ID, and PLAIN over POP3S.
+
+        The TLS family (``tls-c1``, ``tls-c50``) logs in as the PLAIN users,
+        so it differs from ``plain-c*`` only by the implicit-TLS handshake
+        (a full one per session, no resumption) and the encrypted records.
+        """
         out: dict[str, Any] = {}
-        for scheme in ("plain", "argon"):
-            if not any(self.wanted(f"{scheme}-c{c}") for c in (1, 50)):
+        primed: set[str] = set()
+        for family in ("plain", "argon", "tls"):
+            if not any(self.wanted(f"{family}-c{c}") for c in (1, 50)):
                 continue
-            seconds = (2.0 if quick else 5.0) * (2 if scheme == "argon" else 1)
-            for name in self.names:  # prime every server's indexes for these users (untimed)
-                self.load(name, "sessions", "--prefix", f"s{scheme}", "--concurrency",
-                          str(self.layout.session_users), "--seconds", "1.5")
+            tls = family == "tls"
+            prefix = "splain" if tls else f"s{family}"
+            seconds = SESSION_SECONDS[family] / (2.5 if self.args.quick else 1)
+            if prefix not in primed:
+                primed.add(prefix)
+                for name in self.names:  # prime every server's indexes for these users (untimed)
+                    self.load(name, "sessions", "--prefix", prefix, "--concurrency",
+                              str(self.layout.session_users), "--seconds", "1.5")
             for concurrency in (1, 50):
-                key = f"{scheme}-c{concurrency}"
+                key = f"{family}-c{concurrency}"
                 if not self.wanted(key):
                     continue
                 log(f"sessions {key}")
-                argv = ["sessions", "--prefix", f"s{scheme}", "--concurrency",
-                        str(concurrency), "--seconds", str(seconds)]
-                out[key] = self.alternate(self.args.reps,
-                                          lambda name, a=argv: self.load(name, *a))
+                argv = ["sessions", "--prefix", prefix, "--concurrency",
+                        str(concurrency), "--seconds", f"{seconds:g}"]
+                out[key] = self.alternate(self.reps(key),
+                                          lambda name, a=argv, t=tls: self.load(name, *a, tls=t))
         self.results["sessions"] = out
 
+    #: (figure, account or account prefix, expected digests, concurrency, full-run seconds).
+    #: Every worker's first pass always completes (so every message is verified at least
+    #: once): ~3 MB per worker for 10KB, ~50 MB for 1MiB (8 x 50 MB take 2-3 s here,
+    #: hence 4 s), ~7.5 MB for the mix; 2.5 s is enough for the two small ones.
+    RETR_FIGURES = (
+        ("10KB", "retrsmall", "expect_small", 1, 6.0),
+        ("1MiB", "retrlarge", "expect_large", 1, 6.0),
+        ("10KB-c8", "retrsmall", "expect_retrsmall_c", data.RETR_CONCURRENCY, 2.5),
+        ("1MiB-c8", "retrlarge", "expect_retrlarge_c", data.RETR_CONCURRENCY, 4.0),
+        ("mix-c8", "retrmix", "expect_retrmix_c", data.RETR_CONCURRENCY, 2.5),
+    )
+
     def retr(self) -> None:
-        seconds = 3.0 if self.args.quick else 6.0
+        """RETR throughput, bytes verified: one session (c=1), or 8 accounts at once (c=8).
+
+        At c=8 each of the load generator's 8 workers loops whole sessions
+        (login, STAT, RETR every message, QUIT) on its own account
+        (``<prefix>0..7``, hard links of the same files, so the page cache
+        holds one copy).
+        """
         out: dict[str, Any] = {}
-        for label, user, expect in (("10KB", "retrsmall", "expect_small"),
-                                    ("1MiB", "retrlarge", "expect_large")):
+        for label, user, expect, concurrency, full in self.RETR_FIGURES:
             if not self.wanted(label):
                 continue
-            for name in self.names:  # first pass primes indexes and the page cache
-                self.load(name, "retr", "--user", user, "--expect", str(self.paths[expect]),
-                          "--seconds", "0.5")
+            seconds = full / 2 if self.args.quick else full
+            if concurrency == 1:
+                for name in self.names:  # first pass primes indexes and the page cache
+                    self.load(name, "retr", "--user", user, "--expect", str(self.paths[expect]),
+                              "--seconds", "0.5")
+            else:
+                # Indexes of all 8 accounts with STAT+UIDL (a RETR pass of 8 x 50 MB per
+                # server would cost more than the figure); the files' pages by reading them.
+                warm_page_cache(self.paths["mail"] / f"{user}0")
+                for name in self.names:
+                    self.load(name, "sessions", "--prefix", user, "--concurrency",
+                              str(concurrency), "--seconds", "0.2")
             log(f"retr {label}")
-            out[label] = self.alternate(self.args.reps, lambda name, u=user, e=expect:
-                                        self.load(name, "retr", "--user", u, "--expect",
-                                                  str(self.paths[e]), "--seconds", str(seconds)))
+            argv = ["retr", "--user", user, "--expect", str(self.paths[expect]),
+                    "--concurrency", str(concurrency), "--seconds", f"{seconds:g}"]
+            out[label] = self.alternate(self.reps(label),
+                                        lambda name, a=argv: self.load(name, *a))
         self.results["retr"] = out
 
     def _drop_index(self, name: str) -> None:
@@ -222,7 +285,7 @@ class Bench:
 
     def bigbox(self) -> None:
         log("bigbox: priming (untimed; Dovecot moves new/ to cur/ on its first session)")
-        for name in self.names:
+        for name in self.first_and_dovecots:
             self.load(name, "bigbox", "--user", "big")
 
         def run(name: str) -> dict[str, Any]:
@@ -234,7 +297,8 @@ class Bench:
                     "uidl_lines": warm["uidl_lines"], "load": warm["load"]}
 
         log("bigbox")
-        self.results["bigbox"] = self.alternate(1 if self.args.quick else self.args.reps, run)
+        self.results["bigbox"] = self.alternate(1 if self.args.quick else self.args.reps, run,
+                                                self.first_and_dovecots)
 
     @contextlib.contextmanager
     def holder(self, name: str) -> Iterator[Callable[[str], dict[str, Any]]]:
@@ -302,7 +366,8 @@ class Bench:
             }
 
         log(f"memory at {count} idle authenticated connections")
-        self.results["memory"] = self.alternate(1 if self.args.quick else 2, run)
+        self.results["memory"] = self.alternate(1 if self.args.quick else 2, run,
+                                                self.first_and_dovecots)
 
     def capacity(self) -> None:
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -407,9 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs (~2-3 minutes)")
     parser.add_argument("--reps", type=int, help="A B pairs per figure (default 3, quick 2)")
+    parser.add_argument("--reps-new", type=int,
+                        help="reps of the TLS and concurrency-8 figures (default: --reps, at "
+                        "most 2): " + ",".join(NEW_FIGURES))
     parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(report.ORDER))
     parser.add_argument("--figures", help="only these figures of sessions/retr, comma-separated: "
-                        "plain-c1,plain-c50,argon-c1,argon-c50,10KB,1MiB")
+                        "plain-c1,plain-c50,argon-c1,argon-c50,tls-c1,tls-c50,"
+                        + ",".join(f[0] for f in Bench.RETR_FIGURES))
     parser.add_argument("--dovecot", default=",".join(servers.DOVECOT_VARIANTS),
                         help="comma-separated Dovecot variants (default: all): "
                         + ",".join(servers.DOVECOT_VARIANTS))
@@ -418,15 +487,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
     parser.add_argument("--no-report", action="store_true", help="print JSON, leave docs alone")
     parser.add_argument(
-        "--mailbag-workers", default="1", metavar="N[,M...]",
-        help="server.workers for mailbag; several (e.g. 1,2) run side by side as mailbag, "
-        "mailbag-w2, ...; the report compares the first with Dovecot, results JSON has all",
+        "--mailbag-workers", default="1,2", metavar="N[,M...]",
+        help="server.workers for mailbag (default 1,2); several run side by side as mailbag, "
+        "mailbag-w2, ...; sessions and RETR figures report each against Dovecot and against "
+        "the first (bigbox, memory and capacity: the first only)",
     )
     args = parser.parse_args(argv)
     worker_counts = [int(n) for n in args.mailbag_workers.split(",")]
     variants = {("mailbag" if i == 0 else f"mailbag-w{n}"): n
                 for i, n in enumerate(worker_counts)}
     args.reps = args.reps or (2 if args.quick else 3)
+    args.reps_new = args.reps_new or min(args.reps, 2)
     only = args.only.split(",") if args.only else list(report.ORDER)
 
     started = time.monotonic()
@@ -440,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     owner = servers.mail_owner()
     users = data.users_file_lines(layout, servers.argon2_hash(data.PASSWORD))
     paths = data.build(workdir, layout, users, owner, log=log)
+    tls = servers.write_tls_pair(workdir, owner)
+    paths["tls_cert"] = tls.cert
     max_conn = layout.hold_users + 500
     srv: dict[str, servers.Server] = {}
     for name in [*variants, *args.dovecot.split(",")]:
@@ -450,9 +523,10 @@ def main(argv: list[str] | None = None) -> int:
         home.chmod(0o755)
         if name in variants:
             srv[name] = servers.Mailbag(home, paths["mail"], paths["users"], max_conn,
-                                        workers=variants[name])
+                                        workers=variants[name], tls=tls)
         else:
-            srv[name] = servers.Dovecot(home, paths["mail"], paths["users"], max_conn, name)
+            srv[name] = servers.Dovecot(home, paths["mail"], paths["users"], max_conn, name,
+                                        tls=tls)
     env_machine = machine()
     results: dict[str, Any] = {
         "command": "python bench/run.py" + (" " + shlex.join(argv or sys.argv[1:])
@@ -462,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "mailbag_workers": variants,
         "reps": args.reps,
+        "reps_new": args.reps_new,
+        "new_figures": list(NEW_FIGURES),
         "load_start": os.getloadavg(),
         "commit": git_commit(),
         "servers": {name: {"label": server.label, "settings": server.settings(),

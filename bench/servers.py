@@ -44,6 +44,15 @@ Common to all variants, following Dovecot's documentation (doc.dovecot.org,
   default, set like mailbag's default ``auth.cache_ttl = 300`` (successes
   cached for 5 minutes, failures never), so the Argon2id figures compare
   like with like.
+
+TLS (the ``tls-c1``/``tls-c50`` figures): both servers get a second, implicit-
+TLS listener (POP3S, RFC 8314) on their own loopback port and the *same*
+certificate and key, made by ``write_tls_pair`` for each run (ECDSA P-256,
+what ``mailbag init`` makes too).  Protocol versions, suites and groups are
+left at each server's defaults (both: TLS 1.2 minimum, OpenSSL's TLS 1.3
+suites and groups), so a default client negotiates TLS 1.3 with both; the
+load generator records what was negotiated.  Both also offer STLS on the
+plain port (a CAPA line; the other figures never use it).
 """
 
 from __future__ import annotations
@@ -165,6 +174,56 @@ def can_run_python_as(user: str) -> bool:
     return result.returncode == 0
 
 
+class TlsPair(NamedTuple):
+    """The certificate and key both servers present on their POP3S listener."""
+
+    cert: Path
+    key: Path
+
+
+def write_tls_pair(directory: Path, owner: tuple[int, int]) -> TlsPair:
+    """A fresh self-signed ECDSA P-256 certificate for 127.0.0.1, shared by both servers.
+
+    Made on every run (milliseconds) rather than kept with the data, so no
+    certificate ever expires between runs.  The key belongs to the mail
+    owner: mailbag's workers load it after dropping root to that user;
+    Dovecot reads it as root (``ssl_key = <path``).
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailbag-bench")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pair = TlsPair(directory / "bench-cert.pem", directory / "bench-key.pem")
+    pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pair.key.unlink(missing_ok=True)
+    fd = os.open(pair.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    if os.geteuid() == 0:
+        os.chown(pair.key, *owner)
+    return pair
+
+
 class Server:
     """Common start/stop for a server subprocess."""
 
@@ -176,6 +235,8 @@ class Server:
         self.label = self.label or self.name
         self.home = home
         self.port = free_port()
+        #: The implicit-TLS (POP3S) port, when the server was given a certificate.
+        self.tls_port: int | None = None
         self.log = home / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -194,6 +255,8 @@ class Server:
                 self.command(), stdout=subprocess.DEVNULL, stderr=log, cwd=self.home
             )
         wait_for_port(self.port, self.proc, self.name, self.log)
+        if self.tls_port is not None:
+            wait_for_port(self.tls_port, self.proc, self.name, self.log)
 
     def pids(self) -> list[int]:
         assert self.proc is not None
@@ -239,9 +302,13 @@ class Mailbag(Server):
     name = "mailbag"
 
     def __init__(self, home: Path, mail_root: Path, users: Path, max_connections: int,
-                 workers: int = 1) -> None:
+                 workers: int = 1, tls: TlsPair | None = None) -> None:
         super().__init__(home)
         self.workers = workers
+        if tls is not None:
+            self.tls_port = free_port()
+        listen_tls = f'"127.0.0.1:{self.tls_port}"' if tls is not None else ""
+        tls_section = f'\n[tls]\ncert = "{tls.cert}"\nkey = "{tls.key}"\n' if tls else ""
         self.config = home / "mailbag.toml"
         # As root, run as the Maildirs' owner, like Dovecot's mail processes.  With
         # workers, that user must be able to run this interpreter (the supervisor execs
@@ -254,9 +321,9 @@ class Mailbag(Server):
 [server]
 hostname = "bench"
 listen = ["127.0.0.1:{self.port}"]
-listen_tls = []
+listen_tls = [{listen_tls}]
 workers = {workers}
-
+{tls_section}
 [storage]
 maildir = "{mail_root}/{{user}}"
 
@@ -281,8 +348,14 @@ class Dovecot(Server):
     name = "dovecot"
 
     def __init__(self, home: Path, mail_root: Path, users: Path, max_connections: int,
-                 variant: str = TUNED_DOVECOT) -> None:
+                 variant: str = TUNED_DOVECOT, tls: TlsPair | None = None) -> None:
         super().__init__(home, variant)
+        if tls is not None:
+            self.tls_port = free_port()
+            ssl = f"ssl = yes\nssl_cert = <{tls.cert}\nssl_key = <{tls.key}"
+            pop3s = f"address = 127.0.0.1\n    port = {self.tls_port}\n    ssl = yes"
+        else:
+            ssl, pop3s = "ssl = no", "port = 0"
         spec = DOVECOT_VARIANTS[variant]
         self.label = spec.label
         self.config = home / "dovecot.conf"
@@ -302,7 +375,7 @@ instance_name = mailbag-bench-{os.getpid()}-{self.port}
 protocols = pop3
 listen = 127.0.0.1
 log_path = {self.log}
-ssl = no
+{ssl}
 auth_mechanisms = plain
 disable_plaintext_auth = no
 default_internal_user = {internal}
@@ -333,7 +406,7 @@ service pop3-login {{
     port = {self.port}
   }}
   inet_listener pop3s {{
-    port = 0
+    {pop3s}
   }}
   service_count = 0
   process_min_avail = {cores}
