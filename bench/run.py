@@ -522,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         home.mkdir(exist_ok=True)
         home.chmod(0o755)
         if name in variants:
+            if os.geteuid() == 0:
+                # mailbag drops to the Maildirs' owner and keeps state files (known-good
+                # networks) in its working directory, as a deployment's state directory.
+                os.chown(home, *owner)
             srv[name] = servers.Mailbag(home, paths["mail"], paths["users"], max_conn,
                                         workers=variants[name], tls=tls)
         else:
