@@ -256,6 +256,16 @@ def capacity_text(res: dict[str, Any]) -> str:
 
 
 COLOURS = ("#2b7bba", "#d9822b", "#a35a1f", "#e8b27a", "#7a3d10", "#888888")
+#: mailbag variants in blues, Dovecot variants in oranges (so w2 never looks like Dovecot).
+BLUES = ("#2b7bba", "#7fb3dd", "#174a73")
+ORANGES = COLOURS[1:]
+
+
+def colour(names: list[str], server: str) -> str:
+    """A server's bar colour: its rank among its own family's servers."""
+    family = [n for n in names if n.startswith("mailbag") == server.startswith("mailbag")]
+    palette = BLUES if server.startswith("mailbag") else ORANGES
+    return palette[family.index(server) % len(palette)]
 
 
 def charts(res: dict[str, Any], outdir: Path) -> list[str]:
@@ -278,7 +288,7 @@ def charts(res: dict[str, Any], outdir: Path) -> list[str]:
             hi = [max(v) - m if v else 0 for m, v in zip(meds, data[server], strict=True)]
             xs = [x + (i - (len(data) - 1) / 2) * width for x in range(len(groups))]
             ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=label_of(res, server),
-                   color=COLOURS[i % len(COLOURS)])
+                   color=colour(list(data), server))
         ax.set_xticks(range(len(groups)), groups)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
