@@ -378,20 +378,26 @@ class Bench:
         rate, seconds = (20.0, 3.0) if self.args.quick else (20.0, 5.0)
         out: dict[str, Any] = {"target": target, "fd_cap": fd_cap, "nofile": nofile,
                                "trickle_rate": rate, "trickle_seconds": seconds}
-        # Capacity takes minutes per server: mailbag against one Dovecot, the tuned one.
-        dovecots = [n for n in self.names[1:] if n == servers.TUNED_DOVECOT] or self.names[1:2]
-        out["servers"] = [self.names[0], *dovecots]
+        # Capacity takes minutes per server: one mailbag against one Dovecot, the
+        # tuned one.  The mailbag with the most workers: each worker process has
+        # its own descriptor limit, so that is the one that can reach the target.
+        bags = [n for n in self.names if n.startswith("mailbag")]
+        bag = max(bags, key=lambda n: getattr(self.srv[n], "workers", 1))
+        dovecots = [n for n in self.names if n == servers.TUNED_DOVECOT] or [
+            n for n in self.names if not n.startswith("mailbag")][:1]
+        out["servers"] = [bag, *dovecots]
         for name in out["servers"]:
             log(f"capacity {name}")
             server = self.srv[name]
+            workers = getattr(server, "workers", 1)
             base = server.memory()
             levels: list[dict[str, Any]] = []
             stop_reason = "reached target"
             started = time.monotonic()
             with self.holder(name) as ask:
                 for level in steps:
-                    if name.startswith("mailbag") and level > fd_cap:
-                        level = fd_cap
+                    if name.startswith("mailbag") and level > fd_cap * workers:
+                        level = fd_cap * workers
                         if levels and levels[-1]["level"] >= level:
                             stop_reason = f"descriptor limit ({nofile})"
                             break
