@@ -21,7 +21,7 @@ from mailbag.protocol.capabilities import (
     Pop3Policy,
     capability_lines,
 )
-from mailbag.protocol.dots import MessageEncoder
+from mailbag.protocol.dots import MessageEncoder, encode_whole
 from mailbag.protocol.events import (
     Abort,
     BodyChunk,
@@ -351,12 +351,17 @@ class Pop3Connection:
         request = self._message
         assert request is not None
         status = self.ok(f"{request.size} octets" if request.body_lines is None else "")
-        encoder = MessageEncoder(request.body_lines)
         if whole is not None:
-            self.reply(status + encoder.feed(whole) + encoder.finish())
+            if request.body_lines is None:
+                # One copy: the status line and the encoded parts joined once.
+                self.reply(b"".join((status, *encode_whole(whole))))
+            else:
+                encoder = MessageEncoder(request.body_lines)
+                self.reply(status + encoder.feed(whole) + encoder.finish())
             self._message = None
             self._events.append(EndOfMessage(request.msn, top=request.body_lines is not None))
             return
+        encoder = MessageEncoder(request.body_lines)
         self.reply(status)
         self._encoder = encoder
         self._waiting = Waiting.BODY

@@ -13,14 +13,12 @@ else is here, once:
   case, a command answered long before the idle timeout, costs an attribute
   store per wait instead of a timer heap push and cancel (an
   ``asyncio.timeout`` context measured ~7 us, two per command);
-* bounded output: replies are batched in one reused buffer and written at
-  ``WRITE_HIGH_WATER`` or before a read, and waiting for the client to take
-  them (``drain``) is bounded by ``send_timeout``, so a client that stops
-  reading cannot hold a session.  (Handing each encoded body chunk to the
-  transport as it is saves a copy but measured slower: every chunk then needs
-  fresh pages, and kernel time for a 1 MiB RETR rose about fourfold.  Copying
-  into a reused buffer keeps the encoder's output short-lived and its memory
-  warm; see docs/architecture.md.);
+* bounded output: replies are batched and written at ``WRITE_HIGH_WATER``
+  or before a read, and waiting for the client to take them (``drain``) is
+  bounded by ``send_timeout``, so a client that stops reading cannot hold a
+  session.  A batch of one reply (a small RETR: status, body and terminator
+  are one reply) goes to the transport as it is, with no copy; several are
+  joined once;
 * endings: a timeout or a shutdown request goes to the core as ``Abort`` so
   the client hears why in the protocol's words; after the last reply the
   stream closes with a linger (FIN, then input discarded for a moment), so
@@ -42,7 +40,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, cast
 
 from mailbag.logs import log_event
 from mailbag.protocol.events import Abort, AbortReason, Close, NeedData, Reply, SansIOCore
@@ -69,7 +67,8 @@ class Driver:
         self.session_id = session_id
         self.outcome = "disconnected"
         self.started = time.monotonic()
-        self._out = bytearray()
+        self._out: list[bytes] = []
+        self._out_size = 0
         self._stop = asyncio.Event()
         self._stop_wait: asyncio.Future[Any] | None = None
         self._linger = 0.0
@@ -152,23 +151,31 @@ class Driver:
 
     async def _loop(self) -> None:
         core = self.core
+        next_event = core.next_event
+        out = self._out
         while True:
-            event = core.next_event()
-            if isinstance(event, NeedData):
+            event = next_event()
+            # ``type(...) is`` before ``isinstance``: the loop runs several times per
+            # command, and events are final classes.
+            kind = type(event)
+            if kind is NeedData:
                 await self.flush()
                 problem = await self._read()
                 if problem is not None:
                     core.send(Abort(problem))
                 continue
             self.event_seen(event)
-            if isinstance(event, Reply):
-                self._out += event.data
-                if len(self._out) >= WRITE_HIGH_WATER:
+            if kind is Reply:
+                data = cast(Reply, event).data
+                out.append(data)
+                self._out_size += len(data)
+                if self._out_size >= WRITE_HIGH_WATER:
                     await self.flush()
-            elif isinstance(event, Close):
+            elif kind is Close:
                 await self.flush()
-                if self.outcome == "disconnected" or event.reason != "client closed the connection":
-                    self.outcome = event.reason
+                reason = cast(Close, event).reason
+                if self.outcome == "disconnected" or reason != "client closed the connection":
+                    self.outcome = reason
                 self._linger = LINGER_SECONDS
                 return
             else:
@@ -260,10 +267,13 @@ class Driver:
 
     async def flush(self) -> None:
         """Write batched output and wait (bounded) until the client has taken enough of it."""
-        if self._out:
-            self.stream.write(bytes(self._out))
-            self.sent(len(self._out))
-            self._out.clear()
+        out = self._out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            self._out_size = 0
+            self.stream.write(data)
+            self.sent(len(data))
         # A client that stops reading must not hold the session forever (slowloris on the
         # sending side): waiting for buffer space is bounded like waiting for input.
         self._wait_begins(time.monotonic() + self.send_timeout())
