@@ -71,6 +71,10 @@ ANSWERS: dict[Waiting, tuple[type, ...]] = {
     Waiting.TLS: (TlsStarted,),
 }
 
+#: ``ANSWERS`` keyed by the member's ``id``: looked up once per answer, and hashing an
+#: Enum member runs ``Enum.__hash__`` in Python.
+_ANSWERS_BY_ID = {id(waiting): types for waiting, types in ANSWERS.items()}
+
 #: The driver's own last words, by ``Abort`` reason.
 ABORT_TEXTS = {
     "timeout": "Autologout; idle for too long.",
@@ -295,10 +299,12 @@ class Pop3Connection:
             self._events.clear()
             self.close_with(self.err(ABORT_TEXTS[answer.reason]), answer.reason)
             return
-        if not isinstance(answer, ANSWERS.get(self._waiting, ())):
+        if not isinstance(answer, _ANSWERS_BY_ID.get(id(self._waiting), ())):
             raise RuntimeError(f"{answer!r} is no answer while waiting for {self._waiting.name}")
         self._waiting = Waiting.NOTHING
-        if isinstance(answer, BodyChunk):
+        if type(answer) is MessageOpened:  # the one answer of every RETR first
+            self._message_opened(answer.whole)
+        elif isinstance(answer, BodyChunk):
             self._body_chunk(answer.data)
         elif isinstance(answer, BodyEnd):
             self._body_end()
