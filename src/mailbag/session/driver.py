@@ -16,9 +16,13 @@ else is here, once:
 * bounded output: replies are batched and written at ``WRITE_HIGH_WATER``
   or before a read, and waiting for the client to take them (``drain``) is
   bounded by ``send_timeout``, so a client that stops reading cannot hold a
-  session.  A batch of one reply (a small RETR: status, body and terminator
-  are one reply) goes to the transport as it is, with no copy; several are
-  joined once;
+  session.  A batch of one small reply (a small RETR: status, body and
+  terminator are one reply) goes to the transport as it is, with no copy;
+  anything larger is copied into one reused buffer first.  (Handing big
+  encoded body chunks to the transport as they are saves a copy but measured
+  slower: the transport then holds the encoder's output until it is sent,
+  every chunk needs fresh pages, and kernel time for a 1 MiB RETR rose; see
+  docs/architecture.md.);
 * endings: a timeout or a shutdown request goes to the core as ``Abort`` so
   the client hears why in the protocol's words; after the last reply the
   stream closes with a linger (FIN, then input discarded for a moment), so
@@ -49,6 +53,9 @@ from mailbag.session.stream import Stream
 
 #: Flush batched output once it grows past this (a RETR body streams at this granularity).
 WRITE_HIGH_WATER = 256 * 1024
+#: A batch of one reply up to this size is written as it is; larger output goes through
+#: the reused buffer (below glibc's default mmap threshold, so small replies reuse heap).
+DIRECT_WRITE_MAX = 64 * 1024
 #: After the last reply: how long the socket keeps reading (and discarding) for a clean close.
 LINGER_SECONDS = 2.0
 
@@ -69,6 +76,7 @@ class Driver:
         self.started = time.monotonic()
         self._out: list[bytes] = []
         self._out_size = 0
+        self._buffer = bytearray()  # reused for large batches (see the module docstring)
         self._stop = asyncio.Event()
         self._stop_wait: asyncio.Future[Any] | None = None
         self._linger = 0.0
@@ -269,11 +277,21 @@ class Driver:
         """Write batched output and wait (bounded) until the client has taken enough of it."""
         out = self._out
         if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
+            size = self._out_size
+            if len(out) == 1 and size <= DIRECT_WRITE_MAX:
+                data = out[0]
+            elif size <= DIRECT_WRITE_MAX:
+                data = b"".join(out)
+            else:
+                buffer = self._buffer
+                for part in out:
+                    buffer += part
+                data = bytes(buffer)
+                buffer.clear()
             out.clear()
             self._out_size = 0
             self.stream.write(data)
-            self.sent(len(data))
+            self.sent(size)
         # A client that stops reading must not hold the session forever (slowloris on the
         # sending side): waiting for buffer space is bounded like waiting for input.
         self._wait_begins(time.monotonic() + self.send_timeout())
