@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailbag.protocol.dots import DotDecoder, MessageEncoder, encode_message
+from mailbag.protocol.dots import DotDecoder, MessageEncoder, encode_message, encode_whole
 from mailbag.protocol.lines import Line, LineReader, LineTooLong, apply_erase
 from mailbag.wireform import to_wire
 
@@ -113,6 +114,22 @@ def test_encoder_output_equals_a_line_by_line_reference(data: bytes, cuts: list[
     decoder = DotDecoder()
     decoded = b"".join(decoder.feed(p) for p in _chunked(pieces, cuts))
     assert decoder.done and decoded == to_wire(data)
+
+
+#: Bare-LF messages (the usual Maildir file), the case ``encode_whole`` handles itself.
+lf_message_bytes = st.binary(max_size=200).map(lambda b: bytes(b"a.\n: "[x % 4] for x in b))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(lf_message_bytes, message_bytes))
+def test_encode_whole_equals_the_streaming_encoder(data: bytes) -> None:
+    """RETR's whole-message fast path gives exactly the streamed bytes (RFC 1939 section 3)."""
+    assert b"".join(encode_whole(data)) == encode_message(data) == _reference_body(data)
+
+
+@pytest.mark.parametrize("data", [b"", b".", b"\n", b".\n.", b"a\n.\n", b"..\n\n.", b"x\r\n.y"])
+def test_encode_whole_edges(data: bytes) -> None:
+    assert b"".join(encode_whole(data)) == encode_message(data)
 
 
 @settings(max_examples=500, deadline=None)

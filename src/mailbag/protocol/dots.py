@@ -154,3 +154,20 @@ def encode_message(data: bytes, body_lines: int | None = None) -> bytes:
     """Encode a whole message at once (small messages and tests)."""
     encoder = MessageEncoder(body_lines)
     return encoder.feed(data) + encoder.finish()
+
+
+def encode_whole(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """RETR's body of a whole stored message as ``(head, body, tail)``; joined = ``encode_message``.
+
+    The usual Maildir file (bare LF, no CR at all) takes two passes, one
+    ``replace`` and one regex, and no encoder object; the parts are returned
+    unjoined so the caller can join them with the status line in one copy
+    (a small RETR used to copy its body three times here).  A file with any CR
+    (CRLF, lone CRs) takes the general encoder.
+    """
+    if b"\r" in data:
+        return b"", encode_message(data), b""
+    body = _DOT_LINE.sub(b"\r\n..", data.replace(b"\n", CRLF))
+    head = b"." if body[:1] == b"." else b""
+    tail = b".\r\n" if not body or body[-2:] == CRLF else b"\r\n.\r\n"
+    return head, body, tail

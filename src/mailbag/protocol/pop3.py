@@ -21,7 +21,7 @@ from mailbag.protocol.capabilities import (
     Pop3Policy,
     capability_lines,
 )
-from mailbag.protocol.dots import MessageEncoder
+from mailbag.protocol.dots import MessageEncoder, encode_whole
 from mailbag.protocol.events import (
     Abort,
     BodyChunk,
@@ -70,6 +70,10 @@ ANSWERS: dict[Waiting, tuple[type, ...]] = {
     Waiting.COMMIT: (CommitDone,),
     Waiting.TLS: (TlsStarted,),
 }
+
+#: ``ANSWERS`` keyed by the member's ``id``: looked up once per answer, and hashing an
+#: Enum member runs ``Enum.__hash__`` in Python.
+_ANSWERS_BY_ID = {id(waiting): types for waiting, types in ANSWERS.items()}
 
 #: The driver's own last words, by ``Abort`` reason.
 ABORT_TEXTS = {
@@ -295,10 +299,12 @@ class Pop3Connection:
             self._events.clear()
             self.close_with(self.err(ABORT_TEXTS[answer.reason]), answer.reason)
             return
-        if not isinstance(answer, ANSWERS.get(self._waiting, ())):
+        if not isinstance(answer, _ANSWERS_BY_ID.get(id(self._waiting), ())):
             raise RuntimeError(f"{answer!r} is no answer while waiting for {self._waiting.name}")
         self._waiting = Waiting.NOTHING
-        if isinstance(answer, BodyChunk):
+        if type(answer) is MessageOpened:  # the one answer of every RETR first
+            self._message_opened(answer.whole)
+        elif isinstance(answer, BodyChunk):
             self._body_chunk(answer.data)
         elif isinstance(answer, BodyEnd):
             self._body_end()
@@ -351,12 +357,17 @@ class Pop3Connection:
         request = self._message
         assert request is not None
         status = self.ok(f"{request.size} octets" if request.body_lines is None else "")
-        encoder = MessageEncoder(request.body_lines)
         if whole is not None:
-            self.reply(status + encoder.feed(whole) + encoder.finish())
+            if request.body_lines is None:
+                # One copy: the status line and the encoded parts joined once.
+                self.reply(b"".join((status, *encode_whole(whole))))
+            else:
+                encoder = MessageEncoder(request.body_lines)
+                self.reply(status + encoder.feed(whole) + encoder.finish())
             self._message = None
             self._events.append(EndOfMessage(request.msn, top=request.body_lines is not None))
             return
+        encoder = MessageEncoder(request.body_lines)
         self.reply(status)
         self._encoder = encoder
         self._waiting = Waiting.BODY

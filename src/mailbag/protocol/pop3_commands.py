@@ -250,13 +250,15 @@ def _noop(conn: Pop3Connection, args: list[bytes], rest: bytes) -> None:
     conn.reply(conn.ok())
 
 
-_AUTH = frozenset({State.AUTHORIZATION})
-_TRANS = frozenset({State.TRANSACTION})
-_BOTH = _AUTH | _TRANS
+# Tuples, not frozensets: membership then compares by identity, where a set would
+# call ``Enum.__hash__`` (Python code) once per command.
+_AUTH = (State.AUTHORIZATION,)
+_TRANS = (State.TRANSACTION,)
+_BOTH = (State.AUTHORIZATION, State.TRANSACTION)
 
 
 #: The command table (DESIGN.md rule 3): keyword -> (states where valid, handler).
-COMMANDS: dict[bytes, tuple[frozenset[State], Handler]] = {
+COMMANDS: dict[bytes, tuple[tuple[State, ...], Handler]] = {
     b"USER": (_AUTH, _user),
     b"PASS": (_AUTH, _pass),
     b"APOP": (_AUTH, _apop),

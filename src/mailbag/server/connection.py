@@ -35,11 +35,15 @@ class ConnectionStream(asyncio.Protocol):
         self._secure = False
         self._discarding = False
         self._linger: asyncio.TimerHandle | None = None
+        #: The loop, kept: ``asyncio.get_running_loop()`` makes a ``getpid`` system call
+        #: (a fork check) every time, and ``read`` needs the loop once per command.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -------------------------------------------------- asyncio.Protocol side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._peer = (str(peer[0]), int(peer[1]))
@@ -102,7 +106,8 @@ class ConnectionStream(asyncio.Protocol):
 
     async def read(self) -> bytes:
         while not self._buffer and not self._eof:
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._loop or asyncio.get_running_loop()
+            self._waiter = loop.create_future()
             try:
                 await self._waiter
             finally:
