@@ -37,6 +37,12 @@ def test_outage_gives_storage_errors_and_the_pool_recovers(server: PrivatePostgr
             )
             first = await store.deliver("alice", b"before\n")
             md = await store.open_maildrop("alice")
+            # Leases commit asynchronously (database.pool): one taken in the last
+            # moments before a crash may be lost, and then its session's QUIT
+            # refuses to commit (LeaseLost, tested with a dead node).  The WAL
+            # writer flushes every wal_writer_delay (200 ms); after that the
+            # lease survives the crash, which is what this test is about.
+            await asyncio.sleep(1.0)
             await asyncio.to_thread(server.stop)
             for attempt in (
                 store.deliver("alice", b"during\n"),

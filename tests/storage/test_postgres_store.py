@@ -195,6 +195,51 @@ def test_stat_never_reads_bodies_and_top_reads_only_the_first_row(dsn: str) -> N
     run(go())
 
 
+def test_reading_in_order_reads_small_messages_ahead_in_one_query(dsn: str) -> None:
+    """RETR 1, RETR 2, ...: one query brings the next small messages, within a bound.
+
+    The rows of messages 2-4 are removed after message 1 was read: they are
+    still served, so they came with message 1.  A message past the octet
+    bound was not read ahead, and a read out of order reads only itself.
+    """
+    from mailbag.storage.postgres import maildrop as pg_maildrop
+
+    async def go() -> None:
+        a = node(dsn, "a")
+        bodies = [b"Subject: %d\n\n" % i + b"x" * 100 + b"\n" for i in range(6)]
+        uids = [await a.deliver("alice", body) for body in bodies]
+        md = await a.open_maildrop("alice")
+        try:
+            limit = sum(m.size for m in md.messages[:4])
+            pg_maildrop.READ_AHEAD_OCTETS, old = limit, pg_maildrop.READ_AHEAD_OCTETS
+            try:
+                assert await md.read_whole(uids[0], 1 << 20) == bodies[0]
+            finally:
+                pg_maildrop.READ_AHEAD_OCTETS = old
+            await fetch(a, "DELETE FROM message_chunks WHERE seq > (SELECT min(seq) FROM"
+                           " message_chunks)")
+            assert await read_all(md, uids[1]) == bodies[1]  # the stream path
+            assert await md.read_whole(uids[2], 1 << 20) == bodies[2]
+            assert await md.read_whole(uids[3], 1 << 20) == bodies[3]
+            with pytest.raises(StorageError):  # past the bound: never read ahead
+                await md.read_whole(uids[4], 1 << 20)
+        finally:
+            await md.close()
+        # Out of order: only the message asked for is read; in order again: ahead.
+        bob = [await a.deliver("bob", body) for body in bodies[:3]]
+        md = await a.open_maildrop("bob")
+        try:
+            assert await md.read_whole(bob[2], 1 << 20) == bodies[2]
+            assert await md.read_whole(bob[0], 1 << 20) == bodies[0]
+            assert md._ahead == {}
+            assert await md.read_whole(bob[1], 1 << 20) == bodies[1]
+            assert list(md._ahead) == [bob[2]]
+        finally:
+            await md.close()
+
+    run(go())
+
+
 def test_quota_holds_across_nodes_under_concurrent_delivery(dsn: str) -> None:
     """Two nodes delivering at once cannot overshoot a quota (issue 13)."""
 

@@ -180,6 +180,7 @@ async def upgrade(db: Database, *, target: int = LATEST) -> tuple[int, int]:
                 raise SchemaMismatch(_ahead(before))
             for migration in MIGRATIONS[before:target]:
                 async with conn.transaction():
+                    await conn.execute("SET LOCAL synchronous_commit = on")  # see database.pool
                     await conn.execute(
                         "CREATE TABLE IF NOT EXISTS schema_version ("
                         " version integer PRIMARY KEY,"

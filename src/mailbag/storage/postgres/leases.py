@@ -33,11 +33,19 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 from mailbag.database.pool import Connection, Database, describe
 from mailbag.errors import MaildropLocked, StorageError
 
 log = logging.getLogger(__name__)
+
+#: The upsert's conflict clause: replace a lease row only once it has expired
+#: (database time), so a live lease of any node keeps the maildrop locked.
+TAKE_LEASE = """ON CONFLICT (maildrop_id) DO UPDATE
+                SET node = EXCLUDED.node, token = EXCLUDED.token,
+                    acquired_at = now(), expires_at = EXCLUDED.expires_at
+                WHERE l.expires_at < clock_timestamp()"""
 
 #: RFC-style upper bound from issue 13: a dead node's locks are free within 30 s.
 DEFAULT_LEASE_TIME = 30.0
@@ -89,13 +97,10 @@ class LeaseKeeper:
         """
         token = next(self._tokens)
         row = await conn.fetchrow(
-            """
+            f"""
             INSERT INTO leases AS l (maildrop_id, node, token, expires_at)
             VALUES ($1, $2, $3, clock_timestamp() + make_interval(secs => $4))
-            ON CONFLICT (maildrop_id) DO UPDATE
-                SET node = EXCLUDED.node, token = EXCLUDED.token,
-                    acquired_at = now(), expires_at = EXCLUDED.expires_at
-                WHERE l.expires_at < clock_timestamp()
+            {TAKE_LEASE}
             RETURNING token
             """,
             maildrop_id,
@@ -105,11 +110,65 @@ class LeaseKeeper:
         )
         if row is None:
             raise MaildropLocked(f"maildrop of {user!r} is in use")
+        self.taken(token)
+        return token
+
+    async def acquire_listing(
+        self, conn: Connection, user: str
+    ) -> tuple[int, int, list[Any] | None] | None:
+        """Find the maildrop, take its lease and list its messages in one round trip.
+
+        The login path of every session, so one statement instead of three
+        (find, lease, list).  The list is read in the statement's snapshot.
+        When the lease row was free (the usual case: a release deletes it)
+        that snapshot is as good as a later one, since nobody could change
+        the maildrop's messages without the lease.  When an *expired* lease
+        was taken over, its dead holder's QUIT may have committed while this
+        statement waited for the row, after the snapshot: then the list is
+        ``None`` and the caller reads it again in a new statement.
+
+        Returns ``(maildrop id, token, message rows or None)``, or None when
+        the maildrop does not exist yet (the caller creates it and takes the
+        slow path).  Raises ``MaildropLocked`` as ``acquire`` does.
+        """
+        token = next(self._tokens)
+        rows = await conn.fetch(
+            f"""
+            WITH drop AS (SELECT id FROM maildrops WHERE name = $1),
+            lease AS (
+                INSERT INTO leases AS l (maildrop_id, node, token, expires_at)
+                SELECT id, $2, $3, clock_timestamp() + make_interval(secs => $4) FROM drop
+                {TAKE_LEASE}
+                RETURNING maildrop_id, (xmax = 0) AS fresh
+            )
+            SELECT id AS maildrop_id, -2::bigint AS seq, NULL AS uid, 0::bigint AS wire_size,
+                   0 AS chunks FROM drop
+            UNION ALL
+            SELECT maildrop_id, -1, NULL, 0, fresh::int FROM lease
+            UNION ALL
+            SELECT m.maildrop_id, m.seq, m.uid, m.wire_size, m.chunks
+            FROM messages m JOIN lease ON m.maildrop_id = lease.maildrop_id
+            ORDER BY seq
+            """,
+            user,
+            self.node_id,
+            token,
+            self.lease_time,
+        )
+        if not rows:
+            return None
+        if len(rows) < 2 or rows[1]["seq"] != -1:
+            raise MaildropLocked(f"maildrop of {user!r} is in use")
+        self.taken(token)
+        listing = rows[2:] if rows[1]["chunks"] else None
+        return int(rows[0]["maildrop_id"]), token, listing
+
+    def taken(self, token: int) -> None:
+        """Account for a lease just taken: the heartbeat renews it from now on."""
         if not self._held:  # the heartbeat's clock starts with its first lease
             self.last_renewal = time.monotonic()
         self._held.add(token)
         self._ensure_heartbeat()
-        return token
 
     async def release(self, maildrop_id: int, token: int) -> None:
         """Drop the lease; if the database is unreachable it is no longer renewed, so it expires."""

@@ -31,16 +31,28 @@ CHUNK_SIZE = 64 * 1024
 #: with at most this many rows of one message in memory per session.
 BATCH_ROWS = 8
 
+#: Read-ahead of small messages: when a session reads messages in order (what
+#: every fetching client does: RETR 1, RETR 2, ...), the next single-row
+#: messages come with the one asked for, up to this many octets and messages
+#: per query, so a maildrop of small messages costs a round trip per batch
+#: rather than per message.  Also the bound on what a session keeps in memory.
+READ_AHEAD_OCTETS = 128 * 1024
+READ_AHEAD_MESSAGES = 32
+
 _background: set[asyncio.Task[None]] = set()
 
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """Where a snapshot message lives: its arrival sequence, wire size, row count."""
+    """Where a snapshot message lives: its arrival sequence, wire size, row count.
+
+    ``position`` is its index in the snapshot (0-based), for read-ahead.
+    """
 
     seq: int
     wire_size: int
     chunks: int
+    position: int = 0
 
 
 def _release_forgotten(leases: LeaseKeeper, maildrop_id: int, token: int) -> None:
@@ -79,6 +91,11 @@ class PostgresMaildrop:
         self._deleted: set[str] = set()
         self._closed = False
         self._messages = tuple(MessageInfo(uid, s.wire_size) for uid, s in stored.items())
+        self._order = list(stored)
+        #: Bodies read ahead (uid -> stored bytes), and the position a read in
+        #: order would ask for next (the first read counts as in order).
+        self._ahead: dict[str, bytes] = {}
+        self._next_position = 0
         self._finalizer = weakref.finalize(self, _release_forgotten, leases, maildrop_id, token)
 
     @property
@@ -105,6 +122,17 @@ class PostgresMaildrop:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
         stored = self._find(uid)
+        if stored.chunks == 1:
+            body = await self._single_row(uid, stored)
+            if len(body) <= chunk_size:
+                if body:
+                    yield body
+            else:
+                for start in range(0, len(body), chunk_size):
+                    yield body[start : start + chunk_size]
+            # Reached only when the reader took the whole message (TOP stops early).
+            self._next_position = stored.position + 1
+            return
         first, batch = 0, 1
         while first < stored.chunks:
             last = min(first + batch, stored.chunks)
@@ -129,6 +157,57 @@ class PostgresMaildrop:
                 for start in range(0, len(data), chunk_size):
                     yield bytes(view[start : start + chunk_size])
             first, batch = last, BATCH_ROWS
+        self._next_position = stored.position + 1
+
+    async def read_whole(self, uid: str, limit: int) -> bytes | None:
+        """``WholeReader``: a single-row message in one call (read ahead when in order)."""
+        stored = self._find(uid)
+        if stored.chunks != 1 or stored.wire_size > limit:  # stored octets <= wire size
+            return None
+        body = await self._single_row(uid, stored)
+        self._next_position = stored.position + 1
+        return body
+
+    async def _single_row(self, uid: str, stored: Stored) -> bytes:
+        """A single-row message: read ahead already, or read now (with read-ahead if in order)."""
+        body = self._ahead.pop(uid, None)
+        if body is not None:
+            return body
+        return await self._read_ahead(uid, stored, more=stored.position == self._next_position)
+
+    async def _read_ahead(self, uid: str, stored: Stored, *, more: bool) -> bytes:
+        """The single-row message ``uid``; with ``more``, the small ones after it into ``_ahead``.
+
+        Only messages still in the snapshot (not marked deleted) are read
+        ahead, and ``_ahead`` is replaced, not grown, so a session never
+        holds more than ``READ_AHEAD_OCTETS`` of bodies it did not ask for.
+        """
+        wanted = {stored.seq: uid}
+        octets = stored.wire_size
+        for position in range(stored.position + 1, len(self._order) if more else 0):
+            if len(wanted) >= READ_AHEAD_MESSAGES:
+                break
+            following = self._order[position]
+            info = self._stored[following]
+            if info.chunks != 1 or following in self._deleted:
+                continue
+            octets += info.wire_size
+            if octets > READ_AHEAD_OCTETS:
+                break
+            wanted[info.seq] = following
+        async with self._db.connection("read messages") as conn:
+            rows = await conn.fetch(
+                "SELECT seq, data FROM message_chunks"
+                " WHERE maildrop_id = $1 AND seq = ANY($2::bigint[]) AND n = 0",
+                self._id,
+                list(wanted),
+            )
+        found = {int(row["seq"]): row["data"] for row in rows}
+        data = found.pop(stored.seq, None)
+        if data is None:
+            raise MessageGone(f"message {uid} of {self._user!r} vanished")
+        self._ahead = {wanted[seq]: body for seq, body in found.items()}
+        return bytes(data)
 
     async def delete(self, uids: Sequence[str]) -> DeleteResult:
         """Delete in one transaction that first proves the lease is still ours.

@@ -193,21 +193,28 @@ class PostgresStore:
         maildrop_id = 0
         try:
             async with self.db.connection("open maildrop") as conn:
-                found = await self.maildrop_id(conn, user, create=True)
-                assert found is not None
-                maildrop_id = found
-                token = await self.leases.acquire(conn, maildrop_id, user)
-                rows = await conn.fetch(
-                    "SELECT seq, uid, wire_size, chunks FROM messages"
-                    " WHERE maildrop_id = $1 ORDER BY seq",
-                    maildrop_id,
-                )
+                # One round trip for an existing maildrop; three for a new one.
+                opened = await self.leases.acquire_listing(conn, user)
+                if opened is None:
+                    found = await self.maildrop_id(conn, user, create=True)
+                    assert found is not None
+                    maildrop_id, rows = found, None
+                    token = await self.leases.acquire(conn, maildrop_id, user)
+                else:
+                    maildrop_id, token, rows = opened
+                if rows is None:
+                    rows = await conn.fetch(
+                        "SELECT seq, uid, wire_size, chunks FROM messages"
+                        " WHERE maildrop_id = $1 ORDER BY seq",
+                        maildrop_id,
+                    )
         except BaseException:
             if token is not None:
                 await asyncio.shield(self.leases.release(maildrop_id, token))
             raise
         stored = {
-            r["uid"]: Stored(int(r["seq"]), int(r["wire_size"]), int(r["chunks"])) for r in rows
+            r["uid"]: Stored(int(r["seq"]), int(r["wire_size"]), int(r["chunks"]), position)
+            for position, r in enumerate(rows)
         }
         return PostgresMaildrop(self.db, self.leases, user, maildrop_id, token, stored)
 
