@@ -21,6 +21,11 @@ Figures, A/B alternated (maildir then postgres, ``--reps`` pairs), each run
 * RETR MB/s of a 10 KB and of a 1 MiB maildrop (every body's SHA-256 checked);
 * database connections (``pg_stat_activity`` for the database) while 1,000
   idle authenticated sessions are held on one postgres node;
+* with ``--bigbox N`` (e.g. 100000): login + STAT + UIDL of an N-message
+  maildrop (``bench/data.py``'s big box, migrated like the rest), time to
+  the end of the UIDL listing; Maildir both *cold* (no ``mailbag.index``,
+  every unsized file read) and *warm* (indexed), PostgreSQL once per rep (it
+  has no cold case: the message list is one indexed query every time);
 * with ``--nodes``: sessions/s at c=50 through HAProxy
   (``packaging/haproxy.cfg`` rendered by ``scripts/cluster.py``) to one node
   vs two nodes on the same database, also alternated.
@@ -253,6 +258,33 @@ def alternate(ports: dict[str, int], reps: int, scenario: list[str],
     }
 
 
+def bigbox(ports: dict[str, int], reps: int, maildir: Path) -> dict[str, Any]:
+    """Seconds to the end of UIDL: Maildir cold and warm, PostgreSQL, per rep.
+
+    Ratios are PostgreSQL over Maildir *warm* (the state a maildrop is in
+    after its first session) and over Maildir cold; lower is better.
+    """
+    index = maildir / "mailbag.index"
+    runs: dict[str, list[float]] = {"maildir cold": [], "maildir warm": [], "postgres": []}
+    run_load(ports["postgres"], "bigbox", "--user", "big")  # prime PostgreSQL's cache
+    for rep in range(reps):
+        index.unlink(missing_ok=True)
+        for name, port in (("maildir cold", ports["maildir"]),
+                           ("maildir warm", ports["maildir"]),
+                           ("postgres", ports["postgres"])):
+            result = run_load(port, "bigbox", "--user", "big")
+            runs[name].append(round(float(result["seconds"]), 3))
+            log(f"  bigbox rep {rep + 1}/{reps} {name}: {result['seconds']:.3f} s "
+                f"({result['uidl_lines']} UIDL lines, load {result['load']})")
+
+    def ratios(base: str) -> dict[str, float]:
+        pairs = [pg / m for pg, m in zip(runs["postgres"], runs[base], strict=True) if m]
+        return {"ratio": round(statistics.median(pairs), 3), "ratio_min": round(min(pairs), 3),
+                "ratio_max": round(max(pairs), 3)}
+
+    return {**runs, "vs_warm": ratios("maildir warm"), "vs_cold": ratios("maildir cold")}
+
+
 def prime(scenario: list[str]) -> list[str]:
     out = list(scenario)
     out[out.index("--seconds") + 1] = "1"
@@ -306,6 +338,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             log("generating Maildirs")
             paths = make_mail(home)
+            if args.bigbox:
+                log(f"generating a {args.bigbox:,}-message maildrop")
+                data.write_big_box(paths["mail"], "big", args.bigbox)
+                with paths["users"].open("a") as users:
+                    users.write(f"big:{{PLAIN}}{data.PASSWORD}\n")
             log("PostgreSQL: db init, users, migrate maildir postgres")
             result["pg_setup_seconds"] = round(load_postgres(home, paths, dsn), 1)
 
@@ -332,6 +369,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result[f"retr_{label}"] = alternate(ports, args.reps, [
                     "retr", "--user", user, "--expect", str(paths[expect]),
                     "--seconds", seconds], label)
+            if args.bigbox:
+                log(f"bigbox: login, STAT, UIDL of {args.bigbox:,} messages")
+                result["bigbox"] = bigbox(ports, args.reps, paths["mail"] / "big")
             log(f"holding {HOLD_USERS} idle sessions on the postgres node")
             before = connections(args.admin_dsn, database)
             with holder(postgres.port) as ask:
@@ -381,6 +421,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=2, help="A/B pairs per figure (2)")
     parser.add_argument("--nodes", action="store_true",
                         help="also 1 vs 2 postgres nodes behind HAProxy (c=50 sessions)")
+    parser.add_argument("--bigbox", type=int, default=0, metavar="N",
+                        help="also open an N-message maildrop (e.g. 100000; generating and "
+                        "migrating it adds about a minute per 25,000 messages)")
     parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
     args = parser.parse_args()
     result = run(args)
@@ -393,6 +436,10 @@ def main() -> int:
             print(f"{key:13} ratio {r['ratio']} ({r['ratio_min']}-{r['ratio_max']})  "
                   + "  ".join(f"{k}={v}" for k, v in r.items() if isinstance(v, list))
                   + f"  errors {r['errors']}")
+    if "bigbox" in result:
+        b = result["bigbox"]
+        print("bigbox seconds:", {k: v for k, v in b.items() if isinstance(v, list)},
+              " postgres/maildir warm", b["vs_warm"], " postgres/maildir cold", b["vs_cold"])
     print("idle:", result["idle"])
     print("load", result["load_start"], "->", result["load_end"], " wall",
           result["wall_seconds"], "s")
