@@ -12,7 +12,11 @@ import asyncio
 
 from mailbag.database.pool import Database
 from mailbag.database.schema import LATEST, upgrade, version
-from mailbag.session.pg_defence import PostgresFailureCounters, PostgresKnownNetworks
+from mailbag.session.pg_defence import (
+    READ_FRESH,
+    PostgresFailureCounters,
+    PostgresKnownNetworks,
+)
 from mailbag.session.throttle import DefenceState, FailureThrottle
 from tests.pgtest import fresh_database, require_postgres
 
@@ -202,13 +206,21 @@ def test_a_polling_login_costs_no_defence_writes() -> None:
                 await known.remember("alice", "192.0.2.0/24", 3600.0)
                 async with db.connection("read") as conn:
                     assert await conn.fetchval("SELECT count(*) FROM known_networks") == 0
+                now = [1000.0]
+                counters = PostgresFailureCounters(db, clock=lambda: now[0])
                 assert await counters.counts(KEYS[:1], 60.0) == [0]
                 other_db, other, _ = _node(dsn)
                 await other.add(KEYS[:1], 60.0)  # another node counts a failure meanwhile
                 await counters.reset(KEYS[0])  # skipped: just read as zero here
-                assert await counters.counts(KEYS[:1], 60.0) == [1]  # kept, errs on delay
+                # Read as zero moments ago: not read again (READ_FRESH) ...
+                assert await counters.counts(KEYS[:1], 60.0) == [0]
+                now[0] += READ_FRESH
+                assert await counters.counts(KEYS[:1], 60.0) == [1]  # ... then seen, kept
                 await counters.reset(KEYS[0])  # not zero any more: deleted
                 assert await counters.counts(KEYS[:1], 60.0) == [0]
+                # This node's own failure forgets the memo at once.
+                await counters.add(KEYS[:1], 60.0)
+                assert await counters.counts(KEYS[:1], 60.0) == [1]
                 await other_db.close()
             finally:
                 await db.close()

@@ -37,6 +37,12 @@ from mailbag.session.defence_state import MemoryFailureCounters
 CLEANUP_EVERY = 200
 #: A key this node read as zero this recently needs no DELETE to reset it.
 ZERO_FRESH = 10.0
+#: Keys this node read as zero this recently are not read again.  What that can
+#: give a guesser: this node's own failures forget the memo at once, and a
+#: non-zero count is never remembered, so a failure counted on *another* node
+#: goes unseen here for at most this long, and only until this node's first
+#: failure on that key: at most one undelayed guess per node, not a rate.
+READ_FRESH = 2.0
 #: A known-good network this node saw or wrote this recently is not asked again or rewritten.
 KNOWN_FRESH = 60.0
 #: Entries of the per-node memos above (bounded; the oldest go first).
@@ -57,9 +63,10 @@ class _Memo:
         while len(self._seen) > MEMO_SIZE:
             self._seen.popitem(last=False)
 
-    def recent(self, key: str) -> bool:
+    def recent(self, key: str, fresh: float | None = None) -> bool:
         seen = self._seen.get(key)
-        return seen is not None and self._clock() - seen < self.fresh
+        limit = self.fresh if fresh is None else fresh
+        return seen is not None and self._clock() - seen < limit
 
     def forget(self, key: str) -> None:
         self._seen.pop(key, None)
@@ -89,7 +96,9 @@ class PostgresFailureCounters:
     A successful login resets its source's counter, which nearly always is
     zero already: a key this node has just read as zero is not deleted again
     (at worst a failure counted meanwhile by another node stays, which only
-    ever delays, never helps, a guesser).
+    ever delays, never helps, a guesser).  Keys read as zero in the last
+    ``READ_FRESH`` seconds are not read again: a client polling in a loop,
+    or many users behind one address, costs no query per login.
 
     ``_local`` holds what was counted while the database failed; it is empty
     (and costs nothing) otherwise, and its counts are merged (the larger
@@ -109,6 +118,8 @@ class PostgresFailureCounters:
         return [max(a, b) for a, b in zip(shared, local, strict=True)]
 
     async def counts(self, keys: Sequence[str], window: float) -> list[int]:
+        if all(self._zero.recent(key, READ_FRESH) for key in keys):
+            return await self._merged(keys, window, [0] * len(keys))  # see READ_FRESH
         try:
             async with self._db.connection("read login failures") as conn:
                 rows = await conn.fetch(
