@@ -83,3 +83,59 @@ def test_unreachable_database_is_an_auth_error() -> None:
             await db.lookup_async("alice")
 
     asyncio.run(go())
+
+
+def test_a_node_caches_users_and_forgets_them_when_any_changes(dsn: str) -> None:
+    """Issue 13: users are cached on a node, and a change elsewhere is seen at once.
+
+    The node listens for the trigger's NOTIFY (schema version 4); the CLI
+    (another instance, synchronous path) changes the password, deletes and
+    re-adds the user, and the node's next lookup sees each change.  A cached
+    answer costs no query: proved by renaming the table under it.
+    """
+    admin = users(dsn)
+    admin.add("dave", "one", scheme="PLAIN")
+
+    async def go() -> None:
+        node = users(dsn)
+        feed = node._cache.feed
+        try:
+            assert await node.lookup_async("dave") is not None  # starts listening
+            for _ in range(100):
+                if feed.live:
+                    break
+                await asyncio.sleep(0.02)
+            assert feed.live
+            first = await node.lookup_async("dave")  # stored now
+            assert first is not None and verify_password("one", first.password)
+            async with node.db.connection("test") as conn:
+                await conn.execute("ALTER TABLE users RENAME TO users_away")
+                assert await node.lookup_async("dave") == first  # from the cache
+                await conn.execute("ALTER TABLE users_away RENAME TO users")
+
+            async def seen(check: object) -> None:
+                for _ in range(100):
+                    record = await node.lookup_async("dave")
+                    if check(record):  # type: ignore[operator]
+                        return
+                    await asyncio.sleep(0.02)
+                raise AssertionError("the node did not see the change within 2 s")
+
+            await asyncio.to_thread(admin.set_password, "dave", "two", scheme="PLAIN")
+            await seen(lambda r: r is not None and verify_password("two", r.password))
+            await asyncio.to_thread(admin.delete, "dave")
+            await seen(lambda r: r is None)
+            await asyncio.to_thread(admin.add, "dave", "three", scheme="PLAIN")
+            await seen(lambda r: r is not None and verify_password("three", r.password))
+            # Not listening: nothing is answered from memory.
+            await feed.close()
+            assert not feed.live
+            async with node.db.connection("test") as conn:
+                await conn.execute("ALTER TABLE users RENAME TO users_away")
+                with pytest.raises(AuthError):
+                    await node.lookup_async("dave")
+                await conn.execute("ALTER TABLE users_away RENAME TO users")
+        finally:
+            await node.close()
+
+    asyncio.run(go())

@@ -5,11 +5,12 @@ scheme the file accepts, SCRAM-SHA-256 keys, the optional APOP secret,
 quotas), made by the same code (``users.make_secrets``), so an account can
 move between the two and ``mailbag user ...`` behaves the same on both.
 
-There is no cache: every login and every LMTP recipient check is one
-indexed query, so ``mailbag user passwd`` on any machine is seen by every
-node at the next login, with no reload.  (An authentication cache in front
-of it, as issue 11 proposes, must then drop entries on change; a
-``NOTIFY`` from these methods is the hook for that.)
+A node caches the rows it looked up (``database.changes``): a trigger
+(schema version 4) announces every change of the table with ``NOTIFY``, and
+the node forgets its cache when one arrives, so ``mailbag user passwd`` on
+any machine is seen by every node at the next login, with no reload.  While
+the node is not listening (connection lost, not yet connected) every login
+and LMTP recipient check is one indexed query, as without a cache.
 
 Two ways in:
 
@@ -42,6 +43,7 @@ from mailbag.auth.users import (
     validate_username,
 )
 from mailbag.database import schema
+from mailbag.database.changes import ChangeFeed, GenerationCache
 from mailbag.database.pool import Connection, Database
 from mailbag.errors import AuthError, InvalidUsername, UnknownUser
 
@@ -120,6 +122,9 @@ class PostgresUsers:
             error=AuthError,
         )
         self._thread = _LoopThread()
+        #: Records by login (None: no such user) for the server's lookups.
+        self._cache: GenerationCache[str, UserRecord | None] = GenerationCache(
+            ChangeFeed(database, "mailbag_users"))
 
     def __repr__(self) -> str:
         return f"PostgresUsers(default_domain={self.default_domain!r})"
@@ -131,7 +136,8 @@ class PostgresUsers:
         await schema.require_current(self.db)
 
     async def close(self) -> None:
-        """Close the shared pool (at shutdown)."""
+        """Stop listening and close the shared pool (at shutdown)."""
+        await self._cache.feed.close()
         await self.db.close()
 
     async def lookup_async(self, login: str, *, db: Database | None = None) -> UserRecord | None:
@@ -140,16 +146,21 @@ class PostgresUsers:
             login = validate_username(login)
         except InvalidUsername:
             return None
+        token = None
+        if db is None:  # the server's lookups; the CLI's always ask
+            found, cached = self._cache.get(login)
+            if found:
+                return cached
+            token = self._cache.token()
         keys = [user_key(c) for c in login_candidates(login, self.default_domain)]
         async with (db or self.db).connection("look up a user", error=AuthError) as conn:
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM users WHERE key = ANY($1::text[])", keys
             )
         by_key = {row["key"]: row for row in rows}
-        for key in keys:
-            if key in by_key:
-                return _record(by_key[key])
-        return None
+        record = next((_record(by_key[key]) for key in keys if key in by_key), None)
+        self._cache.put(login, record, token)
+        return record
 
     async def list_async(self, *, db: Database | None = None) -> builtins.list[UserRecord]:
         """Every user, in the order they were added."""

@@ -141,11 +141,26 @@ CREATE TABLE known_networks (
 CREATE INDEX known_networks_last_seen ON known_networks (last_seen);
 """
 
+_V4 = """
+-- Every change of a user (any node, the CLI, plain SQL) is announced on the
+-- channel mailbag_users when its transaction commits, so nodes may cache
+-- users and still see a change at once (database.changes).
+CREATE FUNCTION mailbag_users_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('mailbag_users', '');
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER users_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON users
+    FOR EACH STATEMENT EXECUTE FUNCTION mailbag_users_changed();
+"""
+
 #: Every migration, in order; version N is ``MIGRATIONS[N - 1]``.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "maildrops, messages, chunked bodies, leases, users", _V1),
     Migration(2, "imported keys and reserved UIDLs (mailbag migrate)", _V2),
     Migration(3, "login defence shared by every node: failure counters, known networks", _V3),
+    Migration(4, "users announce their changes (NOTIFY mailbag_users) for node caches", _V4),
 )
 
 LATEST = MIGRATIONS[-1].version
