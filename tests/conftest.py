@@ -49,7 +49,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 15,
+def wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 30,
                   what: str = "mailbag") -> None:
     """Wait until ``proc`` (the server called ``what``) accepts connections on host:port."""
     deadline = time.monotonic() + timeout
