@@ -44,6 +44,7 @@ class HaProxy:
 
     def __init__(self, directory: Path, nodes: list[MailbagServer]) -> None:
         self.directory = directory
+        self.nodes = nodes
         self.front = Front(free_port(), free_port(), free_port())
         self.stats = directory / "admin.sock"
         self.config = directory / "haproxy.cfg"
@@ -54,11 +55,24 @@ class HaProxy:
         self.node_log_marks: dict[int, int] = {}
 
     def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [HAPROXY, "-db", "-f", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
+        """Start; if a front port was taken meanwhile (``free_port`` races with the
+        test's own outgoing connections), pick new ones and try again."""
+        for _ in range(3):
+            mark = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    [HAPROXY, "-db", "-f", str(self.config)],
+                    stdout=log, stderr=subprocess.STDOUT,
+                )
+            deadline = time.monotonic() + 1.0  # a bind failure exits within this
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                time.sleep(0.05)
+            if self.proc.poll() is None:
+                return
+            if b"cannot bind socket" not in self.log_path.read_bytes()[mark:]:
+                return  # another failure: wait_up reports it with the log
+            self.front = Front(free_port(), free_port(), free_port())
+            self.config.write_text(render_config(self.nodes, self.front, self.stats))
 
     def command(self, text: str) -> str:
         """One command on the stats socket (``show stat``, ``disable server ...``)."""

@@ -55,14 +55,20 @@ def login(pop: RawPop3, user: str, password: str) -> bytes:
     return pop.cmd(f"PASS {password}")
 
 
-def settled(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Samples once no connection is open (the server's bookkeeping trails the client)."""
+def settled(port: int, total: int = 0) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Samples once no connection is open and at least ``total`` were counted.
+
+    The server's bookkeeping trails the client: on a loaded machine the
+    start-up probe's connection may not even be accepted yet.
+    """
     deadline = time.monotonic() + 10
     while True:
         status, text = scrape(port)
         assert status == 200
         values = samples(text)
-        if values.get(("mailbag_connections_current", ())) == 0 or time.monotonic() > deadline:
+        done = (values.get(("mailbag_connections_current", ())) == 0
+                and values.get(("mailbag_connections_total", ()), 0) >= total)
+        if done or time.monotonic() > deadline:
             return values
         time.sleep(0.05)
 
@@ -72,7 +78,7 @@ def test_metrics_scraped_after_scripted_session(tmp_path: Path) -> None:
     home.deliver(MESSAGE)
     home.start()
     try:
-        before = settled(port)  # the start-up probe's connection is in here
+        before = settled(port, total=1)  # the start-up probe's connection is in here
 
         def delta(name: str, **labels: str) -> float:
             key = (name, tuple(sorted(labels.items())))
