@@ -25,7 +25,7 @@ from mailbag.storage.base import (
 )
 from mailbag.storage.maildir_names import derive_uidl
 from mailbag.storage.postgres import PostgresStore
-from mailbag.storage.postgres.leases import LeaseLost
+from mailbag.storage.postgres.leases import LeaseLost, listing_order
 from tests.pgtest import fresh_database
 from tests.storage.helpers import read_all, run
 
@@ -378,3 +378,13 @@ def test_import_of_a_stopped_run_commits_whole_batches(
                                                      for i in range(8)))
 
     run(go())
+
+
+def test_listing_order_sorts_arrays_sql_did_not() -> None:
+    """The arrays normally come in ``seq`` order; if not, all four are put in ``seq`` order."""
+    row = {"seqs": [3, 1, 2], "uids": ["c", "a", "b"], "sizes": [30, 10, 20], "chunks": [3, 1, 2]}
+    assert listing_order(row) == ([1, 2, 3], ["a", "b", "c"], [10, 20, 30], [1, 2, 3])
+    ordered = {"seqs": [1, 2], "uids": ["a", "b"], "sizes": [10, 20], "chunks": [1, 1]}
+    assert listing_order(ordered) == ([1, 2], ["a", "b"], [10, 20], [1, 1])
+    empty = {"seqs": None, "uids": None, "sizes": None, "chunks": None}
+    assert listing_order(empty) == ([], [], [], [])

@@ -12,8 +12,8 @@ import asyncio
 import logging
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from types import TracebackType
+from typing import NamedTuple
 
 from mailbag.database.pool import Database
 from mailbag.errors import MessageGone, StorageError
@@ -42,11 +42,12 @@ READ_AHEAD_MESSAGES = 32
 _background: set[asyncio.Task[None]] = set()
 
 
-@dataclass(frozen=True, slots=True)
-class Stored:
+class Stored(NamedTuple):
     """Where a snapshot message lives: its arrival sequence, wire size, row count.
 
-    ``position`` is its index in the snapshot (0-based), for read-ahead.
+    ``position`` is its index in the snapshot (0-based), for read-ahead.  A
+    NamedTuple, not a frozen dataclass: one is built per message at every
+    open, and a frozen dataclass's ``__init__`` costs several times more.
     """
 
     seq: int
@@ -90,7 +91,7 @@ class PostgresMaildrop:
         self._stored = stored
         self._deleted: set[str] = set()
         self._closed = False
-        self._messages = tuple(MessageInfo(uid, s.wire_size) for uid, s in stored.items())
+        self._messages = tuple(map(MessageInfo, stored, [s.wire_size for s in stored.values()]))
         self._order = list(stored)
         #: Bodies read ahead (uid -> stored bytes), and the position a read in
         #: order would ask for next (the first read counts as in order).
@@ -225,23 +226,22 @@ class PostgresMaildrop:
         async with self._db.transaction("delete messages") as conn:
             await self._leases.check(conn, self._id, self._token)
             if seqs:
-                row = await conn.fetchrow(
+                # One statement, not a DELETE then an UPDATE: the totals follow what
+                # was actually deleted (a row already gone is not subtracted twice).
+                await conn.execute(
                     """
                     WITH gone AS (
                         DELETE FROM messages WHERE maildrop_id = $1 AND seq = ANY($2::bigint[])
                         RETURNING wire_size
                     )
-                    SELECT count(*) AS n, coalesce(sum(wire_size), 0) AS octets FROM gone
+                    UPDATE maildrops AS d
+                    SET messages = d.messages - g.n, octets = d.octets - g.octets
+                    FROM (SELECT count(*) AS n, coalesce(sum(wire_size), 0)::bigint AS octets
+                          FROM gone) AS g
+                    WHERE d.id = $1
                     """,
                     self._id,
                     seqs,
-                )
-                await conn.execute(
-                    "UPDATE maildrops SET messages = messages - $2, octets = octets - $3"
-                    " WHERE id = $1",
-                    self._id,
-                    int(row["n"]),
-                    int(row["octets"]),
                 )
         self._deleted.update(wanted)
         deleted = sum(1 for uid in uids if uid in self._stored)

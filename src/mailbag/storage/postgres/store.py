@@ -39,7 +39,12 @@ from mailbag.storage.base import (
     Usage,
 )
 from mailbag.storage.maildir_names import NameGenerator, derive_uidl, split_user
-from mailbag.storage.postgres.leases import DEFAULT_LEASE_TIME, LeaseKeeper
+from mailbag.storage.postgres.leases import (
+    DEFAULT_LEASE_TIME,
+    LISTING,
+    LeaseKeeper,
+    listing_order,
+)
 from mailbag.storage.postgres.maildrop import CHUNK_SIZE, PostgresMaildrop, Stored
 from mailbag.wireform import wire_size
 
@@ -203,19 +208,15 @@ class PostgresStore:
                 else:
                     maildrop_id, token, rows = opened
                 if rows is None:
-                    rows = await conn.fetch(
-                        "SELECT seq, uid, wire_size, chunks FROM messages"
-                        " WHERE maildrop_id = $1 ORDER BY seq",
-                        maildrop_id,
-                    )
+                    rows = await conn.fetchrow(LISTING.format(maildrop="$1"), maildrop_id)
         except BaseException:
             if token is not None:
                 await asyncio.shield(self.leases.release(maildrop_id, token))
             raise
-        stored = {
-            r["uid"]: Stored(int(r["seq"]), int(r["wire_size"]), int(r["chunks"]), position)
-            for position, r in enumerate(rows)
-        }
+        # Built from lists with map/zip, not from a record per message: this is
+        # the per-message cost of every open (see ``LISTING``).
+        seqs, uids, sizes, chunks = listing_order(rows)
+        stored = dict(zip(uids, map(Stored, seqs, sizes, chunks, range(len(uids))), strict=True))
         return PostgresMaildrop(self.db, self.leases, user, maildrop_id, token, stored)
 
     async def deliver(self, user: str, message: bytes) -> str:
