@@ -108,6 +108,9 @@ class LeaseKeeper:
         self._stopped = False
         #: ``time.monotonic()`` of the last renewal that reached the database.
         self.last_renewal = 0.0
+        #: Releases waiting for the next DELETE, and the task sending them.
+        self._releasing: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._releaser: asyncio.Task[None] | None = None
 
     @property
     def holding(self) -> bool:
@@ -194,18 +197,46 @@ class LeaseKeeper:
         self._ensure_heartbeat()
 
     async def release(self, maildrop_id: int, token: int) -> None:
-        """Drop the lease; if the database is unreachable it is no longer renewed, so it expires."""
+        """Drop the lease; if the database is unreachable it is no longer renewed, so it expires.
+
+        Returns once the row is deleted (a QUIT answers after this, so a client
+        reconnecting at once finds its maildrop free).  Releases that arrive
+        while one ``DELETE`` is in flight go together in the next one: under
+        load a node sends one statement for many sessions' releases, and an
+        idle node sends each at once, as before.
+        """
         self._held.discard(token)
-        try:
-            async with self.db.connection("release a maildrop lease") as conn:
-                await conn.execute(
-                    "DELETE FROM leases WHERE maildrop_id = $1 AND node = $2 AND token = $3",
-                    maildrop_id,
-                    self.node_id,
-                    token,
-                )
-        except StorageError as exc:
-            log.warning("cannot release lease on maildrop %d (it expires): %s", maildrop_id, exc)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        releaser = self._releaser
+        if releaser is not None and releaser.get_loop() is not loop:
+            self._releasing, releaser = [], None  # a loop that is gone (tests): start over
+        self._releasing.append((maildrop_id, token, done))
+        if releaser is None or releaser.done():
+            self._releaser = loop.create_task(self._release_batches())
+        await done
+
+    async def _release_batches(self) -> None:
+        while self._releasing:
+            batch, self._releasing = self._releasing, []
+            try:
+                async with self.db.connection("release maildrop leases") as conn:
+                    await conn.execute(
+                        "DELETE FROM leases WHERE node = $1 AND token = ANY($2::bigint[])",
+                        self.node_id,
+                        [token for _, token, _ in batch],
+                    )
+            except StorageError as exc:
+                log.warning("cannot release leases on maildrops %s (they expire): %s",
+                            ", ".join(str(m) for m, _, _ in batch), exc)
+            except BaseException:
+                for _, _, done in batch:  # cancelled with the loop: nobody waits any more
+                    if not done.done():
+                        done.cancel()
+                raise
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_result(None)
 
     async def check(self, conn: Connection, maildrop_id: int, token: int) -> None:
         """Inside the QUIT transaction: lock our lease row and make sure it is still ours.
