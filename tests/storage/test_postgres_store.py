@@ -388,3 +388,29 @@ def test_listing_order_sorts_arrays_sql_did_not() -> None:
     assert listing_order(ordered) == ([1, 2], ["a", "b"], [10, 20], [1, 1])
     empty = {"seqs": None, "uids": None, "sizes": None, "chunks": None}
     assert listing_order(empty) == ([], [], [], [])
+
+
+def test_releases_arriving_together_share_one_statement(dsn: str) -> None:
+    """Twenty sessions quitting at once: every lease is gone when its close returns,
+    in fewer DELETEs than sessions (the first goes alone, the rest wait for it)."""
+
+    async def go() -> None:
+        a = node(dsn, "a")
+        drops = [await a.open_maildrop(f"user{i}") for i in range(20)]
+        statements = 0
+        real = a.leases.db.connection
+
+        def counting(action: str, **kw: Any) -> Any:
+            nonlocal statements
+            statements += "release" in action
+            return real(action, **kw)
+
+        a.leases.db.connection = counting  # type: ignore[method-assign]
+        await asyncio.gather(*(md.close() for md in drops))
+        a.leases.db.connection = real  # type: ignore[method-assign]
+        assert (await fetch(a, "SELECT count(*) AS n FROM leases"))[0]["n"] == 0
+        assert 1 <= statements < 20
+        again = await a.open_maildrop("user7")  # free at once, on any node
+        await again.close()
+
+    run(go())
