@@ -11,6 +11,7 @@ the process.
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -42,9 +43,42 @@ def _keep_umask() -> Iterator[None]:
     os.umask(old)
 
 
+#: Ports handed out by ``free_port`` in this process: never handed out twice.
+_GIVEN: set[int] = set()
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (good enough on a test machine)."""
-    with socket.socket() as sock:
+    """A port that is free now and stays free until the test's server binds it.
+
+    ``bind(0)`` would pick from the kernel's ephemeral range, where every
+    outgoing connection of the test run also takes its local port: a port
+    found free could be taken by a client's connection before the server
+    started (seen: ``address already in use`` in CI).  So the port comes from
+    below the ephemeral range, which outgoing connections never use, is
+    checked bindable, and is never handed out twice in one run.
+    """
+    top = _ephemeral_start()
+    low = max(10_000, top - 12_000)
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, top)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as sock:  # fall back to the kernel's choice
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 

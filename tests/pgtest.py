@@ -99,7 +99,6 @@ class PrivatePostgres:
 
     def __init__(self) -> None:
         import shutil
-        import socket
         import subprocess
         import tempfile
 
@@ -120,9 +119,9 @@ class PrivatePostgres:
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
             os.chmod(self.root, 0o755)
             self._as = ["runuser", "-u", "postgres", "--"]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        from tests.conftest import free_port  # outside the ephemeral range, see there
+
+        self.port = free_port()
         self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
         self.admin_dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 

@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from tests.conftest import free_port
+
 PG_BIN = os.environ.get("MAILBAG_PG_BIN", "/usr/lib/postgresql/15/bin")
 STANDBY_NAME = "replica1"
 
@@ -28,9 +30,7 @@ class PgServer:
         self.root = root
         self.data = os.path.join(root, name)
         self.log = os.path.join(root, f"{name}.log")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
+        self.port = free_port()  # outside the ephemeral range, see tests.conftest
         self._as: list[str] = []
         if os.geteuid() == 0:
             self._as = ["runuser", "-u", "postgres", "--"]
