@@ -92,7 +92,6 @@ class PostgresMaildrop:
         self._deleted: set[str] = set()
         self._closed = False
         self._messages = tuple(map(MessageInfo, stored, [s.wire_size for s in stored.values()]))
-        self._order = list(stored)
         #: Bodies read ahead (uid -> stored bytes), and the position a read in
         #: order would ask for next (the first read counts as in order).
         self._ahead: dict[str, bytes] = {}
@@ -185,10 +184,11 @@ class PostgresMaildrop:
         """
         wanted = {stored.seq: uid}
         octets = stored.wire_size
-        for position in range(stored.position + 1, len(self._order) if more else 0):
+        messages = self._messages  # the snapshot in order: ``position`` indexes it
+        for position in range(stored.position + 1, len(messages) if more else 0):
             if len(wanted) >= READ_AHEAD_MESSAGES:
                 break
-            following = self._order[position]
+            following = messages[position].uid
             info = self._stored[following]
             if info.chunks != 1 or following in self._deleted:
                 continue
