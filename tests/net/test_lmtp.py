@@ -235,16 +235,25 @@ def test_data_during_open_pop3_session_seen_next_session(mailbag_server: Mailbag
     assert len(pop3_messages(mailbag_server)) == 1
 
 
+def lmtp_on_unix_socket(server: MailbagServer, sock: Path) -> None:
+    """Configure ``server``'s LMTP listener on the Unix socket ``sock``."""
+    text = server.config.read_text()
+    server.config.write_text(text.replace('socket = ""', f'socket = "{sock}"', 1))
+
+
+def wait_for_file(path: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_lhlo_over_unix_socket(mailbag_home: MailbagServer, tmp_path: Path) -> None:
     """The Postfix ``lmtp:unix:`` transport: LMTP on a Unix-domain socket with a set mode."""
     sock = tmp_path / "lmtp.sock"
-    text = mailbag_home.config.read_text()
-    mailbag_home.config.write_text(text.replace('socket = ""', f'socket = "{sock}"', 1))
+    lmtp_on_unix_socket(mailbag_home, sock)
     mailbag_home.start()
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for_file(sock)
         assert sock.stat().st_mode & 0o777 == 0o660
         client = LmtpClient(unix=str(sock))
         assert client.lhlo()[0] == 250
@@ -264,16 +273,12 @@ def test_unix_socket_in_use_is_refused_and_left_alone(
     """A second server configured with a running one's socket path refuses to start and
     leaves the file alone (removing it would cut the running server off from the MTA)."""
     sock = tmp_path / "lmtp.sock"
-    text = mailbag_home.config.read_text()
-    mailbag_home.config.write_text(text.replace('socket = ""', f'socket = "{sock}"', 1))
+    lmtp_on_unix_socket(mailbag_home, sock)
     second = make_home(tmp_path / "second")
-    text = second.config.read_text()
-    second.config.write_text(text.replace('socket = ""', f'socket = "{sock}"', 1))
+    lmtp_on_unix_socket(second, sock)
     mailbag_home.start()
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for_file(sock)
         result = subprocess.run(
             [sys.executable, "-m", "mailbag", "serve", "-c", str(second.config)],
             capture_output=True, timeout=30, check=False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -22,13 +23,18 @@ from tests.session.test_pop3_session import make_session
 AUTOLOGOUT = "-ERR Autologout; idle for too long.\r\n"
 
 
-def test_idle_timeout_shorter_than_login_deadline_fires_on_time(users: UsersFile) -> None:
-    # RFC 1939 section 3 autologout: after login the idle timer (0.2 s here) replaces the
-    # login deadline (5 s), so the timer must move earlier, not wait for the old deadline.
+def demo_session(users: UsersFile, **timeouts: float) -> tuple[MemoryStore, MemoryStream, Any]:
+    """A session over a memory stream for ``demo``, who has one message."""
     store = MemoryStore()
     store.seed("demo", b"one\n")
     stream = MemoryStream()
-    session = make_session(users, store, stream, login_timeout=5.0, idle_timeout=0.2)
+    return store, stream, make_session(users, store, stream, **timeouts)
+
+
+def test_idle_timeout_shorter_than_login_deadline_fires_on_time(users: UsersFile) -> None:
+    # RFC 1939 section 3 autologout: after login the idle timer (0.2 s here) replaces the
+    # login deadline (5 s), so the timer must move earlier, not wait for the old deadline.
+    _, stream, session = demo_session(users, login_timeout=5.0, idle_timeout=0.2)
     stream.client_sends(b"USER demo\r\nPASS demo\r\n")
     started = time.monotonic()
     asyncio.run(asyncio.wait_for(session.run(), 10))
@@ -40,10 +46,7 @@ def test_idle_timeout_shorter_than_login_deadline_fires_on_time(users: UsersFile
 def test_idle_timer_restarts_with_every_command(users: UsersFile) -> None:
     # Commands every 0.1 s for 1 s with a 0.3 s idle timeout: never cut while active
     # (the timer fires meanwhile and follows the later deadline), cut once silent.
-    store = MemoryStore()
-    store.seed("demo", b"one\n")
-    stream = MemoryStream()
-    session = make_session(users, store, stream, idle_timeout=0.3)
+    store, stream, session = demo_session(users, idle_timeout=0.3)
 
     async def busy_client() -> float:
         task = asyncio.create_task(session.run())
@@ -66,10 +69,7 @@ def test_idle_timer_restarts_with_every_command(users: UsersFile) -> None:
 def test_shutdown_cancel_while_reading_is_not_a_timeout(users: UsersFile) -> None:
     # A cancellation from outside (shutdown after the grace period) propagates; it must not
     # be swallowed as if the session's own deadline had expired.
-    store = MemoryStore()
-    store.seed("demo", b"one\n")
-    stream = MemoryStream()
-    session = make_session(users, store, stream, idle_timeout=5.0)
+    store, stream, session = demo_session(users, idle_timeout=5.0)
 
     async def cancel_it() -> None:
         task = asyncio.create_task(session.run())
@@ -86,10 +86,7 @@ def test_shutdown_cancel_while_reading_is_not_a_timeout(users: UsersFile) -> Non
 
 
 def test_session_end_leaves_no_timer(users: UsersFile) -> None:
-    store = MemoryStore()
-    store.seed("demo", b"one\n")
-    stream = MemoryStream()
-    session = make_session(users, store, stream)
+    _, stream, session = demo_session(users)
 
     async def scenario() -> None:
         stream.client_sends(b"USER demo\r\nPASS demo\r\nQUIT\r\n")
