@@ -29,6 +29,9 @@ from mailbag.storage.postgres.leases import LeaseLost, listing_order
 from tests.pgtest import fresh_database
 from tests.storage.helpers import read_all, run
 
+#: Leases held now (a released row stays, with expires_at '-infinity').
+HELD = "SELECT count(*) AS n FROM leases WHERE expires_at > now()"
+
 
 @pytest.fixture
 def dsn() -> Iterator[str]:
@@ -317,11 +320,12 @@ def test_idle_sessions_hold_no_connections(dsn: str) -> None:
             " WHERE datname = current_database() AND application_name = 'mailbag'",
         )
         assert rows[0]["n"] <= 3
-        (leases,) = await fetch(a, "SELECT count(*) AS n FROM leases")
+        (leases,) = await fetch(a, HELD)
         assert leases["n"] == 60
         assert await a.leases.renew() == 60  # one UPDATE renews them all
         await asyncio.gather(*(md.close() for md in drops))
-        (leases,) = await fetch(a, "SELECT count(*) AS n FROM leases")
+        await a.leases.flush()
+        (leases,) = await fetch(a, HELD)
         assert leases["n"] == 0
 
     run(go())
@@ -391,8 +395,8 @@ def test_listing_order_sorts_arrays_sql_did_not() -> None:
 
 
 def test_releases_arriving_together_share_one_statement(dsn: str) -> None:
-    """Twenty sessions quitting at once: every lease is gone when its close returns,
-    in fewer DELETEs than sessions (the first goes alone, the rest wait for it)."""
+    """Twenty sessions quitting at once: their closes return without a round trip, and
+    the releases reach the database in fewer UPDATEs than sessions, leaving the rows."""
 
     async def go() -> None:
         a = node(dsn, "a")
@@ -407,10 +411,39 @@ def test_releases_arriving_together_share_one_statement(dsn: str) -> None:
 
         a.leases.db.connection = counting  # type: ignore[method-assign]
         await asyncio.gather(*(md.close() for md in drops))
+        assert statements == 0  # queued, not sent yet
+        await a.leases.flush()
         a.leases.db.connection = real  # type: ignore[method-assign]
-        assert (await fetch(a, "SELECT count(*) AS n FROM leases"))[0]["n"] == 0
+        assert (await fetch(a, HELD))[0]["n"] == 0
+        assert (await fetch(a, "SELECT count(*) AS n FROM leases"))[0]["n"] == 20
         assert 1 <= statements < 20
         again = await a.open_maildrop("user7")  # free at once, on any node
         await again.close()
+
+    run(go())
+
+
+def test_a_queued_release_is_taken_over_here_and_waited_for_elsewhere(dsn: str) -> None:
+    """A QUIT does not wait for its release: a new open on the same node takes the
+    queued lease over (without waiting, the old token is no longer released), and
+    an open on another node that finds it still locked retries until it is free."""
+
+    async def go() -> None:
+        a, b = node(dsn, "a"), node(dsn, "b")
+        await a.deliver("alice", b"Subject: x\n\nbody\n")
+        first = await a.open_maildrop("alice")
+        await first.close()
+        second = await a.open_maildrop("alice")  # same node, release still queued
+        assert [m.uid for m in second.messages] == [m.uid for m in first.messages]
+        await a.leases.flush()  # the old token's release must not free the new lease
+        with pytest.raises(MaildropLocked):
+            await b.open_maildrop("alice")
+        await second.close()
+        third = await b.open_maildrop("alice")  # another node, release queued on a
+        assert len(third.messages) == 1
+        await third.close()
+        await b.leases.flush()
+        rows = await fetch(a, "SELECT generation FROM leases")
+        assert [r["generation"] for r in rows] == [2]  # inserted at 0, taken twice since
 
     run(go())

@@ -155,12 +155,28 @@ CREATE TRIGGER users_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON use
     FOR EACH STATEMENT EXECUTE FUNCTION mailbag_users_changed();
 """
 
+_V5 = """
+-- Leases are taken and released by updating one long-lived row per maildrop
+-- instead of an INSERT and a DELETE per POP3 session (storage.postgres.leases):
+-- no dead row and no index entry per session, no foreign-key check per open
+-- (it runs only when a row is inserted, on a maildrop's first open), and the
+-- update stays on its page (HOT) because no indexed column changes.  So the
+-- index on node goes (the heartbeat and releases find rows by maildrop_id),
+-- and pages are left half empty for the new row versions.  A released row
+-- has expires_at = '-infinity'; generation counts the takings, so an open can
+-- tell whether anyone held the maildrop since its snapshot.
+DROP INDEX leases_node;
+ALTER TABLE leases ADD COLUMN generation bigint NOT NULL DEFAULT 0;
+ALTER TABLE leases SET (fillfactor = 50);
+"""
+
 #: Every migration, in order; version N is ``MIGRATIONS[N - 1]``.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "maildrops, messages, chunked bodies, leases, users", _V1),
     Migration(2, "imported keys and reserved UIDLs (mailbag migrate)", _V2),
     Migration(3, "login defence shared by every node: failure counters, known networks", _V3),
     Migration(4, "users announce their changes (NOTIFY mailbag_users) for node caches", _V4),
+    Migration(5, "leases updated in place (one row per maildrop, HOT), no index on node", _V5),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -133,7 +133,7 @@ async def run_import(
         return await _decide(store, messages, options, state, write)
     finally:
         if token is not None:
-            await asyncio.shield(store.leases.release(maildrop_id, token))
+            await asyncio.shield(store.leases.release(maildrop_id, token, user))
 
 
 async def _decide(

@@ -3,16 +3,22 @@
 A POP3 session holds its maildrop for minutes while the client idles, so the
 lock cannot be a database connection (or a transaction, or a session-level
 advisory lock): that would cost a connection per session.  Instead each
-open maildrop has one row in ``leases`` naming the node process and a
-session token, with an expiry in *database* time.
+maildrop has one row in ``leases`` naming the node process and session token
+that hold it, with an expiry in *database* time (``'-infinity'`` once
+released).  The row is created at the maildrop's first open and from then on
+taken and released by updates in place: no insert, delete, dead row or index
+entry per session (schema version 5).
 
 * **One heartbeat per node**, not per session: every ``lease_time / 3``
-  seconds one ``UPDATE leases SET expires_at = ... WHERE node = $1`` renews
-  every lease the node holds, however many sessions it serves.
+  seconds one ``UPDATE leases SET expires_at = ...`` renews every lease the
+  node holds, however many sessions it serves.
 * **A dead node frees its locks within ``lease_time``**: killed with -9 or
   cut off from the database, it stops renewing, and after the bound any node
-  may take the row over (the acquire is an upsert that only replaces an
-  expired row).
+  may take the row over (an open only takes a released or expired row).
+* **Releases are queued, not waited for**: a QUIT answers at once, the
+  releases of a few milliseconds go to the database in one statement, an
+  open on the same node takes its own queued lease over directly, and an
+  open on another node that finds the maildrop locked retries briefly.
 * **A node past its bound can never commit**: the heartbeat renews only
   leases that are still alive, so an expired lease stays dead; and the QUIT
   transaction locks the lease row, checks owner, token and expiry against
@@ -40,12 +46,18 @@ from mailbag.errors import MaildropLocked, StorageError
 
 log = logging.getLogger(__name__)
 
-#: The upsert's conflict clause: replace a lease row only once it has expired
-#: (database time), so a live lease of any node keeps the maildrop locked.
-TAKE_LEASE = """ON CONFLICT (maildrop_id) DO UPDATE
+#: When a lease row may be taken: it was released ('-infinity') or has expired
+#: (database time), or it is this node's own lease whose release is queued
+#: (``$5``, 0 for none; tokens start at 1).  A live lease of any node, this
+#: one included, keeps the maildrop locked.
+FREE = "(l.expires_at < clock_timestamp() OR (l.node = $2 AND l.token = $5))"
+
+#: The upsert's conflict clause (a maildrop's first open inserts its row).
+TAKE_LEASE = f"""ON CONFLICT (maildrop_id) DO UPDATE
                 SET node = EXCLUDED.node, token = EXCLUDED.token,
-                    acquired_at = now(), expires_at = EXCLUDED.expires_at
-                WHERE l.expires_at < clock_timestamp()"""
+                    acquired_at = now(), expires_at = EXCLUDED.expires_at,
+                    generation = l.generation + 1
+                WHERE {FREE}"""
 
 #: A maildrop's message list as one row of arrays: ``seqs``, ``uids``, ``sizes``
 #: (wire sizes) and ``chunks`` (body rows); NULLs when it is empty.  Aggregated
@@ -84,6 +96,29 @@ def make_node_id(name: str = "") -> str:
     return f"{base}/{os.getpid()}/{os.urandom(6).hex()}"
 
 
+#: How long a release waits for others to share its statement (seconds).  Zero:
+#: it still waits for the statement in flight, which is where batches form
+#: under load, and a client that reconnects at once through another node (or
+#: another worker process) rarely finds its maildrop still locked.
+RELEASE_DELAY = 0.0
+
+
+class _Release:
+    """One queued release: which row, whose token, and who waits for it."""
+
+    __slots__ = ("done", "maildrop_id", "sent", "token")
+
+    def __init__(self, maildrop_id: int, token: int, done: asyncio.Future[None]) -> None:
+        self.maildrop_id = maildrop_id
+        self.token = token
+        self.done = done
+        self.sent = False
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 class LeaseLost(StorageError):
     """This node no longer holds the maildrop's lease: the QUIT must not commit."""
 
@@ -101,16 +136,19 @@ class LeaseKeeper:
         self.lease_time = lease_time
         self.interval = lease_time / 3
         self._tokens = itertools.count(1)
-        #: Tokens of the leases this node's sessions hold; only these are renewed,
-        #: so a lease whose release failed (database down) is left to expire.
-        self._held: set[int] = set()
+        #: The leases this node's sessions hold (token -> maildrop id); only these
+        #: are renewed, so a lease whose release failed (database down) expires.
+        self._held: dict[int, int] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopped = False
         #: ``time.monotonic()`` of the last renewal that reached the database.
         self.last_renewal = 0.0
-        #: Releases waiting for the next DELETE, and the task sending them.
-        self._releasing: list[tuple[int, int, asyncio.Future[None]]] = []
+        #: Releases not yet confirmed by the database, by maildrop name: the
+        #: token and maildrop id, and a future done once the row is released.
+        #: An open of that name on this node takes the lease over directly.
+        self._releasing: dict[str, _Release] = {}
         self._releaser: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def holding(self) -> bool:
@@ -119,13 +157,37 @@ class LeaseKeeper:
 
     # -- acquire / release ------------------------------------------------------
 
+    def _adopt_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop; releases queued under an earlier loop (tests) move to it.
+
+        A loop that ended with releases queued cancelled their sending; they
+        are sent again from this loop (an UPDATE that finds the lease already
+        released or taken over changes nothing).
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, earlier = loop, self._releasing
+            self._releasing = {key: _Release(p.maildrop_id, p.token, loop.create_future())
+                               for key, p in earlier.items()}
+            self._releaser = loop.create_task(self._release_batches()) if earlier else None
+        return loop
+
+    def _own_pending(self, user: str) -> int:
+        """The token of this node's not yet confirmed release of ``user``'s maildrop, or 0."""
+        self._adopt_loop()
+        pending = self._releasing.get(user)
+        return pending.token if pending is not None else 0
+
     async def acquire(self, conn: Connection, maildrop_id: int, user: str) -> int:
         """Take the lease for this maildrop; return the session's token.
 
-        Raises ``MaildropLocked`` when a live lease of any node (this one
-        included) exists.
+        Creates the maildrop's lease row on its first open (the upsert's
+        insert); afterwards the row is updated in place.  Raises
+        ``MaildropLocked`` when a live lease of any node exists (this node's
+        own lease counts too, unless its release is already under way).
         """
         token = next(self._tokens)
+        mine = self._own_pending(user)
         row = await conn.fetchrow(
             f"""
             INSERT INTO leases AS l (maildrop_id, node, token, expires_at)
@@ -137,43 +199,59 @@ class LeaseKeeper:
             self.node_id,
             token,
             self.lease_time,
+            mine,
         )
         if row is None:
             raise MaildropLocked(f"maildrop of {user!r} is in use")
-        self.taken(token)
+        self.taken(token, maildrop_id, user, mine)
         return token
 
     async def acquire_listing(self, conn: Connection, user: str) -> tuple[int, int, Any] | None:
         """Find the maildrop, take its lease and list its messages in one round trip.
 
         The login path of every session, so one statement instead of three
-        (find, lease, list).  The list is read in the statement's snapshot.
-        When the lease row was free (the usual case: a release deletes it)
-        that snapshot is as good as a later one, since nobody could change
-        the maildrop's messages without the lease.  When an *expired* lease
-        was taken over, its dead holder's QUIT may have committed while this
-        statement waited for the row, after the snapshot: then the list is
-        ``None`` and the caller reads it again in a new statement.
+        (find, lease, list).  The lease row is updated in place (``UPDATE``,
+        no insert or delete per session).  The list is read in the
+        statement's snapshot.  That snapshot is exact when, in it, the lease
+        was free (released, or this node's own lease whose release is under
+        way) *and* nobody took the lease between the snapshot and the update
+        (``generation`` went up by exactly one): nobody could have changed the
+        maildrop's messages without the lease.  Otherwise (an expired lease
+        taken over, whose dead holder's QUIT may have committed while this
+        statement waited for the row; or a race with another open) the list
+        is ``None`` and the caller reads it again in a new statement.
 
         The list comes as one row of four arrays in arrival order (``LISTING``),
         not a row per message: asyncpg decodes an array into a list in C, so a
         100,000-message maildrop costs four lists instead of 100,000 records.
 
         Returns ``(maildrop id, token, listing row or None)``, or None when
-        the maildrop does not exist yet (the caller creates it and takes the
-        slow path).  Raises ``MaildropLocked`` as ``acquire`` does.
+        the maildrop or its lease row does not exist yet (the caller creates
+        them with ``acquire`` and reads the list itself).  Raises
+        ``MaildropLocked`` as ``acquire`` does.
         """
         token = next(self._tokens)
+        mine = self._own_pending(user)
         row = await conn.fetchrow(
             f"""
-            WITH drop AS (SELECT id FROM maildrops WHERE name = $1),
+            WITH drop AS (
+                SELECT m.id, l.generation AS seen, l.maildrop_id IS NOT NULL AS has_lease,
+                       (l.expires_at = '-infinity' OR (l.node = $2 AND l.token = $5)) AS was_free
+                FROM maildrops m LEFT JOIN leases l ON l.maildrop_id = m.id
+                WHERE m.name = $1
+            ),
             lease AS (
-                INSERT INTO leases AS l (maildrop_id, node, token, expires_at)
-                SELECT id, $2, $3, clock_timestamp() + make_interval(secs => $4) FROM drop
-                {TAKE_LEASE}
-                RETURNING maildrop_id, (xmax = 0) AS fresh
+                UPDATE leases AS l
+                SET node = $2, token = $3, acquired_at = now(),
+                    expires_at = clock_timestamp() + make_interval(secs => $4),
+                    generation = l.generation + 1
+                FROM drop
+                WHERE l.maildrop_id = drop.id AND {FREE}
+                RETURNING l.maildrop_id, l.generation
             )
-            SELECT drop.id AS maildrop_id, lease.fresh, m.*
+            SELECT drop.id AS maildrop_id, drop.has_lease,
+                   lease.maildrop_id IS NOT NULL AS taken,
+                   (drop.was_free AND lease.generation = drop.seen + 1) AS fresh, m.*
             FROM drop LEFT JOIN lease ON true
             LEFT JOIN LATERAL ({LISTING.format(maildrop="lease.maildrop_id")}) AS m ON true
             """,
@@ -181,62 +259,101 @@ class LeaseKeeper:
             self.node_id,
             token,
             self.lease_time,
+            mine,
         )
-        if row is None:
+        if row is None or not row["has_lease"]:
             return None
-        if row["fresh"] is None:
+        if not row["taken"]:
             raise MaildropLocked(f"maildrop of {user!r} is in use")
-        self.taken(token)
-        return int(row["maildrop_id"]), token, row if row["fresh"] else None
+        maildrop_id = int(row["maildrop_id"])
+        self.taken(token, maildrop_id, user, mine)
+        return maildrop_id, token, row if row["fresh"] else None
 
-    def taken(self, token: int) -> None:
-        """Account for a lease just taken: the heartbeat renews it from now on."""
+    def taken(self, token: int, maildrop_id: int, user: str = "", replaced: int = 0) -> None:
+        """Account for a lease just taken: the heartbeat renews it from now on.
+
+        ``replaced`` is this node's own earlier token the lease was taken over
+        from (its pending release is dropped: the row is no longer its).
+        """
         if not self._held:  # the heartbeat's clock starts with its first lease
             self.last_renewal = time.monotonic()
-        self._held.add(token)
+        self._held[token] = maildrop_id
+        if replaced:
+            pending = self._releasing.get(user)
+            if pending is not None and pending.token == replaced and not pending.sent:
+                del self._releasing[user]
+                pending.finish()
         self._ensure_heartbeat()
 
-    async def release(self, maildrop_id: int, token: int) -> None:
-        """Drop the lease; if the database is unreachable it is no longer renewed, so it expires.
+    def release_soon(self, maildrop_id: int, token: int, user: str = "") -> asyncio.Future[None]:
+        """Queue the lease's release; the future is done once the database has it.
 
-        Returns once the row is deleted (a QUIT answers after this, so a client
-        reconnecting at once finds its maildrop free).  Releases that arrive
-        while one ``DELETE`` is in flight go together in the next one: under
-        load a node sends one statement for many sessions' releases, and an
-        idle node sends each at once, as before.
+        Nobody needs to wait for it: the lock ends for this node at once (an
+        open of ``user`` here takes the lease over directly), and another
+        node that finds the maildrop locked retries shortly (``PostgresStore``).
+        Releases queued within ``RELEASE_DELAY`` go together in one
+        ``UPDATE``, so under load a node sends one statement for many
+        sessions' releases instead of one each.  If the database is
+        unreachable the lease is no longer renewed, so it expires.
         """
-        self._held.discard(token)
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
+        self._held.pop(token, None)
+        loop = self._adopt_loop()
         releaser = self._releaser
-        if releaser is not None and releaser.get_loop() is not loop:
-            self._releasing, releaser = [], None  # a loop that is gone (tests): start over
-        self._releasing.append((maildrop_id, token, done))
+        key = user or f"#{maildrop_id}"
+        pending = _Release(maildrop_id, token, loop.create_future())
+        earlier = self._releasing.pop(key, None)
+        if earlier is not None:  # the previous session's release is still on its way
+            self._releasing[f"{key}#{earlier.token}"] = earlier
+        self._releasing[key] = pending
         if releaser is None or releaser.done():
             self._releaser = loop.create_task(self._release_batches())
-        await done
+        return pending.done
+
+    async def release(self, maildrop_id: int, token: int, user: str = "") -> None:
+        """Release and wait until the database has it (imports, tests)."""
+        await self.release_soon(maildrop_id, token, user)
+
+    async def flush(self) -> None:
+        """Wait until every queued release has reached the database (shutdown, tests)."""
+        self._adopt_loop()
+        waiting = [p.done for p in self._releasing.values()]
+        if waiting:
+            await asyncio.gather(*waiting, return_exceptions=True)
 
     async def _release_batches(self) -> None:
-        while self._releasing:
-            batch, self._releasing = self._releasing, []
+        while True:
+            await asyncio.sleep(RELEASE_DELAY)
+            batch = [p for p in self._releasing.values() if not p.sent]
+            if not batch:
+                return
+            for pending in batch:
+                pending.sent = True
             try:
                 async with self.db.connection("release maildrop leases") as conn:
                     await conn.execute(
-                        "DELETE FROM leases WHERE node = $1 AND token = ANY($2::bigint[])",
+                        """
+                        UPDATE leases SET expires_at = '-infinity'
+                        WHERE maildrop_id = ANY($2::bigint[]) AND node = $1
+                          AND token = ANY($3::bigint[])
+                        """,
                         self.node_id,
-                        [token for _, token, _ in batch],
+                        [p.maildrop_id for p in batch],
+                        [p.token for p in batch],
                     )
             except StorageError as exc:
                 log.warning("cannot release leases on maildrops %s (they expire): %s",
-                            ", ".join(str(m) for m, _, _ in batch), exc)
+                            ", ".join(str(p.maildrop_id) for p in batch), exc)
             except BaseException:
-                for _, _, done in batch:  # cancelled with the loop: nobody waits any more
-                    if not done.done():
-                        done.cancel()
+                for pending in batch:  # cancelled with its loop: the next loop sends them
+                    pending.sent = False
                 raise
-            for _, _, done in batch:
-                if not done.done():
-                    done.set_result(None)
+            self._forget(batch)
+
+    def _forget(self, batch: list[_Release]) -> None:
+        done = {id(p) for p in batch}
+        self._releasing = {k: p for k, p in self._releasing.items() if id(p) not in done}
+        for pending in batch:
+            pending.finish()
 
     async def check(self, conn: Connection, maildrop_id: int, token: int) -> None:
         """Inside the QUIT transaction: lock our lease row and make sure it is still ours.
@@ -279,11 +396,13 @@ class LeaseKeeper:
             status = await conn.execute(
                 """
                 UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => $2)
-                WHERE node = $1 AND token = ANY($3::bigint[]) AND expires_at > clock_timestamp()
+                WHERE maildrop_id = ANY($4::bigint[]) AND node = $1 AND token = ANY($3::bigint[])
+                  AND expires_at > clock_timestamp()
                 """,
                 self.node_id,
                 self.lease_time,
                 list(self._held),
+                list(self._held.values()),
             )
         self.last_renewal = time.monotonic()
         return int(status.rsplit(" ", 1)[-1])

@@ -39,8 +39,6 @@ BATCH_ROWS = 8
 READ_AHEAD_OCTETS = 128 * 1024
 READ_AHEAD_MESSAGES = 32
 
-_background: set[asyncio.Task[None]] = set()
-
 
 class Stored(NamedTuple):
     """Where a snapshot message lives: its arrival sequence, wire size, row count.
@@ -56,19 +54,17 @@ class Stored(NamedTuple):
     position: int = 0
 
 
-def _release_forgotten(leases: LeaseKeeper, maildrop_id: int, token: int) -> None:
+def _release_forgotten(leases: LeaseKeeper, maildrop_id: int, token: int, user: str) -> None:
     """A maildrop was garbage-collected without ``close``: release its lease soon.
 
     Otherwise the node's heartbeat would keep alive a lease that no
     session will ever release, locking the user out until a restart.
     """
     try:
-        loop = asyncio.get_running_loop()
+        asyncio.get_running_loop()
     except RuntimeError:
         return  # no loop, so no heartbeat either: the lease expires by itself
-    task = loop.create_task(leases.release(maildrop_id, token))
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    leases.release_soon(maildrop_id, token, user)
 
 
 class PostgresMaildrop:
@@ -96,7 +92,9 @@ class PostgresMaildrop:
         #: order would ask for next (the first read counts as in order).
         self._ahead: dict[str, bytes] = {}
         self._next_position = 0
-        self._finalizer = weakref.finalize(self, _release_forgotten, leases, maildrop_id, token)
+        self._finalizer = weakref.finalize(
+            self, _release_forgotten, leases, maildrop_id, token, user
+        )
 
     @property
     def messages(self) -> Sequence[MessageInfo]:
@@ -248,13 +246,16 @@ class PostgresMaildrop:
         return DeleteResult(deleted, tuple(failed))
 
     async def close(self) -> None:
-        """Release the lease; safe to call more than once."""
+        """Release the lease (queued, see ``LeaseKeeper.release_soon``); safe to call twice.
+
+        Returns without a round trip: the QUIT's ``+OK`` does not wait for
+        the database, and nothing here can be cancelled half-way.
+        """
         if self._closed:
             return
         self._closed = True
         self._finalizer.detach()
-        # Shielded: a session cancelled while closing must still free its lock.
-        await asyncio.shield(self._leases.release(self._id, self._token))
+        self._leases.release_soon(self._id, self._token, self._user)
 
     async def __aenter__(self) -> PostgresMaildrop:
         return self

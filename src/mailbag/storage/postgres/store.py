@@ -30,7 +30,7 @@ from collections.abc import AsyncIterable, Sequence
 
 from mailbag.database import schema
 from mailbag.database.pool import Connection, Database
-from mailbag.errors import ConfigError, QuotaExceeded, StorageError
+from mailbag.errors import ConfigError, MaildropLocked, QuotaExceeded, StorageError
 from mailbag.storage.base import (
     Delivery,
     ImportMessage,
@@ -49,6 +49,12 @@ from mailbag.storage.postgres.maildrop import CHUNK_SIZE, PostgresMaildrop, Stor
 from mailbag.wireform import wire_size
 
 log = logging.getLogger(__name__)
+
+#: Pauses (seconds) before an open that found the maildrop locked tries again.
+#: Covers a release still on its way from the node (or worker process) where
+#: the last session quit: a round trip, or a few under load.  A maildrop
+#: really in use is reported 0.4 s later than it could be.
+LOCKED_RETRIES = (0.005, 0.025, 0.1, 0.25)
 
 
 async def insert_message(
@@ -146,7 +152,8 @@ class PostgresStore:
         await schema.require_current(self.db)
 
     async def close(self) -> None:
-        """Stop the heartbeat and close the pool (open sessions' leases then expire)."""
+        """Send queued releases, stop the heartbeat, close the pool (open leases then expire)."""
+        await self.leases.flush()
         await self.leases.stop()
         await self.db.close()
 
@@ -189,16 +196,26 @@ class PostgresStore:
     async def open_maildrop(self, user: str) -> PostgresMaildrop:
         """Take the lease and snapshot the message list (no body is read).
 
-        If anything fails or the task is cancelled after the lease was
-        taken, the lease is released before the error propagates: a lease
-        with no session would otherwise be kept alive by the heartbeat.
+        A maildrop found locked is tried again after ``LOCKED_RETRIES``
+        pauses before ``MaildropLocked`` is raised: a session that just
+        quit on another node may not have released its lease yet (releases
+        are queued, see ``LeaseKeeper.release_soon``).
         """
         split_user(user)
+        for pause in LOCKED_RETRIES:
+            try:
+                return await self._open(user)
+            except MaildropLocked:
+                await asyncio.sleep(pause)
+        return await self._open(user)
+
+    async def _open(self, user: str) -> PostgresMaildrop:
+        """One attempt: if anything fails after the lease was taken, it is released."""
         token: int | None = None
         maildrop_id = 0
         try:
             async with self.db.connection("open maildrop") as conn:
-                # One round trip for an existing maildrop; three for a new one.
+                # One round trip for a maildrop opened before; three the first time.
                 opened = await self.leases.acquire_listing(conn, user)
                 if opened is None:
                     found = await self.maildrop_id(conn, user, create=True)
@@ -211,7 +228,7 @@ class PostgresStore:
                     rows = await conn.fetchrow(LISTING.format(maildrop="$1"), maildrop_id)
         except BaseException:
             if token is not None:
-                await asyncio.shield(self.leases.release(maildrop_id, token))
+                self.leases.release_soon(maildrop_id, token, user)
             raise
         # Built from lists with map/zip, not from a record per message: this is
         # the per-message cost of every open (see ``LISTING``).
