@@ -168,6 +168,12 @@ _V5 = """
 DROP INDEX leases_node;
 ALTER TABLE leases ADD COLUMN generation bigint NOT NULL DEFAULT 0;
 ALTER TABLE leases SET (fillfactor = 50);
+
+-- Goes up in the transaction of every change to the maildrop's messages
+-- (delivery, deletion, import), with the running totals: a node that kept
+-- the list it read at version N reuses it while the version is still N
+-- (storage.postgres.listings), instead of reading every message's row.
+ALTER TABLE maildrops ADD COLUMN version bigint NOT NULL DEFAULT 0;
 """
 
 #: Every migration, in order; version N is ``MIGRATIONS[N - 1]``.
@@ -176,7 +182,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "imported keys and reserved UIDLs (mailbag migrate)", _V2),
     Migration(3, "login defence shared by every node: failure counters, known networks", _V3),
     Migration(4, "users announce their changes (NOTIFY mailbag_users) for node caches", _V4),
-    Migration(5, "leases updated in place (one row per maildrop, HOT), no index on node", _V5),
+    Migration(5, "leases updated in place (one row per maildrop, HOT); maildrop versions", _V5),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -232,6 +232,7 @@ async def _write(store: PostgresStore, maildrop_id: int, token: int, batch: _Bat
             [(maildrop_id, uid) for uid in reserved],
         )
         await conn.execute(
-            "UPDATE maildrops SET messages = messages + $2, octets = octets + $3 WHERE id = $1",
+            "UPDATE maildrops SET messages = messages + $2, octets = octets + $3,"
+            " version = version + 1 WHERE id = $1",
             maildrop_id, len(batch.new), sum(n.wire for n in batch.new),
         )

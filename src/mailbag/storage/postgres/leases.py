@@ -206,7 +206,9 @@ class LeaseKeeper:
         self.taken(token, maildrop_id, user, mine)
         return token
 
-    async def acquire_listing(self, conn: Connection, user: str) -> tuple[int, int, Any] | None:
+    async def acquire_listing(
+        self, conn: Connection, user: str, known_version: int = -1
+    ) -> tuple[int, int, int, Any] | None:
         """Find the maildrop, take its lease and list its messages in one round trip.
 
         The login path of every session, so one statement instead of three
@@ -221,13 +223,18 @@ class LeaseKeeper:
         statement waited for the row; or a race with another open) the list
         is ``None`` and the caller reads it again in a new statement.
 
+        ``known_version`` is the maildrop version of a list the caller kept
+        (``listings``): if the snapshot's version is the same, the list is
+        not sent (the row's arrays are NULL) and the caller reuses its own.
+
         The list comes as one row of four arrays in arrival order (``LISTING``),
         not a row per message: asyncpg decodes an array into a list in C, so a
         100,000-message maildrop costs four lists instead of 100,000 records.
 
-        Returns ``(maildrop id, token, listing row or None)``, or None when
+        Returns ``(maildrop id, token, version, row or None)``, or None when
         the maildrop or its lease row does not exist yet (the caller creates
-        them with ``acquire`` and reads the list itself).  Raises
+        them with ``acquire`` and reads the list itself).  In the row,
+        ``listed`` says whether the arrays were sent.  Raises
         ``MaildropLocked`` as ``acquire`` does.
         """
         token = next(self._tokens)
@@ -235,7 +242,8 @@ class LeaseKeeper:
         row = await conn.fetchrow(
             f"""
             WITH drop AS (
-                SELECT m.id, l.generation AS seen, l.maildrop_id IS NOT NULL AS has_lease,
+                SELECT m.id, m.version, l.generation AS seen,
+                       l.maildrop_id IS NOT NULL AS has_lease,
                        (l.expires_at = '-infinity' OR (l.node = $2 AND l.token = $5)) AS was_free
                 FROM maildrops m LEFT JOIN leases l ON l.maildrop_id = m.id
                 WHERE m.name = $1
@@ -249,17 +257,20 @@ class LeaseKeeper:
                 WHERE l.maildrop_id = drop.id AND {FREE}
                 RETURNING l.maildrop_id, l.generation
             )
-            SELECT drop.id AS maildrop_id, drop.has_lease,
+            SELECT drop.id AS maildrop_id, drop.version, drop.has_lease,
                    lease.maildrop_id IS NOT NULL AS taken,
-                   (drop.was_free AND lease.generation = drop.seen + 1) AS fresh, m.*
+                   (drop.was_free AND lease.generation = drop.seen + 1) AS fresh,
+                   drop.version <> $6 AS listed, m.*
             FROM drop LEFT JOIN lease ON true
-            LEFT JOIN LATERAL ({LISTING.format(maildrop="lease.maildrop_id")}) AS m ON true
+            LEFT JOIN LATERAL ({LISTING.format(maildrop="lease.maildrop_id")}) AS m
+                ON drop.version <> $6
             """,
             user,
             self.node_id,
             token,
             self.lease_time,
             mine,
+            known_version,
         )
         if row is None or not row["has_lease"]:
             return None
@@ -267,7 +278,7 @@ class LeaseKeeper:
             raise MaildropLocked(f"maildrop of {user!r} is in use")
         maildrop_id = int(row["maildrop_id"])
         self.taken(token, maildrop_id, user, mine)
-        return maildrop_id, token, row if row["fresh"] else None
+        return maildrop_id, token, int(row["version"]), row if row["fresh"] else None
 
     def taken(self, token: int, maildrop_id: int, user: str = "", replaced: int = 0) -> None:
         """Account for a lease just taken: the heartbeat renews it from now on.

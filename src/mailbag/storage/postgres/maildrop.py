@@ -13,12 +13,12 @@ import logging
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import NamedTuple
 
 from mailbag.database.pool import Database
 from mailbag.errors import MessageGone, StorageError
 from mailbag.storage.base import DeleteResult, MessageInfo
 from mailbag.storage.postgres.leases import LeaseKeeper
+from mailbag.storage.postgres.listings import Listing, Stored
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +38,6 @@ BATCH_ROWS = 8
 #: rather than per message.  Also the bound on what a session keeps in memory.
 READ_AHEAD_OCTETS = 128 * 1024
 READ_AHEAD_MESSAGES = 32
-
-
-class Stored(NamedTuple):
-    """Where a snapshot message lives: its arrival sequence, wire size, row count.
-
-    ``position`` is its index in the snapshot (0-based), for read-ahead.  A
-    NamedTuple, not a frozen dataclass: one is built per message at every
-    open, and a frozen dataclass's ``__init__`` costs several times more.
-    """
-
-    seq: int
-    wire_size: int
-    chunks: int
-    position: int = 0
 
 
 def _release_forgotten(leases: LeaseKeeper, maildrop_id: int, token: int, user: str) -> None:
@@ -75,19 +61,19 @@ class PostgresMaildrop:
         db: Database,
         leases: LeaseKeeper,
         user: str,
-        maildrop_id: int,
         token: int,
-        stored: dict[str, Stored],
+        listing: Listing,
     ) -> None:
         self._db = db
         self._leases = leases
         self._user = user
-        self._id = maildrop_id
+        self._id = maildrop_id = listing.maildrop_id
         self._token = token
-        self._stored = stored
+        #: Shared with other sessions through the node's ``ListingCache``: read only.
+        self._stored = listing.stored
+        self._messages = listing.messages
         self._deleted: set[str] = set()
         self._closed = False
-        self._messages = tuple(map(MessageInfo, stored, [s.wire_size for s in stored.values()]))
         #: Bodies read ahead (uid -> stored bytes), and the position a read in
         #: order would ask for next (the first read counts as in order).
         self._ahead: dict[str, bytes] = {}
@@ -233,7 +219,8 @@ class PostgresMaildrop:
                         RETURNING wire_size
                     )
                     UPDATE maildrops AS d
-                    SET messages = d.messages - g.n, octets = d.octets - g.octets
+                    SET messages = d.messages - g.n, octets = d.octets - g.octets,
+                        version = d.version + 1
                     FROM (SELECT count(*) AS n, coalesce(sum(wire_size), 0)::bigint AS octets
                           FROM gone) AS g
                     WHERE d.id = $1

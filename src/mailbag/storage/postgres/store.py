@@ -27,6 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterable, Sequence
+from typing import Any
 
 from mailbag.database import schema
 from mailbag.database.pool import Connection, Database
@@ -45,7 +46,8 @@ from mailbag.storage.postgres.leases import (
     LeaseKeeper,
     listing_order,
 )
-from mailbag.storage.postgres.maildrop import CHUNK_SIZE, PostgresMaildrop, Stored
+from mailbag.storage.postgres.listings import Listing, ListingCache
+from mailbag.storage.postgres.maildrop import CHUNK_SIZE, PostgresMaildrop
 from mailbag.wireform import wire_size
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,8 @@ class PostgresStore:
             raise ValueError(f"chunk_size must be at least 1024 octets, not {chunk_size}")
         self.db = database
         self.leases = LeaseKeeper(database, node_id=node_id, lease_time=lease_time)
+        #: Message lists of earlier sessions, reused while their version holds.
+        self.listings = ListingCache()
         self._names = NameGenerator(hostname)
         self._chunk_size = chunk_size
 
@@ -216,25 +220,43 @@ class PostgresStore:
         try:
             async with self.db.connection("open maildrop") as conn:
                 # One round trip for a maildrop opened before; three the first time.
-                opened = await self.leases.acquire_listing(conn, user)
+                opened = await self.leases.acquire_listing(
+                    conn, user, self.listings.version(user)
+                )
                 if opened is None:
                     found = await self.maildrop_id(conn, user, create=True)
                     assert found is not None
-                    maildrop_id, rows = found, None
+                    maildrop_id = found
                     token = await self.leases.acquire(conn, maildrop_id, user)
+                    listing = await self._list(conn, user, maildrop_id)
                 else:
-                    maildrop_id, token, rows = opened
-                if rows is None:
-                    rows = await conn.fetchrow(LISTING.format(maildrop="$1"), maildrop_id)
+                    maildrop_id, token, version, row = opened
+                    if row is None:  # the snapshot may be older than the lease
+                        listing = await self._list(conn, user, maildrop_id)
+                    elif row["listed"]:
+                        listing = self._keep(user, maildrop_id, version, row)
+                    else:
+                        kept = self.listings.get(user, maildrop_id, version)
+                        listing = kept or await self._list(conn, user, maildrop_id)
         except BaseException:
             if token is not None:
                 self.leases.release_soon(maildrop_id, token, user)
             raise
-        # Built from lists with map/zip, not from a record per message: this is
-        # the per-message cost of every open (see ``LISTING``).
-        seqs, uids, sizes, chunks = listing_order(rows)
-        stored = dict(zip(uids, map(Stored, seqs, sizes, chunks, range(len(uids))), strict=True))
-        return PostgresMaildrop(self.db, self.leases, user, maildrop_id, token, stored)
+        return PostgresMaildrop(self.db, self.leases, user, token, listing)
+
+    async def _list(self, conn: Connection, user: str, maildrop_id: int) -> Listing:
+        """Read the list (and its version) in a statement of its own."""
+        row = await conn.fetchrow(
+            f"""SELECT d.version, m.* FROM maildrops d,
+                LATERAL ({LISTING.format(maildrop="d.id")}) AS m WHERE d.id = $1""",
+            maildrop_id,
+        )
+        return self._keep(user, maildrop_id, int(row["version"]), row)
+
+    def _keep(self, user: str, maildrop_id: int, version: int, row: Any) -> Listing:
+        listing = Listing.build(maildrop_id, version, *listing_order(row))
+        self.listings.put(user, listing)
+        return listing
 
     async def deliver(self, user: str, message: bytes) -> str:
         """Store one message in one transaction; return its UIDL."""
@@ -275,7 +297,8 @@ class PostgresStore:
         maildrop_id = await self.maildrop_id(conn, d.user, create=True)
         accepted = await conn.fetchval(
             """
-            UPDATE maildrops SET messages = messages + 1, octets = octets + $2
+            UPDATE maildrops SET messages = messages + 1, octets = octets + $2,
+                                 version = version + 1
             WHERE id = $1
               AND ($3 = 0 OR octets + $2 <= $3)
               AND ($4 = 0 OR messages + 1 <= $4)
