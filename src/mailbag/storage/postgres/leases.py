@@ -96,13 +96,6 @@ def make_node_id(name: str = "") -> str:
     return f"{base}/{os.getpid()}/{os.urandom(6).hex()}"
 
 
-#: How long a release waits for others to share its statement (seconds).  Zero:
-#: it still waits for the statement in flight, which is where batches form
-#: under load, and a client that reconnects at once through another node (or
-#: another worker process) rarely finds its maildrop still locked.
-RELEASE_DELAY = 0.0
-
-
 class _Release:
     """One queued release: which row, whose token, and who waits for it."""
 
@@ -302,10 +295,12 @@ class LeaseKeeper:
         Nobody needs to wait for it: the lock ends for this node at once (an
         open of ``user`` here takes the lease over directly), and another
         node that finds the maildrop locked retries shortly (``PostgresStore``).
-        Releases queued within ``RELEASE_DELAY`` go together in one
-        ``UPDATE``, so under load a node sends one statement for many
-        sessions' releases instead of one each.  If the database is
-        unreachable the lease is no longer renewed, so it expires.
+        When no release is in flight, this one's statement is on its way as
+        soon as the caller yields once to the loop (``PostgresMaildrop.close``
+        does, so the release leaves before QUIT's ``+OK``).  Releases that
+        arrive while one is in flight go together in the next ``UPDATE``, so
+        under load a node sends one statement for many sessions.  If the
+        database is unreachable the lease is no longer renewed, so it expires.
         """
         self._held.pop(token, None)
         loop = self._adopt_loop()
@@ -332,8 +327,9 @@ class LeaseKeeper:
             await asyncio.gather(*waiting, return_exceptions=True)
 
     async def _release_batches(self) -> None:
+        # No pause before the first batch: with an idle pooled connection, the
+        # UPDATE is written to the socket in this task's first step.
         while True:
-            await asyncio.sleep(RELEASE_DELAY)
             batch = [p for p in self._releasing.values() if not p.sent]
             if not batch:
                 return

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 #: Covers a release still on its way from the node (or worker process) where
 #: the last session quit: a round trip, or a few under load.  A maildrop
 #: really in use is reported 0.4 s later than it could be.
-LOCKED_RETRIES = (0.005, 0.025, 0.1, 0.25)
+LOCKED_RETRIES = (0.001, 0.005, 0.025, 0.1, 0.25)
 
 
 async def insert_message(
@@ -138,6 +138,8 @@ class PostgresStore:
         self.leases = LeaseKeeper(database, node_id=node_id, lease_time=lease_time)
         #: Message lists of earlier sessions, reused while their version holds.
         self.listings = ListingCache()
+        #: Opens that found the maildrop locked and tried again (diagnostics).
+        self.locked_retries = 0
         self._names = NameGenerator(hostname)
         self._chunk_size = chunk_size
 
@@ -210,6 +212,7 @@ class PostgresStore:
             try:
                 return await self._open(user)
             except MaildropLocked:
+                self.locked_retries += 1
                 await asyncio.sleep(pause)
         return await self._open(user)
 
