@@ -273,6 +273,56 @@ class LeaseKeeper:
         self.taken(token, maildrop_id, user, mine)
         return maildrop_id, token, int(row["version"]), row if row["fresh"] else None
 
+    async def acquire_known(
+        self, conn: Connection, maildrop_id: int, user: str
+    ) -> tuple[int, int, bool] | None:
+        """Take the lease of a maildrop this node has opened before, by id, without its list.
+
+        The login of a maildrop whose list the node kept (``listings``): the
+        smallest statement that takes the lease, about a third less work for
+        the database than ``acquire_listing`` (no lookup by name, no list in
+        the plan).  Returns ``(token, version, fresh)``, where ``version`` is
+        the maildrop's version in the statement's snapshot and ``fresh`` says
+        whether that snapshot is exact (as in ``acquire_listing``): the kept
+        list may be used only when both hold.  Returns None when the lease
+        row does not exist (the caller takes the slow path), and raises
+        ``MaildropLocked`` as ``acquire`` does.
+        """
+        token = next(self._tokens)
+        mine = self._own_pending(user)
+        row = await conn.fetchrow(
+            f"""
+            WITH drop AS (
+                SELECT m.version, l.generation AS seen,
+                       (l.expires_at = '-infinity' OR (l.node = $2 AND l.token = $5)) AS was_free
+                FROM maildrops m JOIN leases l ON l.maildrop_id = m.id
+                WHERE m.id = $1
+            ),
+            lease AS (
+                UPDATE leases AS l
+                SET node = $2, token = $3, acquired_at = now(),
+                    expires_at = clock_timestamp() + make_interval(secs => $4),
+                    generation = l.generation + 1
+                WHERE l.maildrop_id = $1 AND {FREE}
+                RETURNING l.generation
+            )
+            SELECT drop.version, lease.generation IS NOT NULL AS taken,
+                   (drop.was_free AND lease.generation = drop.seen + 1) AS fresh
+            FROM drop LEFT JOIN lease ON true
+            """,
+            maildrop_id,
+            self.node_id,
+            token,
+            self.lease_time,
+            mine,
+        )
+        if row is None:
+            return None
+        if not row["taken"]:
+            raise MaildropLocked(f"maildrop of {user!r} is in use")
+        self.taken(token, maildrop_id, user, mine)
+        return token, int(row["version"]), bool(row["fresh"])
+
     def taken(self, token: int, maildrop_id: int, user: str = "", replaced: int = 0) -> None:
         """Account for a lease just taken: the heartbeat renews it from now on.
 

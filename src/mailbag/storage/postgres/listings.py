@@ -87,6 +87,13 @@ class ListingCache:
         found = self._lists.get(name)
         return -1 if found is None else found.version
 
+    def latest(self, name: str) -> Listing | None:
+        """The list kept for ``name``, whatever its version (the caller checks it)."""
+        found = self._lists.get(name)
+        if found is not None:
+            self._lists.move_to_end(name)
+        return found
+
     def get(self, name: str, maildrop_id: int, version: int) -> Listing | None:
         """The kept list if it is of this maildrop at this version."""
         found = self._lists.get(name)
