@@ -20,21 +20,22 @@ Outages: every driver failure (refused connection, lost connection, server
 shutting down, a read-only server after a failover, a timeout) becomes the
 caller's error family, ``StorageError`` for storage (POP3 ``-ERR [SYS/TEMP]``,
 LMTP ``451 4.3.0``) and ``AuthError`` for users.  A dead connection is never
-lent again (an idle one is checked with ``is_closed()`` when taken; a lent
-one is terminated on its return) and its place goes to a new connection on
-the next borrow, so when the database returns the node carries on without a
-restart.  A multi-host DSN with ``target_session_attrs=read-write`` makes
-each new connection look for the current primary, which is how a node
-follows a failover.
+lent again (an idle one is checked with ``is_closed()`` when taken, a lent
+one when it comes back) and its place goes to a new connection on the next
+borrow, so when the database returns the node carries on without a restart.
+A multi-host DSN with ``target_session_attrs=read-write`` makes each new
+connection look for the current primary, which is how a node follows a
+failover.
 
 Session state: mailbag sets none (no SET, LISTEN, cursors or advisory lock
 outside ``db upgrade``, which unlocks its own), so a connection returned in
 a clean state needs no reset query, which saves a round trip per borrow.  A
 borrow that ended in anything but a plain server-side error (a cancelled
-task, a timeout, a lost connection) may have left a query half-way or a
-transaction open: that connection is terminated instead of reused, and so is
-one still inside a transaction.  Those exits are rare; a new connection is
-cheaper than reasoning about what state a cut query left.
+task, a timeout, a lost connection) may have left a query half-way: that
+connection is closed instead of reused (``_Pool.retire``: its cut query is
+cancelled on the server first), and so is one still inside a transaction.
+Those exits are rare; a new connection is cheaper than reasoning about the
+state a cut query left.
 
 The pool belongs to the event loop that created it; a store used from a new
 loop (tests run each case under ``asyncio.run``) gets a fresh pool and the
@@ -157,10 +158,10 @@ async def close_all() -> None:
 class _Pool:
     """The connections of one ``Database`` on one event loop.
 
-    ``size`` counts every slot taken: connections idle, lent or being opened.
+    ``size`` counts every slot taken: connections idle, lent, being opened or closed.
     It never exceeds ``max_size``.  A borrower that finds no idle connection
     and no free slot waits in ``waiters`` (FIFO); a returned connection, or a
-    slot freed by a connection that was terminated or failed to open, goes to
+    slot freed by a connection that was closed or failed to open, goes to
     the first waiter still waiting (a slot is handed over as ``None``: the
     waiter opens a connection in it).  Idle connections are a stack: the most
     recently returned is lent first, so the ones at the bottom are those
@@ -211,19 +212,22 @@ class _Pool:
             self._drop(conn)  # lost while idle (server restart, pg_terminate_backend)
         return None
 
-    def put(self, conn: Connection, exc: BaseException | None) -> None:
-        """Take back a lent connection; ``exc`` is what its borrow raised, if anything."""
+    def put(self, conn: Connection, exc: BaseException | None) -> bool:
+        """Take back a lent connection; ``exc`` is what its borrow raised, if anything.
+
+        False when it must not be lent again: then the caller ``retire``s it.
+        """
         if ((exc is not None and not _clean_exit(exc)) or conn.is_closed()
                 or conn.is_in_transaction() or self.closed):
-            self._retire(conn)
-            return
+            return False
         waiters = self.waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(conn)
-                return
+                return True
         self.idle.append(conn)
+        return True
 
     # -- the slow path ----------------------------------------------------------
 
@@ -266,8 +270,8 @@ class _Pool:
             got = waiter.result()
             if got is None:
                 self._free_slot()
-            else:
-                self.put(got, None)
+            elif not self.put(got, None):
+                self._retire_soon(got)
 
     async def _open(self, timeout: float) -> Connection:
         """Open a connection in a slot already counted in ``size``; free it on failure."""
@@ -306,35 +310,39 @@ class _Pool:
         except Exception as exc:
             log.debug("database: cannot open a spare connection: %s", describe(exc))
             return
-        self.put(conn, None)
+        if not self.put(conn, None):  # the pool was closed meanwhile
+            await self.retire(conn)
 
     def _spawn(self, tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(work)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    def _retire(self, conn: Connection) -> None:
-        """Close a connection that must not be lent again; its slot frees when it is closed.
+    async def retire(self, conn: Connection) -> None:
+        """Close a connection that must not be lent again, then free its slot.
 
-        Gracefully, in the background: ``close`` first lets asyncpg send the
-        cancel request of a query cut by a cancellation or a timeout (a
-        plain ``terminate`` would leave it running on the server, holding its
-        locks), then says goodbye, so the server ends any transaction left
-        open at once.  The slot stays taken meanwhile, so the server never
-        sees more than ``max_size`` connections from this pool.
+        Gracefully: ``close`` first lets asyncpg send the cancel request of a
+        query cut by a cancellation or a timeout (a plain ``terminate`` would
+        leave it running on the server, holding its locks), then says
+        goodbye, so the server ends any transaction left open at once.  The
+        slot stays taken meanwhile, so the server never sees more than
+        ``max_size`` connections from this pool.  The borrower whose exit was
+        bad waits for this (a few milliseconds, as in asyncpg's pool), so a
+        task cancelled at shutdown leaves nothing running behind it.
         """
         if conn.is_closed():
             self._drop(conn)
-        else:
-            self._spawn(self.closing, self._close(conn))
-
-    async def _close(self, conn: Connection) -> None:
+            return
         try:
             await conn.close(timeout=self.db.connect_timeout)
         except Exception as exc:  # it is closed (aborted) whatever happened
             log.debug("database: a connection did not close cleanly: %s", describe(exc))
         finally:
             self._drop(conn)
+
+    def _retire_soon(self, conn: Connection) -> None:
+        """``retire`` in the background, where nobody can wait (sweeps, abandoned hand-overs)."""
+        self._spawn(self.closing, self.retire(conn))
 
     def _drop(self, conn: Connection) -> None:
         """Forget a connection that is closed (or must die now) and free its slot."""
@@ -370,7 +378,7 @@ class _Pool:
         if gone:
             idle[:] = keep
             for conn in gone:
-                self._retire(conn)
+                self._retire_soon(conn)
         self.low = len(idle)
         self.timer = self.loop.call_later(IDLE_LIFETIME, self._sweep)
 
@@ -399,7 +407,7 @@ class _Pool:
             task.cancel()
         idle, self.idle = self.idle, []
         for conn in idle:
-            self._retire(conn)
+            self._retire_soon(conn)
         try:
             async with asyncio.timeout(timeout):
                 while self.size > 0:
@@ -461,7 +469,8 @@ class _Borrow:
                 try:
                     await conn.execute(BEGIN)
                 except BaseException as exc:
-                    pool.put(conn, exc)
+                    if not pool.put(conn, exc):
+                        await pool.retire(conn)
                     raise
         except DRIVER_FAILURES as exc:
             raise self._failure(exc) from exc
@@ -487,11 +496,13 @@ class _Borrow:
                     with contextlib.suppress(Exception):
                         await conn.execute("ROLLBACK")
             except BaseException as failure:  # COMMIT failed, or cancelled meanwhile
-                pool.put(conn, failure)
+                if not pool.put(conn, failure):
+                    await pool.retire(conn)
                 if _is_driver_failure(failure):
                     raise self._failure(failure) from failure
                 raise
-        pool.put(conn, exc)
+        if not pool.put(conn, exc):
+            await pool.retire(conn)
         if exc is not None and _is_driver_failure(exc):
             raise self._failure(exc) from exc
 
@@ -558,7 +569,7 @@ class Database:
         """A connection inside one transaction: committed on success, rolled back otherwise.
 
         A cancelled task commits nothing: the block's exit tries a
-        ``ROLLBACK``, and the connection is then terminated (see the module
+        ``ROLLBACK``, and the connection is then closed (see the module
         docstring), which ends any transaction still open on the server.
 
         ``BEGIN`` and ``SET LOCAL synchronous_commit = on`` travel in one
