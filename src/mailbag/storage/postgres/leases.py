@@ -52,12 +52,19 @@ log = logging.getLogger(__name__)
 #: one included, keeps the maildrop locked.
 FREE = "(l.expires_at < clock_timestamp() OR (l.node = $2 AND l.token = $5))"
 
+#: The same test as it stood in an open's snapshot, where expired does not
+#: count: the list read in that snapshot is exact only if nobody could change
+#: the messages, i.e. the lease was released or was this node's own.
+WAS_FREE = "(l.expires_at = '-infinity' OR (l.node = $2 AND l.token = $5))"
+
+#: What taking a lease writes (node ``$2``, token ``$3``, lease time ``$4``),
+#: however it is taken; ``generation`` counts the takings.
+TAKE = """node = $2, token = $3, acquired_at = now(),
+          expires_at = clock_timestamp() + make_interval(secs => $4),
+          generation = l.generation + 1"""
+
 #: The upsert's conflict clause (a maildrop's first open inserts its row).
-TAKE_LEASE = f"""ON CONFLICT (maildrop_id) DO UPDATE
-                SET node = EXCLUDED.node, token = EXCLUDED.token,
-                    acquired_at = now(), expires_at = EXCLUDED.expires_at,
-                    generation = l.generation + 1
-                WHERE {FREE}"""
+TAKE_LEASE = f"ON CONFLICT (maildrop_id) DO UPDATE SET {TAKE} WHERE {FREE}"
 
 #: A maildrop's message list as one row of arrays: ``seqs``, ``uids``, ``sizes``
 #: (wire sizes) and ``chunks`` (body rows); NULLs when it is empty.  Aggregated
@@ -200,7 +207,7 @@ class LeaseKeeper:
         return token
 
     async def acquire_listing(
-        self, conn: Connection, user: str, known_version: int = -1
+        self, conn: Connection, user: str
     ) -> tuple[int, int, int, Any] | None:
         """Find the maildrop, take its lease and list its messages in one round trip.
 
@@ -216,9 +223,8 @@ class LeaseKeeper:
         statement waited for the row; or a race with another open) the list
         is ``None`` and the caller reads it again in a new statement.
 
-        ``known_version`` is the maildrop version of a list the caller kept
-        (``listings``): if the snapshot's version is the same, the list is
-        not sent (the row's arrays are NULL) and the caller reuses its own.
+        A maildrop whose list this node kept is opened with ``acquire_known``
+        instead; this is the first open on this node.
 
         The list comes as one row of four arrays in arrival order (``LISTING``),
         not a row per message: asyncpg decodes an array into a list in C, so a
@@ -226,8 +232,7 @@ class LeaseKeeper:
 
         Returns ``(maildrop id, token, version, row or None)``, or None when
         the maildrop or its lease row does not exist yet (the caller creates
-        them with ``acquire`` and reads the list itself).  In the row,
-        ``listed`` says whether the arrays were sent.  Raises
+        them with ``acquire`` and reads the list itself).  Raises
         ``MaildropLocked`` as ``acquire`` does.
         """
         token = next(self._tokens)
@@ -236,34 +241,27 @@ class LeaseKeeper:
             f"""
             WITH drop AS (
                 SELECT m.id, m.version, l.generation AS seen,
-                       l.maildrop_id IS NOT NULL AS has_lease,
-                       (l.expires_at = '-infinity' OR (l.node = $2 AND l.token = $5)) AS was_free
+                       l.maildrop_id IS NOT NULL AS has_lease, {WAS_FREE} AS was_free
                 FROM maildrops m LEFT JOIN leases l ON l.maildrop_id = m.id
                 WHERE m.name = $1
             ),
             lease AS (
-                UPDATE leases AS l
-                SET node = $2, token = $3, acquired_at = now(),
-                    expires_at = clock_timestamp() + make_interval(secs => $4),
-                    generation = l.generation + 1
+                UPDATE leases AS l SET {TAKE}
                 FROM drop
                 WHERE l.maildrop_id = drop.id AND {FREE}
                 RETURNING l.maildrop_id, l.generation
             )
             SELECT drop.id AS maildrop_id, drop.version, drop.has_lease,
                    lease.maildrop_id IS NOT NULL AS taken,
-                   (drop.was_free AND lease.generation = drop.seen + 1) AS fresh,
-                   drop.version <> $6 AS listed, m.*
+                   (drop.was_free AND lease.generation = drop.seen + 1) AS fresh, m.*
             FROM drop LEFT JOIN lease ON true
-            LEFT JOIN LATERAL ({LISTING.format(maildrop="lease.maildrop_id")}) AS m
-                ON drop.version <> $6
+            LEFT JOIN LATERAL ({LISTING.format(maildrop="lease.maildrop_id")}) AS m ON true
             """,
             user,
             self.node_id,
             token,
             self.lease_time,
             mine,
-            known_version,
         )
         if row is None or not row["has_lease"]:
             return None
@@ -293,16 +291,12 @@ class LeaseKeeper:
         row = await conn.fetchrow(
             f"""
             WITH drop AS (
-                SELECT m.version, l.generation AS seen,
-                       (l.expires_at = '-infinity' OR (l.node = $2 AND l.token = $5)) AS was_free
+                SELECT m.version, l.generation AS seen, {WAS_FREE} AS was_free
                 FROM maildrops m JOIN leases l ON l.maildrop_id = m.id
                 WHERE m.id = $1
             ),
             lease AS (
-                UPDATE leases AS l
-                SET node = $2, token = $3, acquired_at = now(),
-                    expires_at = clock_timestamp() + make_interval(secs => $4),
-                    generation = l.generation + 1
+                UPDATE leases AS l SET {TAKE}
                 WHERE l.maildrop_id = $1 AND {FREE}
                 RETURNING l.generation
             )

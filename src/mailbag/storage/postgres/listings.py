@@ -8,10 +8,11 @@ scan and an aggregate per message, and this node a tuple per message; for a
 
 ``maildrops.version`` goes up in the same transaction as every change to a
 maildrop's messages (delivery, QUIT's deletions, an import).  A node keeps
-the list it last read together with that version and sends the version with
-the next open; the database returns the list only if the version moved.
-The open's snapshot is the one the version was read in, so a list reused
-this way is exactly the list the database would have returned.
+the list it last read together with that version.  The next open on the
+node takes the lease by id and reads only the version
+(``LeaseKeeper.acquire_known``); the list is read again only if the version
+moved.  The open's snapshot is the one the version was read in, so a list
+reused this way is exactly the list the database would have returned.
 
 The cache is per process and bounded by the number of messages it holds
 (``DEFAULT_BUDGET``); the least recently used lists go first, and a list

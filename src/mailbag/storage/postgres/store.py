@@ -138,8 +138,6 @@ class PostgresStore:
         self.leases = LeaseKeeper(database, node_id=node_id, lease_time=lease_time)
         #: Message lists of earlier sessions, reused while their version holds.
         self.listings = ListingCache()
-        #: Opens that found the maildrop locked and tried again (diagnostics).
-        self.locked_retries = 0
         self._names = NameGenerator(hostname)
         self._chunk_size = chunk_size
 
@@ -212,7 +210,6 @@ class PostgresStore:
             try:
                 return await self._open(user)
             except MaildropLocked:
-                self.locked_retries += 1
                 await asyncio.sleep(pause)
         return await self._open(user)
 
@@ -228,15 +225,12 @@ class PostgresStore:
                     if known is not None:
                         maildrop_id = kept.maildrop_id
                         token, version, fresh = known
-                        if fresh and version == kept.version:
-                            listing = kept
-                        else:
-                            listing = await self._list(conn, user, maildrop_id)
+                        listing = (self.listings.get(user, maildrop_id, version) if fresh
+                                   else None) or await self._list(conn, user, maildrop_id)
                         return PostgresMaildrop(self.db, self.leases, user, token, listing)
-                # One round trip for a maildrop opened before; three the first time.
-                opened = await self.leases.acquire_listing(
-                    conn, user, self.listings.version(user)
-                )
+                # One round trip for a maildrop first opened by another node; three
+                # for a new one.
+                opened = await self.leases.acquire_listing(conn, user)
                 if opened is None:
                     found = await self.maildrop_id(conn, user, create=True)
                     assert found is not None
@@ -247,11 +241,8 @@ class PostgresStore:
                     maildrop_id, token, version, row = opened
                     if row is None:  # the snapshot may be older than the lease
                         listing = await self._list(conn, user, maildrop_id)
-                    elif row["listed"]:
-                        listing = self._keep(user, maildrop_id, version, row)
                     else:
-                        kept = self.listings.get(user, maildrop_id, version)
-                        listing = kept or await self._list(conn, user, maildrop_id)
+                        listing = self._keep(user, maildrop_id, version, row)
         except BaseException:
             if token is not None:
                 self.leases.release_soon(maildrop_id, token, user)
