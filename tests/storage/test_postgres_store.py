@@ -422,6 +422,81 @@ def test_releases_arriving_together_share_one_statement(dsn: str) -> None:
     run(go())
 
 
+def test_opens_arriving_together_share_one_statement(dsn: str) -> None:
+    """Twenty logins at once to maildrops this node knows: their leases are taken in
+    fewer statements than logins, each session holds its own, another node finds
+    them locked, and two logins to one maildrop in the same batch give one
+    session and one ``MaildropLocked``."""
+
+    async def go() -> None:
+        a, b = node(dsn, "a"), node(dsn, "b")
+        for i in range(20):
+            await a.deliver(f"user{i}", f"Subject: {i}\n\nbody\n".encode())
+            md = await a.open_maildrop(f"user{i}")  # first open: the node keeps its list
+            await md.close()
+        await a.leases.flush()
+        statements = 0
+        real = a.leases.db.connection
+
+        def counting(action: str, **kw: Any) -> Any:
+            nonlocal statements
+            statements += action == "open maildrops"
+            return real(action, **kw)
+
+        a.leases.db.connection = counting  # type: ignore[method-assign]
+        opened = await asyncio.gather(
+            *(a.open_maildrop(f"user{i}") for i in [*range(20), 5]), return_exceptions=True)
+        a.leases.db.connection = real  # type: ignore[method-assign]
+        drops = [md for md in opened if not isinstance(md, BaseException)]
+        assert [type(e) for e in opened if isinstance(e, BaseException)] == [MaildropLocked]
+        assert sorted(md.messages[0].size for md in drops)[0] > 0 and len(drops) == 20
+        assert 1 <= statements < 20
+        assert (await fetch(a, HELD))[0]["n"] == 20
+        with pytest.raises(MaildropLocked):
+            await b.open_maildrop("user13")
+        await asyncio.gather(*(md.close() for md in drops))
+        await a.leases.flush()
+        assert (await fetch(a, HELD))[0]["n"] == 0
+
+    run(go())
+
+
+def test_a_login_cancelled_while_its_lease_is_taken_leaves_nothing_held(dsn: str) -> None:
+    """The client goes away while the batch holding its open is at the database: the
+    lease taken for it is released, not renewed for ever by the heartbeat."""
+
+    async def go() -> None:
+        a = node(dsn, "a")
+        md = await a.open_maildrop("alice")
+        await md.close()
+        await a.leases.flush()
+        sent = asyncio.Event()
+        real = a.leases.db.connection
+
+        def signalling(action: str, **kw: Any) -> Any:
+            if action == "open maildrops":
+                sent.set()
+            return real(action, **kw)
+
+        a.leases.db.connection = signalling  # type: ignore[method-assign]
+        login = asyncio.create_task(a.open_maildrop("alice"))
+        await sent.wait()  # the statement is on its way; the session is cancelled
+        login.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await login
+        a.leases.db.connection = real  # type: ignore[method-assign]
+        for _ in range(100):  # the batch finishes on its own, then releases
+            await asyncio.sleep(0.01)
+            if not a.leases.holding and not a.leases._releasing:
+                break
+        assert not a.leases.holding
+        assert (await fetch(a, HELD))[0]["n"] == 0
+        again = await a.open_maildrop("alice")
+        await again.close()
+
+    run(go())
+
+
 def test_a_queued_release_is_taken_over_here_and_waited_for_elsewhere(dsn: str) -> None:
     """A QUIT does not wait for its release: a new open on the same node takes the
     queued lease over (without waiting, the old token is no longer released), and

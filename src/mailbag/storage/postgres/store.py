@@ -218,16 +218,18 @@ class PostgresStore:
         token: int | None = None
         maildrop_id = 0
         try:
+            kept = self.listings.latest(user)
+            if kept is not None:  # opened here before: a share of one small statement, usually
+                known = await self.leases.acquire_known(kept.maildrop_id, user)
+                if known is not None:
+                    maildrop_id = kept.maildrop_id
+                    token, version, fresh = known
+                    listing = self.listings.get(user, maildrop_id, version) if fresh else None
+                    if listing is None:
+                        async with self.db.connection("list maildrop") as conn:
+                            listing = await self._list(conn, user, maildrop_id)
+                    return PostgresMaildrop(self.db, self.leases, user, token, listing)
             async with self.db.connection("open maildrop") as conn:
-                kept = self.listings.latest(user)
-                if kept is not None:  # opened here before: one small statement, usually
-                    known = await self.leases.acquire_known(conn, kept.maildrop_id, user)
-                    if known is not None:
-                        maildrop_id = kept.maildrop_id
-                        token, version, fresh = known
-                        listing = (self.listings.get(user, maildrop_id, version) if fresh
-                                   else None) or await self._list(conn, user, maildrop_id)
-                        return PostgresMaildrop(self.db, self.leases, user, token, listing)
                 # One round trip for a maildrop first opened by another node; three
                 # for a new one.
                 opened = await self.leases.acquire_listing(conn, user)
