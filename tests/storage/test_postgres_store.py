@@ -406,7 +406,7 @@ def test_releases_arriving_together_share_one_statement(dsn: str) -> None:
 
         def counting(action: str, **kw: Any) -> Any:
             nonlocal statements
-            statements += "release" in action
+            statements += action == "lease maildrops"
             return real(action, **kw)
 
         a.leases.db.connection = counting  # type: ignore[method-assign]
@@ -440,7 +440,7 @@ def test_opens_arriving_together_share_one_statement(dsn: str) -> None:
 
         def counting(action: str, **kw: Any) -> Any:
             nonlocal statements
-            statements += action == "open maildrops"
+            statements += action == "lease maildrops"
             return real(action, **kw)
 
         a.leases.db.connection = counting  # type: ignore[method-assign]
@@ -474,7 +474,7 @@ def test_a_login_cancelled_while_its_lease_is_taken_leaves_nothing_held(dsn: str
         real = a.leases.db.connection
 
         def signalling(action: str, **kw: Any) -> Any:
-            if action == "open maildrops":
+            if action == "lease maildrops":
                 sent.set()
             return real(action, **kw)
 

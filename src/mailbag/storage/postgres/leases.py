@@ -101,8 +101,11 @@ def _open_sql(*, batch: bool) -> str:
     a scalar subquery, not a join that could scan ``maildrops``).
     """
     ids, token, mine = _by_id(batch=batch)
+    # A batch also carries the releases queued with it ($6 ids, $7 tokens).
+    released = f"""released AS ({_release_sql("ANY($6::bigint[])", "ANY($7::bigint[])")}),
+        """ if batch else ""
     return f"""
-        WITH drop AS (
+        WITH {released}drop AS (
             SELECT l.maildrop_id, l.generation AS seen,
                    (SELECT m.version FROM maildrops m WHERE m.id = l.maildrop_id) AS version,
                    {WAS_FREE_AS.format(mine=mine)} AS was_free
@@ -119,16 +122,18 @@ def _open_sql(*, batch: bool) -> str:
         """
 
 
-def _release_sql(*, batch: bool) -> str:
-    """Release leases of this node (``$2`` node, ``$1`` ids, ``$3`` tokens)."""
-    ids, _, _ = _by_id(batch=batch)
-    tokens = "ANY($3::bigint[])" if batch else "$3"
+def _release_sql(ids: str, tokens: str) -> str:
+    """Release leases of this node (node ``$2``).
+
+    The released rows are never rows the same statement takes (``_rounds``).
+    """
     return f"""UPDATE leases SET expires_at = '-infinity'
                WHERE maildrop_id = {ids} AND node = $2 AND token = {tokens}"""
 
 
 OPEN_ONE, OPEN_MANY = _open_sql(batch=False), _open_sql(batch=True)
-RELEASE_ONE, RELEASE_MANY = _release_sql(batch=False), _release_sql(batch=True)
+RELEASE_ONE = _release_sql("$1", "$3")
+RELEASE_MANY = _release_sql("ANY($1::bigint[])", "ANY($3::bigint[])")
 
 #: A maildrop's message list as one row of arrays: ``seqs``, ``uids``, ``sizes``
 #: (wire sizes) and ``chunks`` (body rows); NULLs when it is empty.  Aggregated
@@ -224,10 +229,14 @@ class LeaseKeeper:
         #: token and maildrop id, and a future done once the row is released.
         #: An open of that name on this node takes the lease over directly.
         self._releasing: dict[str, _Release] = {}
-        self._releaser: asyncio.Task[None] | None = None
-        #: Opens of known maildrops waiting for the next ``acquire_known`` batch.
+        #: Opens of known maildrops waiting for the next round (``acquire_known``).
         self._opening: list[_Open] = []
-        self._opener: asyncio.Task[None] | None = None
+        #: Sends the queued opens and releases, one statement per round.
+        self._sender: asyncio.Task[None] | None = None
+        #: Whether the sender's round in flight carries releases and no opens.
+        self._only_releases = False
+        #: Rounds of logins sent beside a round of releases (``_send_soon``).
+        self._side_rounds: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -249,10 +258,28 @@ class LeaseKeeper:
             self._loop, earlier = loop, self._releasing
             self._releasing = {key: _Release(p.maildrop_id, p.token, loop.create_future())
                                for key, p in earlier.items()}
-            self._releaser = loop.create_task(self._release_batches()) if earlier else None
             # Opens queued under the ended loop have nobody waiting any more.
-            self._opening, self._opener = [], None
+            self._opening, self._sender, self._only_releases = [], None, False
+            if earlier:
+                self._send_soon(loop)
         return loop
+
+    def _send_soon(self, loop: asyncio.AbstractEventLoop, *, opening: bool = False) -> None:
+        """Make sure a round leaves: now if none is in flight, else after the current one.
+
+        A login (``opening``) does not queue behind a round of releases only:
+        it leaves at once in a round of its own, as a login did before
+        releases and opens shared rounds.  (The QUIT of the previous session
+        of the same user is then usually that round in flight, and the open
+        waits for its row in the database, not for a round trip more.)
+        """
+        sender = self._sender
+        if sender is None or sender.done():
+            self._sender = loop.create_task(self._rounds())
+        elif opening and self._only_releases:
+            side = loop.create_task(self._round(self._next_opens(), []))
+            self._side_rounds.add(side)  # a reference, so the task is not collected
+            side.add_done_callback(self._side_rounds.discard)
 
     def _own_pending(self, user: str) -> int:
         """The token of this node's not yet confirmed release of ``user``'s maildrop, or 0."""
@@ -358,10 +385,10 @@ class LeaseKeeper:
 
         The login of a maildrop whose list the node kept (``listings``): the
         smallest statement that takes the lease (no lookup by name, no list
-        in the plan), and one statement for all the opens that queue while
-        the previous one is in flight (``_open_batches``), so under load the
-        database sees one statement for many logins.  At c=1 the statement
-        leaves at once, as a lone open would.
+        in the plan), shared by all the opens and releases that queue while
+        the previous one is in flight (``_rounds``), so under load the
+        database sees one statement for many logins and QUITs.  At c=1 the
+        statement leaves at once, as a lone open would.
 
         Returns ``(token, version, fresh)``, where ``version`` is the
         maildrop's version in the statement's snapshot and ``fresh`` says
@@ -375,9 +402,7 @@ class LeaseKeeper:
         loop = self._adopt_loop()
         request = _Open(maildrop_id, user, next(self._tokens), loop.create_future())
         self._opening.append(request)
-        opener = self._opener
-        if opener is None or opener.done():
-            self._opener = loop.create_task(self._open_batches())
+        self._send_soon(loop, opening=True)
         try:
             return await request.done
         except asyncio.CancelledError:
@@ -388,62 +413,106 @@ class LeaseKeeper:
                     self.release_soon(maildrop_id, taken[0], user)
             raise
 
-    async def _open_batches(self) -> None:
-        """Send the queued opens, one statement per batch, until none is left.
+    async def _rounds(self) -> None:
+        """Send the queued opens and releases, one statement per round, until none is left.
+
+        No pause before the first round: with an idle pooled connection, the
+        statement is written to the socket in this task's first step.
 
         A maildrop is taken at most once per statement (its row is updated
         once, whatever the number of requests for it); a second open of it
-        waits for the next batch, where it finds the maildrop locked.  A row
-        is waited for only when it was free in the snapshot and somebody is
-        changing it (this node's own release in flight, usually): a row held
-        by a live lease is passed over without a wait.  Two nodes' batches
-        lock their rows in the order of the same scan, so they should not
-        deadlock; if PostgreSQL still picks this batch as a deadlock's
-        victim, it is sent again.
+        waits for the next round, where it finds the maildrop locked.  A
+        release of a maildrop that an open of the round takes is left out:
+        the open takes the lease over (its token counts as free), and the
+        release is dropped (``taken``).  A row is waited for only when it was
+        free in the snapshot and somebody is changing it: a row held by a
+        live lease is passed over without a wait.  Two nodes' rounds lock
+        their rows in the order of the same scan, so they should not
+        deadlock; if PostgreSQL still picks a round as a deadlock's victim,
+        it is sent again.
         """
-        while self._opening:
-            batch: list[_Open] = []
-            later: list[_Open] = []
-            ids: set[int] = set()
-            for request in self._opening:
-                if request.done.done():  # cancelled before it was sent
-                    continue
-                if request.maildrop_id in ids or len(batch) >= OPEN_BATCH:
-                    later.append(request)
-                else:
-                    ids.add(request.maildrop_id)
-                    batch.append(request)
-            self._opening = later
-            if not batch:
-                continue
-            mine = [self._own_pending(r.user) for r in batch]
+        while True:
+            opens = self._next_opens()
+            taking = {r.maildrop_id for r in opens}
+            releases = [p for p in self._releasing.values()
+                        if not p.sent and p.maildrop_id not in taking]
+            if not opens and not releases:
+                return
+            self._only_releases = not opens
             try:
-                async with self.db.connection("open maildrops") as conn:
-                    one = len(batch) == 1
-                    rows = await conn.fetch(
-                        OPEN_ONE if one else OPEN_MANY,
-                        batch[0].maildrop_id if one else [r.maildrop_id for r in batch],
-                        self.node_id,
-                        batch[0].token if one else [r.token for r in batch],
-                        self.lease_time,
-                        mine[0] if one else mine,
-                    )
-            except StorageError as exc:
-                if getattr(exc.__cause__, "sqlstate", None) == DEADLOCK:
-                    self._opening[:0] = batch  # chosen as the victim: send them again
-                    continue
-                self._fail(batch, exc)
-                continue
-            except Exception as exc:
-                self._fail(batch, exc)
-                continue
-            except BaseException:  # cancelled with its loop
-                for request in batch:
-                    request.done.cancel()
-                raise
+                await self._round(opens, releases)
+            finally:
+                self._only_releases = False
+
+    async def _round(self, opens: list[_Open], releases: list[_Release]) -> None:
+        """Send one round's statement and settle its opens and releases."""
+        for pending in releases:
+            pending.sent = True
+        mine = [self._own_pending(r.user) for r in opens]
+        try:
+            async with self.db.connection("lease maildrops") as conn:
+                rows = await self._send(conn, opens, mine, releases)
+        except Exception as exc:
+            if getattr(exc.__cause__, "sqlstate", None) == DEADLOCK:
+                self._opening[:0] = opens  # chosen as the victim: send them again
+                for pending in releases:
+                    pending.sent = False
+                self._send_soon(asyncio.get_running_loop())
+                return
+            if releases:
+                log.warning("cannot release leases on maildrops %s (they expire): %s",
+                            ", ".join(str(p.maildrop_id) for p in releases), exc)
+            self._fail(opens, exc)
+        except BaseException:  # cancelled with its loop: the next loop sends the releases
+            for request in opens:
+                request.done.cancel()
+            for pending in releases:
+                pending.sent = False
+            raise
+        else:
             found = {int(row["maildrop_id"]): row for row in rows}
-            for request, replaced in zip(batch, mine, strict=True):
+            for request, replaced in zip(opens, mine, strict=True):
                 self._answer(request, found.get(request.maildrop_id), replaced)
+        self._forget(releases)
+
+    def _next_opens(self) -> list[_Open]:
+        """The opens of the next round: each maildrop once, at most ``OPEN_BATCH``."""
+        batch: list[_Open] = []
+        later: list[_Open] = []
+        ids: set[int] = set()
+        for request in self._opening:
+            if request.done.done():  # cancelled before it was sent
+                continue
+            if request.maildrop_id in ids or len(batch) >= OPEN_BATCH:
+                later.append(request)
+            else:
+                ids.add(request.maildrop_id)
+                batch.append(request)
+        self._opening = later
+        return batch
+
+    async def _send(self, conn: Connection, opens: list[_Open], mine: list[int],
+                    releases: list[_Release]) -> list[Any]:
+        """One round's statement; the rows of its opens.
+
+        Rounds of one are sent with scalars (see ``_by_id``), the others with
+        arrays.
+        """
+        node = self.node_id
+        if not opens:
+            if len(releases) == 1:
+                await conn.execute(RELEASE_ONE, releases[0].maildrop_id, node, releases[0].token)
+            else:
+                await conn.execute(RELEASE_MANY, [p.maildrop_id for p in releases], node,
+                                   [p.token for p in releases])
+            return []
+        if len(opens) == 1 and not releases:
+            request = opens[0]
+            return list(await conn.fetch(OPEN_ONE, request.maildrop_id, node, request.token,
+                                         self.lease_time, mine[0]))
+        return list(await conn.fetch(
+            OPEN_MANY, [r.maildrop_id for r in opens], node, [r.token for r in opens],
+            self.lease_time, mine, [p.maildrop_id for p in releases], [p.token for p in releases]))
 
     @staticmethod
     def _fail(batch: list[_Open], exc: Exception) -> None:
@@ -491,21 +560,20 @@ class LeaseKeeper:
         When no release is in flight, this one's statement is on its way as
         soon as the caller yields once to the loop (``PostgresMaildrop.close``
         does, so the release leaves before QUIT's ``+OK``).  Releases that
-        arrive while one is in flight go together in the next ``UPDATE``, so
-        under load a node sends one statement for many sessions.  If the
+        arrive while a round is in flight go together in the next round's
+        statement, with the opens queued meanwhile (``_rounds``), so under
+        load a node sends one statement for many sessions.  If the
         database is unreachable the lease is no longer renewed, so it expires.
         """
         self._held.pop(token, None)
         loop = self._adopt_loop()
-        releaser = self._releaser
         key = user or f"#{maildrop_id}"
         pending = _Release(maildrop_id, token, loop.create_future())
         earlier = self._releasing.pop(key, None)
         if earlier is not None:  # the previous session's release is still on its way
             self._releasing[f"{key}#{earlier.token}"] = earlier
         self._releasing[key] = pending
-        if releaser is None or releaser.done():
-            self._releaser = loop.create_task(self._release_batches())
+        self._send_soon(loop)
         return pending.done
 
     async def release(self, maildrop_id: int, token: int, user: str = "") -> None:
@@ -518,32 +586,6 @@ class LeaseKeeper:
         waiting = [p.done for p in self._releasing.values()]
         if waiting:
             await asyncio.gather(*waiting, return_exceptions=True)
-
-    async def _release_batches(self) -> None:
-        # No pause before the first batch: with an idle pooled connection, the
-        # UPDATE is written to the socket in this task's first step.
-        while True:
-            batch = [p for p in self._releasing.values() if not p.sent]
-            if not batch:
-                return
-            for pending in batch:
-                pending.sent = True
-            try:
-                async with self.db.connection("release maildrop leases") as conn:
-                    if len(batch) == 1:
-                        await conn.execute(RELEASE_ONE, batch[0].maildrop_id, self.node_id,
-                                           batch[0].token)
-                    else:
-                        await conn.execute(RELEASE_MANY, [p.maildrop_id for p in batch],
-                                           self.node_id, [p.token for p in batch])
-            except StorageError as exc:
-                log.warning("cannot release leases on maildrops %s (they expire): %s",
-                            ", ".join(str(p.maildrop_id) for p in batch), exc)
-            except BaseException:
-                for pending in batch:  # cancelled with its loop: the next loop sends them
-                    pending.sent = False
-                raise
-            self._forget(batch)
 
     def _forget(self, batch: list[_Release]) -> None:
         done = {id(p) for p in batch}
