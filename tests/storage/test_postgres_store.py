@@ -587,3 +587,45 @@ def test_listing_cache_keeps_within_its_budget_least_recently_used_first() -> No
     kept = cache.get("a", 1, 6)
     assert kept is not None and [m.uid for m in kept.messages] == ["u0", "u1"]
     assert kept.stored["u1"].position == 1
+
+
+def test_a_round_chosen_as_a_deadlock_victim_is_sent_again() -> None:
+    """PostgreSQL aborts a round to break a deadlock (SQLSTATE 40P01): its logins are
+    not failed but sent again; any other database error reaches the login."""
+    import contextlib
+
+    from mailbag.storage.postgres.leases import LeaseKeeper
+
+    class Deadlock(Exception):
+        sqlstate = "40P01"
+
+    class Conn:
+        def __init__(self, failures: list[BaseException]) -> None:
+            self.failures = failures
+            self.sent = 0
+
+        async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+            self.sent += 1
+            if self.failures:
+                raise StorageError("database: cannot lease") from self.failures.pop(0)
+            return [{"maildrop_id": args[0], "version": 7, "taken": True, "fresh": True}]
+
+    class Db:
+        def __init__(self, conn: Conn) -> None:
+            self.conn = conn
+
+        @contextlib.asynccontextmanager
+        async def connection(self, action: str, **kw: Any) -> AsyncIterator[Conn]:
+            yield self.conn
+
+    async def go() -> None:
+        conn = Conn([Deadlock("deadlock detected")])
+        keeper = LeaseKeeper(Db(conn), node_id="n")  # type: ignore[arg-type]
+        token, version, fresh = await keeper.acquire_known(5, "alice") or (0, 0, False)
+        assert conn.sent == 2 and token > 0 and (version, fresh) == (7, True)
+        conn.failures.append(OSError("connection reset"))
+        with pytest.raises(StorageError):
+            await keeper.acquire_known(6, "bob")
+        await keeper.stop()
+
+    run(go())
