@@ -8,6 +8,7 @@ Lease times are short (1-2 s) so that expiry can be observed quickly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -43,6 +44,26 @@ def node(dsn: str, name: str, **options: Any) -> PostgresStore:
     options.setdefault("pool_min_size", 1)
     options.setdefault("pool_max_size", 3)
     return PostgresStore(dsn, node_id=name, **options)
+
+
+@contextlib.contextmanager
+def lease_rounds(store: PostgresStore, on_round: Any = None) -> Iterator[list[str]]:
+    """Watch the node's lease statements: a list that grows by one per round sent."""
+    rounds: list[str] = []
+    real = store.leases.db.connection
+
+    def watching(action: str, **kw: Any) -> Any:
+        if action == "lease maildrops":
+            rounds.append(action)
+            if on_round is not None:
+                on_round()
+        return real(action, **kw)
+
+    store.leases.db.connection = watching  # type: ignore[method-assign]
+    try:
+        yield rounds
+    finally:
+        store.leases.db.connection = real  # type: ignore[method-assign]
 
 
 async def fetch(store: PostgresStore, sql: str, *args: Any) -> Any:
@@ -401,18 +422,10 @@ def test_releases_arriving_together_share_one_statement(dsn: str) -> None:
     async def go() -> None:
         a = node(dsn, "a")
         drops = [await a.open_maildrop(f"user{i}") for i in range(20)]
-        statements = 0
-        real = a.leases.db.connection
-
-        def counting(action: str, **kw: Any) -> Any:
-            nonlocal statements
-            statements += action == "lease maildrops"
-            return real(action, **kw)
-
-        a.leases.db.connection = counting  # type: ignore[method-assign]
-        await asyncio.gather(*(md.close() for md in drops))
-        await a.leases.flush()
-        a.leases.db.connection = real  # type: ignore[method-assign]
+        with lease_rounds(a) as rounds:
+            await asyncio.gather(*(md.close() for md in drops))
+            await a.leases.flush()
+        statements = len(rounds)
         assert (await fetch(a, HELD))[0]["n"] == 0
         assert (await fetch(a, "SELECT count(*) AS n FROM leases"))[0]["n"] == 20
         assert 1 <= statements < 20
@@ -435,18 +448,10 @@ def test_opens_arriving_together_share_one_statement(dsn: str) -> None:
             md = await a.open_maildrop(f"user{i}")  # first open: the node keeps its list
             await md.close()
         await a.leases.flush()
-        statements = 0
-        real = a.leases.db.connection
-
-        def counting(action: str, **kw: Any) -> Any:
-            nonlocal statements
-            statements += action == "lease maildrops"
-            return real(action, **kw)
-
-        a.leases.db.connection = counting  # type: ignore[method-assign]
-        opened = await asyncio.gather(
-            *(a.open_maildrop(f"user{i}") for i in [*range(20), 5]), return_exceptions=True)
-        a.leases.db.connection = real  # type: ignore[method-assign]
+        with lease_rounds(a) as rounds:
+            opened = await asyncio.gather(
+                *(a.open_maildrop(f"user{i}") for i in [*range(20), 5]), return_exceptions=True)
+        statements = len(rounds)
         drops = [md for md in opened if not isinstance(md, BaseException)]
         assert [type(e) for e in opened if isinstance(e, BaseException)] == [MaildropLocked]
         assert sorted(md.messages[0].size for md in drops)[0] > 0 and len(drops) == 20
@@ -471,20 +476,12 @@ def test_a_login_cancelled_while_its_lease_is_taken_leaves_nothing_held(dsn: str
         await md.close()
         await a.leases.flush()
         sent = asyncio.Event()
-        real = a.leases.db.connection
-
-        def signalling(action: str, **kw: Any) -> Any:
-            if action == "lease maildrops":
-                sent.set()
-            return real(action, **kw)
-
-        a.leases.db.connection = signalling  # type: ignore[method-assign]
-        login = asyncio.create_task(a.open_maildrop("alice"))
-        await sent.wait()  # the statement is on its way; the session is cancelled
-        login.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await login
-        a.leases.db.connection = real  # type: ignore[method-assign]
+        with lease_rounds(a, on_round=sent.set):
+            login = asyncio.create_task(a.open_maildrop("alice"))
+            await sent.wait()  # the statement is on its way; the session is cancelled
+            login.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await login
         for _ in range(100):  # the batch finishes on its own, then releases
             await asyncio.sleep(0.01)
             if not a.leases.holding and not a.leases._releasing:
@@ -592,8 +589,6 @@ def test_listing_cache_keeps_within_its_budget_least_recently_used_first() -> No
 def test_a_round_chosen_as_a_deadlock_victim_is_sent_again() -> None:
     """PostgreSQL aborts a round to break a deadlock (SQLSTATE 40P01): its logins are
     not failed but sent again; any other database error reaches the login."""
-    import contextlib
-
     from mailbag.storage.postgres.leases import LeaseKeeper
 
     class Deadlock(Exception):

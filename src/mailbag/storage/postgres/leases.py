@@ -78,32 +78,27 @@ DEADLOCK = "40P01"
 OPEN_BATCH = 64
 
 
-def _by_id(*, batch: bool) -> tuple[str, str, str]:
-    """How the lease statements name their rows: one (scalars) or a batch (arrays).
-
-    ``$1`` the maildrop ids, ``$3`` the tokens (the one of the row at hand in a
-    batch), ``$5`` this node's own queued tokens.  A batch of one is sent with
-    scalars: PostgreSQL plans a statement with array parameters afresh at each
-    execution (its generic plan looks dearer than a plan for the actual
-    array), about 0.1 ms of backend CPU, while the scalar statement keeps its
-    generic plan (``pg_prepared_statements.custom_plans``, measured).
-    """
-    if not batch:
-        return "$1", "$3", "$5"
-    return ("ANY($1::bigint[])", "($3::bigint[])[array_position($1::bigint[], l.maildrop_id)]",
-            "ANY($5::bigint[])")
-
-
 def _open_sql(*, batch: bool) -> str:
     """``acquire_known``'s statement: take free leases by id, say which and how fresh.
 
-    Rows are found through the primary key whatever the plan (the version by
-    a scalar subquery, not a join that could scan ``maildrops``).
+    ``$1`` the maildrop ids, ``$3`` the tokens (in a batch, the one of the row
+    at hand), ``$5`` this node's own queued tokens; a batch also carries the
+    releases queued with it (``$6`` ids, ``$7`` tokens).  A round of one is
+    sent with scalars: PostgreSQL plans a statement with array parameters
+    afresh at each execution (its generic plan looks dearer than a plan for
+    the actual array), about 0.1 ms of backend CPU, while the scalar
+    statement keeps its generic plan (``pg_prepared_statements.custom_plans``,
+    measured).  Rows are found through the primary key whatever the plan
+    (the version by a scalar subquery, not a join that could scan
+    ``maildrops``).
     """
-    ids, token, mine = _by_id(batch=batch)
-    # A batch also carries the releases queued with it ($6 ids, $7 tokens).
-    released = f"""released AS ({_release_sql("ANY($6::bigint[])", "ANY($7::bigint[])")}),
-        """ if batch else ""
+    if batch:
+        ids, mine = "ANY($1::bigint[])", "ANY($5::bigint[])"
+        token = "($3::bigint[])[array_position($1::bigint[], l.maildrop_id)]"
+        released = f"""released AS ({_release_sql("ANY($6::bigint[])", "ANY($7::bigint[])")}),
+        """
+    else:
+        ids, token, mine, released = "$1", "$3", "$5", ""
     return f"""
         WITH {released}drop AS (
             SELECT l.maildrop_id, l.generation AS seen,
@@ -495,7 +490,7 @@ class LeaseKeeper:
                     releases: list[_Release]) -> list[Any]:
         """One round's statement; the rows of its opens.
 
-        Rounds of one are sent with scalars (see ``_by_id``), the others with
+        Rounds of one are sent with scalars (see ``_open_sql``), the others with
         arrays.
         """
         node = self.node_id
@@ -588,6 +583,8 @@ class LeaseKeeper:
             await asyncio.gather(*waiting, return_exceptions=True)
 
     def _forget(self, batch: list[_Release]) -> None:
+        if not batch:  # a round of opens only: nothing to rebuild
+            return
         done = {id(p) for p in batch}
         self._releasing = {k: p for k, p in self._releasing.items() if id(p) not in done}
         for pending in batch:
